@@ -1,0 +1,251 @@
+"""Tiny, offline stand-ins for a Stable Diffusion 1.x checkpoint and the Pick-a-Pic v2 dataset.
+
+Everything is built from configs with random weights, so tests and demos need no hub access.
+The dataset carries a learnable preference: in every pair the "warm" image (red/orange/yellow
+shape) beats the "cool" one (blue/cyan/green shape); `classify_warm` scores generated samples.
+
+Usage: python examples/tiny_assets.py OUTPUT_DIR [--n_pairs N] [--prediction_type epsilon]
+"""
+
+import argparse
+import io
+import json
+import os
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image, ImageDraw
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
+END_OF_WORD = "</w>"
+CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
+WHOLE_WORDS = (
+    "a", "an", "of", "on", "photo", "image", "simple", "shape", "circle", "square",
+    "gray", "background", "red", "orange", "yellow", "blue", "cyan", "green",
+)  # fmt: skip
+CAPTION_POOL = (
+    "a shape", "a photo of a shape", "a simple shape", "an image of a shape",
+    "a shape on a gray background", "a photo of a simple shape",
+)  # fmt: skip
+
+BACKGROUND = (210, 210, 210)
+WARM_COLORS = ((220, 40, 40), (240, 140, 30), (235, 210, 40))  # red, orange, yellow
+COOL_COLORS = ((40, 70, 220), (30, 190, 210), (40, 170, 70))  # blue, cyan, green
+# JPEG blurs edges and tints flat areas a little; only clearly non-gray pixels count as the shape.
+FOREGROUND_TOLERANCE = 40
+
+
+def _write_bpe_files(folder):
+    """Write a CLIP-style vocab.json + merges.txt: all characters plus a few whole words."""
+    tokens = [BOS_TOKEN, EOS_TOKEN]
+    tokens += [c for c in CHARACTERS] + [c + END_OF_WORD for c in CHARACTERS]
+    merges = []
+    for word in WHOLE_WORDS:
+        # Grow each word from its end ("e</w>" -> "pe</w>" -> "ape</w>" ...). Every merge then
+        # joins a plain character to an end-of-word piece, so inside any word only the pair next
+        # to its last piece can ever merge: one word's merges cannot split another word apart.
+        piece = word[-1] + END_OF_WORD
+        for char in reversed(word[:-1]):
+            merged = char + piece
+            if merged not in tokens:
+                merges.append(f"{char} {piece}")
+                tokens.append(merged)
+            piece = merged
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({token: index for index, token in enumerate(tokens)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def build_tiny_sd_pipeline(output_dir, *, prediction_type="epsilon", seed=0):
+    """Save a random-weight SD 1.x-style pipeline (32px images, 16x16 latents) to `output_dir`."""
+    tokenizer_dir = os.path.join(output_dir, "tokenizer")
+    _write_bpe_files(tokenizer_dir)
+    # Load from the folder: in transformers 5, CLIPTokenizer(vocab_file=..., merges_file=...)
+    # silently ignores both files and keeps only the special tokens.
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),  # two blocks -> vae_scale_factor 2
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=32,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            projection_dim=32,
+            # The pooled output is read at the EOS position, so these must match the tokenizer.
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        # SD 1.x checkpoint values; StableDiffusionPipeline warns about and patches any others.
+        steps_offset=1,
+        clip_sample=False,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(output_dir)
+    return output_dir
+
+
+def make_shape_image(warm, rng, size):
+    """Draw a filled circle or square in a warm or cool colour on the gray background.
+
+    `rng` is a `random.Random`; `size` is an int or a (width, height) tuple.
+    """
+    width, height = (size, size) if isinstance(size, int) else size
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    radius = rng.uniform(0.25, 0.4) * min(width, height)
+    center_x = width / 2 + rng.uniform(-0.1, 0.1) * width
+    center_y = height / 2 + rng.uniform(-0.1, 0.1) * height
+    box = (center_x - radius, center_y - radius, center_x + radius, center_y + radius)
+    color = rng.choice(WARM_COLORS if warm else COOL_COLORS)
+    draw = ImageDraw.Draw(image)
+    if rng.random() < 0.5:
+        draw.ellipse(box, fill=color)
+    else:
+        draw.rectangle(box, fill=color)
+    return image
+
+
+def classify_warm(image):
+    """True if the shape is warm: mean(red) - mean(blue) > 0 over pixels that differ from the
+    background by more than FOREGROUND_TOLERANCE in some channel (whole image if none do)."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3)
+    foreground = np.abs(pixels - BACKGROUND).max(axis=1) > FOREGROUND_TOLERANCE
+    if foreground.any():
+        pixels = pixels[foreground]
+    return bool(pixels[:, 0].mean() - pixels[:, 2].mean() > 0)
+
+
+def _jpeg_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def build_pickapic_dataset(
+    output_dir,
+    *,
+    n_pairs=16,
+    n_ties=2,
+    seed=0,
+    image_size=32,
+    corrupt_pairs=0,
+    vary_sizes=False,
+    n_captions=None,
+):
+    """Write a Pick-a-Pic v2-style parquet file, `output_dir/train-00000-of-00001.parquet`.
+
+    Columns: caption (string), jpg_0 / jpg_1 (raw JPEG bytes), label_0 (float64: 1.0 means
+    jpg_0 preferred, 0.0 jpg_1 preferred, 0.5 tie). Rows are n_pairs warm-vs-cool pairs (warm
+    always preferred, on a random side), then n_ties ties between two same-temperature images,
+    then corrupt_pairs pairs whose jpg_0 is undecodable; all rows are shuffled together.
+    Captions come from the first n_captions entries of CAPTION_POOL (all when None). Images are
+    image_size squares, or with vary_sizes a mix of 1.25:1, 1:1.5, 2x and 1x image_size.
+    """
+    rng = random.Random(seed)
+    captions = CAPTION_POOL[:n_captions]  # None keeps the whole pool
+    # Several shapes so training must handle resizing and cropping, not just 1:1 images.
+    size_scales = ((1.25, 1.0), (1.0, 1.5), (2.0, 2.0), (1.0, 1.0)) if vary_sizes else ((1.0, 1.0),)
+
+    def random_image(warm):
+        scale_x, scale_y = rng.choice(size_scales)
+        return make_shape_image(warm, rng, (round(image_size * scale_x), round(image_size * scale_y)))
+
+    # Exactly balanced sides (shuffled) so neither label value dominates a small dataset.
+    warm_on_left = [index < (n_pairs + 1) // 2 for index in range(n_pairs)]
+    rng.shuffle(warm_on_left)
+    rows = []
+    for left_is_warm in warm_on_left:
+        left, right = random_image(left_is_warm), random_image(not left_is_warm)
+        rows.append((_jpeg_bytes(left), _jpeg_bytes(right), 1.0 if left_is_warm else 0.0))
+    for _ in range(n_ties):
+        warm = rng.random() < 0.5
+        rows.append((_jpeg_bytes(random_image(warm)), _jpeg_bytes(random_image(warm)), 0.5))
+    for _ in range(corrupt_pairs):
+        # Keep only the first bytes of a real JPEG: recognisable header, no decodable image data.
+        truncated = _jpeg_bytes(random_image(True))[:64]
+        rows.append((truncated, _jpeg_bytes(random_image(False)), 1.0))
+    rng.shuffle(rows)
+
+    table = pa.table(
+        {
+            "caption": pa.array([rng.choice(captions) for _ in rows], pa.string()),
+            "jpg_0": pa.array([row[0] for row in rows], pa.binary()),
+            "jpg_1": pa.array([row[1] for row in rows], pa.binary()),
+            "label_0": pa.array([row[2] for row in rows], pa.float64()),
+        }
+    )
+    os.makedirs(output_dir, exist_ok=True)
+    pq.write_table(table, os.path.join(output_dir, "train-00000-of-00001.parquet"))
+    return output_dir
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir", help="writes OUTPUT_DIR/model and OUTPUT_DIR/data")
+    parser.add_argument("--n_pairs", type=int, default=16)
+    parser.add_argument("--n_ties", type=int, default=2)
+    parser.add_argument("--prediction_type", default="epsilon", choices=("epsilon", "v_prediction"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    model_dir = build_tiny_sd_pipeline(
+        os.path.join(args.output_dir, "model"), prediction_type=args.prediction_type, seed=args.seed
+    )
+    data_dir = build_pickapic_dataset(
+        os.path.join(args.output_dir, "data"), n_pairs=args.n_pairs, n_ties=args.n_ties, seed=args.seed
+    )
+    print(f"model: {model_dir}")
+    print(f"data: {data_dir}")
+
+
+if __name__ == "__main__":
+    main()
