@@ -484,7 +484,7 @@ class PairPixels(torch.utils.data.Dataset):
 
 
 def load_text_encoder_and_tokenizer(args, device, dtype):
-    config = transformers.PretrainedConfig.from_pretrained(
+    config = transformers.AutoConfig.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="text_encoder", revision=args.revision, cache_dir=args.cache_dir
     )
     text_encoder_class = getattr(transformers, config.architectures[0])  # CLIPTextModel for SD 1.x/2.x
@@ -1057,9 +1057,9 @@ def main(args):
     for epoch in range(first_epoch, num_epochs):
         if global_step >= args.max_train_steps:
             break
-        sampler.set_epoch(epoch)
         skip = batches_to_skip if epoch == first_epoch else 0
         epoch_batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        epoch_batches.set_epoch(epoch)  # accelerate's loaders pass their own epoch counter to the sampler
         sums = {}
         for batch_index, batch in enumerate(epoch_batches, start=skip):
             generator = torch.Generator(accelerator.device).manual_seed(

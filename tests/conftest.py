@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny offline pipelines and Pick-a-Pic-format datasets, and helpers that run the real trainer."""
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# Everything offline, and the datasets cache out of the user's home, before the libraries read their config.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="dpo-tests-hf-home-")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+
+import tiny_assets  # noqa: E402
+import train_diffusion_dpo as dpo  # noqa: E402
+
+N_PAIRS = 8  # decided pairs in the default dataset; it also holds 2 ties and 1 pair with a corrupt image
+RESOLUTION = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return tiny_assets.build_tiny_sd_pipeline(str(tmp_path_factory.mktemp("tiny-sd")))
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_model(tmp_path_factory):
+    return tiny_assets.build_tiny_sd_pipeline(str(tmp_path_factory.mktemp("tiny-sd-v")), prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def pickapic_data(tmp_path_factory):
+    """Pick-a-Pic-format parquet folder: N_PAIRS decided pairs of varied sizes, 2 ties, 1 undecodable image."""
+    return tiny_assets.build_pickapic_dataset(
+        str(tmp_path_factory.mktemp("pickapic")), n_pairs=N_PAIRS, n_ties=2, corrupt_pairs=1, vary_sizes=True
+    )
+
+
+@pytest.fixture
+def cli_args(tiny_model, pickapic_data, tmp_path):
+    """Returns a function building a trainer command line on the tiny assets; keyword overrides become flags."""
+
+    def build(**overrides):
+        flags = {
+            "pretrained_model_name_or_path": tiny_model,
+            "dataset_name": pickapic_data,
+            "output_dir": str(tmp_path / "out"),
+            "precompute_cache_dir": str(tmp_path / "cache"),
+            "resolution": RESOLUTION,
+            "train_batch_size": 2,
+            "max_train_steps": 2,
+            "report_to": "none",
+            "seed": 0,
+        }
+        flags.update(overrides)
+        argv = []
+        for name, value in flags.items():
+            if value is True:
+                argv.append(f"--{name}")
+            elif value is not None and value is not False:
+                argv += [f"--{name}", *(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])]
+        return argv
+
+    return build
+
+
+def run_trainer(argv):
+    """Runs the real trainer in this process (parse_args + main) and returns main's result."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return dpo.main(dpo.parse_args(argv))
+
+
+def run_cli(argv, launcher=None, env=None):
+    """Runs the trainer as a separate process: with this Python, or through a launcher such as `accelerate launch`."""
+    launcher = launcher or [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([*launcher, str(ROOT / "train_diffusion_dpo.py"), *argv], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+
+
+def lora_weights(output_dir):
+    return load_file(os.path.join(output_dir, dpo.LORA_WEIGHT_NAME))
+
+
+def assert_same_tensors(first, second, atol=1e-6):
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], atol=atol, rtol=0, msg=name)
+
+
+@pytest.fixture(autouse=True)
+def accelerate_state():
+    """The trainer logs through accelerate, which needs its state even when a test calls a function directly."""
+    from accelerate.state import PartialState
+
+    PartialState()

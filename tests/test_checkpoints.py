@@ -1,0 +1,57 @@
+"""Checkpoints: resume continues exactly, rotation keeps the newest, mismatched checkpoints are refused."""
+
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import assert_same_tensors, dpo, lora_weights, run_trainer
+
+
+def final_weights(output_dir, train_mode):
+    if train_mode == "lora":
+        return lora_weights(output_dir)
+    return load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.mark.parametrize("train_mode,flags,resume_step", [
+    # 8 pairs in batches of 3: 3 steps an epoch, so step 2 is mid-epoch and step 4 lies in the next epoch
+    ("lora", {"train_batch_size": 3, "lr_scheduler": "cosine", "lr_warmup_steps": 1, "checkpointing_steps": 2}, 2),
+    # accumulation 2 over 4 batches an epoch: resuming after step 1 skips two consumed batches
+    ("full", {"gradient_accumulation_steps": 2, "checkpointing_steps": 1, "proportion_empty_prompts": 0.3}, 1),
+], ids=["lora-mid-epoch", "full-accumulation"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cli_args, tmp_path, train_mode, flags, resume_step):
+    common = dict(train_mode=train_mode, max_train_steps=4, learning_rate=1e-3, **flags)
+    straight = run_trainer(cli_args(output_dir=tmp_path / "straight", **common))
+
+    # The interrupted run: only the checkpoint written at `resume_step` survived.
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    shutil.copytree(tmp_path / "straight" / f"checkpoint-{resume_step}", interrupted / f"checkpoint-{resume_step}")
+    resumed = run_trainer(cli_args(output_dir=interrupted, resume_from_checkpoint="latest", **common))
+
+    assert resumed["global_step"] == straight["global_step"] == 4
+    assert [h["step"] for h in resumed["history"]] == list(range(resume_step + 1, 5))
+    for mine, theirs in zip(resumed["history"], straight["history"][resume_step:]):
+        assert mine == pytest.approx(theirs, abs=1e-6)  # same data, noise, timesteps and learning rate
+    assert_same_tensors(final_weights(interrupted, train_mode), final_weights(tmp_path / "straight", train_mode))
+
+
+def test_rotation_keeps_the_newest_checkpoints(cli_args, tmp_path):
+    run_trainer(cli_args(max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2))
+    names = sorted(p.name for p in (tmp_path / "out").iterdir() if "checkpoint" in p.name)
+    assert names == ["checkpoint-4", "checkpoint-6"]  # no partial folder left behind either
+    # every LoRA checkpoint is itself loadable LoRA weights
+    assert (tmp_path / "out" / "checkpoint-6" / dpo.LORA_WEIGHT_NAME).exists()
+
+
+def test_resume_from_a_named_checkpoint_continues_its_step_count(cli_args, tmp_path):
+    run_trainer(cli_args(max_train_steps=2, checkpointing_steps=1))
+    result = run_trainer(cli_args(max_train_steps=3, resume_from_checkpoint="checkpoint-1"))
+    assert [h["step"] for h in result["history"]] == [2, 3]
+
+
+def test_a_lora_checkpoint_is_refused_by_a_full_run(cli_args, tmp_path):
+    run_trainer(cli_args(max_train_steps=1, checkpointing_steps=1))
+    with pytest.raises(dpo.InputError, match="not written by a --train_mode full run"):
+        run_trainer(cli_args(max_train_steps=2, train_mode="full", resume_from_checkpoint="latest"))

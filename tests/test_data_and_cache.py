@@ -1,0 +1,89 @@
+"""Preference pairs (ties, orientation, broken images) and the precomputed latent / text-embedding cache."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from conftest import N_PAIRS, dpo, run_trainer, tiny_assets
+
+
+def test_ties_are_dropped_and_label_0_swaps_the_pair(cli_args):
+    args = dpo.parse_args(cli_args())
+    dataset, second_is_winner = dpo.load_preference_pairs(args)
+    assert len(dataset) == N_PAIRS + 1  # ties gone; the pair with a corrupt image is only found when decoding
+    np.testing.assert_array_equal(second_is_winner, np.asarray(dataset["label_0"]) == 0.0)
+    assert 0 < second_is_winner.sum() < len(dataset)  # both orientations occur
+
+    pixels = dpo.PairPixels(dataset, second_is_winner, args)
+    decodable = [item for item in map(pixels.__getitem__, range(len(pixels))) if item["ok"]]
+    assert len(decodable) == N_PAIRS
+    for item in decodable:  # the dataset's preferred image is always the warm one: it must come first
+        winner, loser = ((item["pixels"][0] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        assert tiny_assets.classify_warm(Image.fromarray(winner))
+        assert not tiny_assets.classify_warm(Image.fromarray(loser))
+        # the second orientation is the mirror image of the first
+        np.testing.assert_array_equal(item["pixels"][1].numpy(), item["pixels"][0].flip(-1).numpy())
+
+
+def test_max_train_samples_takes_a_subset(cli_args):
+    dataset, _ = dpo.load_preference_pairs(dpo.parse_args(cli_args(max_train_samples=3)))
+    assert len(dataset) == 3
+
+
+def test_cache_holds_one_embedding_per_unique_caption_and_skips_broken_pairs(cli_args, tmp_path):
+    run_trainer(cli_args(max_train_steps=1))
+    (cache,) = (tmp_path / "cache").iterdir()
+    info = json.loads((cache / "cache_info.json").read_text())
+    assert info["skipped_pairs"] == 1 and info["pairs"] == N_PAIRS + 1
+    captions = dpo.load_preference_pairs(dpo.parse_args(cli_args(output_dir=tmp_path / "new")))[0]["caption"]
+    prompt_embeds = np.load(cache / "prompt_embeds.npy")
+    assert prompt_embeds.shape[0] == len(set(captions)) + 1 == info["unique_captions"] + 1  # + the empty caption
+    latents = np.load(cache / "pair_latents.npy", mmap_mode="r")
+    assert latents.shape[1:3] == (2, 2)  # two orientations (hflip on by default), winner and loser
+    assert latents.dtype == np.float16
+
+
+def test_second_run_reuses_the_cache_and_changed_settings_invalidate_it(cli_args, tmp_path, monkeypatch):
+    calls = []
+    original = dpo.precompute
+    monkeypatch.setattr(dpo, "precompute", lambda *a, **k: (calls.append(1), original(*a, **k)))
+
+    run_trainer(cli_args(output_dir=tmp_path / "a"))
+    run_trainer(cli_args(output_dir=tmp_path / "b"))
+    assert len(calls) == 1  # the second run encoded nothing
+
+    run_trainer(cli_args(output_dir=tmp_path / "c", resolution=16))
+    run_trainer(cli_args(output_dir=tmp_path / "d", no_hflip=True))
+    assert len(calls) == 3
+    caches = sorted(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
+    assert len(caches) == 3
+    shapes = {np.load(c / "pair_latents.npy", mmap_mode="r").shape[1:] for c in caches}
+    assert shapes == {(2, 2, 4, 16, 16), (2, 2, 4, 8, 8), (1, 2, 4, 16, 16)}
+
+
+def test_the_encoders_are_not_loaded_on_a_cache_hit(cli_args, tmp_path, monkeypatch):
+    run_trainer(cli_args(output_dir=tmp_path / "a"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("text encoder loaded although the cache is complete")
+
+    monkeypatch.setattr(dpo, "load_text_encoder_and_tokenizer", refuse)
+    run_trainer(cli_args(output_dir=tmp_path / "b"))
+
+
+def test_sampler_is_a_function_of_seed_and_epoch(cli_args, tmp_path):
+    run_trainer(cli_args(max_train_steps=1))
+    (cache,) = (tmp_path / "cache").iterdir()
+    pairs = dpo.CachedPreferencePairs(cache)
+    epoch_0 = list(dpo.PairSampler(pairs, seed=0, proportion_empty_prompts=0.5))
+    again = dpo.PairSampler(pairs, seed=0, proportion_empty_prompts=0.5)
+    assert list(again) == epoch_0
+    again.set_epoch(1)
+    assert list(again) != epoch_0
+    assert sorted(index for index, _, _ in epoch_0) == list(pairs.valid_indices)
+    assert {drop for _, _, drop in epoch_0} == {True, False}
+    # a dropped caption reads the empty-caption embedding (row 0)
+    index, orientation, _ = epoch_0[0]
+    empty = pairs[(index, orientation, True)]["prompt_embeds"].numpy()
+    np.testing.assert_array_equal(empty, np.load(cache / "prompt_embeds.npy")[0])

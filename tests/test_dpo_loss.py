@@ -1,0 +1,68 @@
+"""The DPO loss function against the paper's formula."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import dpo
+
+ERRORS = {  # four per-sample error vectors of a batch of 3 pairs
+    "model_err_w": torch.tensor([0.10, 0.30, 0.20]),
+    "model_err_l": torch.tensor([0.20, 0.10, 0.20]),
+    "ref_err_w": torch.tensor([0.15, 0.25, 0.10]),
+    "ref_err_l": torch.tensor([0.15, 0.15, 0.30]),
+}
+
+
+def test_policy_equal_to_reference_gives_ln2_and_zero_margin():
+    err_w, err_l = torch.rand(5), torch.rand(5)
+    loss, metrics = dpo.dpo_loss(err_w, err_l, err_w.clone(), err_l.clone(), beta=2000)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["reward_margin"].item() == 0
+    assert metrics["implicit_acc"].item() == 0  # a tie is not counted as correct
+
+
+@pytest.mark.parametrize("beta", [1.0, 2000.0, 5000.0])
+def test_sigmoid_loss_is_the_papers_formula(beta):
+    e = ERRORS
+    inside = -0.5 * beta * ((e["model_err_w"] - e["model_err_l"]) - (e["ref_err_w"] - e["ref_err_l"]))
+    loss, metrics = dpo.dpo_loss(**e, beta=beta, loss_type="sigmoid")
+    torch.testing.assert_close(loss, -F.logsigmoid(inside).mean())
+    torch.testing.assert_close(metrics["reward_margin"], inside.mean())
+    assert metrics["implicit_acc"].item() == pytest.approx((inside > 0).float().mean().item())
+
+
+def test_hinge_and_ipo_formulas_by_hand():
+    # pair 0: model_diff - ref_diff = (-0.1) - 0 = -0.1 -> inside = 0.05 * beta
+    e = {k: v[:1] for k, v in ERRORS.items()}
+    beta = 10.0
+    inside = 0.05 * beta  # 0.5
+    hinge, _ = dpo.dpo_loss(**e, beta=beta, loss_type="hinge")
+    ipo, _ = dpo.dpo_loss(**e, beta=beta, loss_type="ipo")
+    assert hinge.item() == pytest.approx(max(0.0, 1 - inside))  # 0.5
+    assert ipo.item() == pytest.approx((inside / beta - 1 / (2 * beta)) ** 2)  # (0.05 - 0.05)^2 = 0
+    assert ipo.item() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+def test_swapping_winner_and_loser_flips_the_margin(loss_type):
+    e = ERRORS
+    _, metrics = dpo.dpo_loss(**e, beta=100, loss_type=loss_type)
+    _, swapped = dpo.dpo_loss(e["model_err_l"], e["model_err_w"], e["ref_err_l"], e["ref_err_w"], beta=100,
+                              loss_type=loss_type)
+    torch.testing.assert_close(swapped["reward_margin"], -metrics["reward_margin"])
+    assert metrics["implicit_acc"] + swapped["implicit_acc"] == pytest.approx(1.0)  # no exact ties here
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+def test_gradient_lowers_winner_error_and_raises_loser_error(loss_type):
+    model_err_w = torch.full((4,), 0.2, requires_grad=True)
+    model_err_l = torch.full((4,), 0.2, requires_grad=True)
+    ref = torch.full((4,), 0.2)
+    loss, _ = dpo.dpo_loss(model_err_w, model_err_l, ref, ref, beta=2000, loss_type=loss_type)
+    loss.backward()
+    # gradient descent moves along -grad: the winner's error goes down, the loser's up
+    assert (model_err_w.grad > 0).all() and (model_err_l.grad < 0).all()
+    torch.testing.assert_close(model_err_w.grad, -model_err_l.grad)

@@ -1,0 +1,74 @@
+"""What a run leaves behind: weights that reload in diffusers, validation grids, the model card, the Hub upload."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+
+from conftest import RESOLUTION, dpo, run_trainer
+
+
+def unet_output(unet):
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 16, 16, generator=generator)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return unet(sample, torch.tensor([500]), text).sample
+
+
+def load_pipeline(path):
+    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+
+
+@pytest.mark.parametrize("weights_dir", ["out", "out/checkpoint-2"])
+def test_lora_reloads_with_load_lora_weights_and_changes_the_unet(cli_args, tiny_model, tmp_path, weights_dir):
+    run_trainer(cli_args(learning_rate=1e-2, max_train_steps=2, checkpointing_steps=2))
+    pipeline = load_pipeline(tiny_model)
+    base = unet_output(pipeline.unet)
+    pipeline.load_lora_weights(str(tmp_path / weights_dir))
+    tuned = unet_output(pipeline.unet)
+    assert (tuned - base).abs().max() > 1e-4
+    pipeline.unet.disable_adapters()  # the adapter is all that changed
+    torch.testing.assert_close(unet_output(pipeline.unet), base)
+
+
+def test_full_fine_tuning_saves_a_pipeline_that_from_pretrained_loads(cli_args, tiny_model, tmp_path):
+    run_trainer(cli_args(train_mode="full", learning_rate=1e-3, max_train_steps=2))
+    tuned = load_pipeline(str(tmp_path / "out"))
+    base = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    assert (unet_output(tuned.unet) - unet_output(base)).abs().max() > 1e-4
+    image = tuned("a shape", num_inference_steps=2, height=RESOLUTION, width=RESOLUTION).images[0]
+    assert image.size == (RESOLUTION, RESOLUTION)
+
+
+def test_validation_renders_grids_and_logs_to_tensorboard(cli_args, tmp_path):
+    prompts = ["a shape", "a photo of a shape"]
+    run_trainer(cli_args(run_validation=True, validation_steps=2, max_train_steps=3, validation_prompts=prompts,
+                         num_validation_inference_steps=2, report_to="tensorboard"))
+    validation = tmp_path / "out" / "validation"
+    # the untuned model once, then every validation_steps, then at the end
+    assert sorted(p.name for p in validation.iterdir()) == ["reference.png", "step-000002.png", "step-000003.png"]
+    assert Image.open(validation / "step-000003.png").size == (RESOLUTION * len(prompts), RESOLUTION)
+    assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents*"))
+
+
+def test_model_card_and_push_to_hub_upload_the_result_without_checkpoints(cli_args, tmp_path, monkeypatch):
+    calls = {}
+
+    class Repo:
+        repo_id = "someone/my-dpo-lora"
+
+    monkeypatch.setattr(dpo, "create_repo", lambda **kwargs: calls.setdefault("create_repo", kwargs) and Repo)
+    monkeypatch.setattr(dpo, "upload_folder", lambda **kwargs: calls.setdefault("upload_folder", kwargs))
+    run_trainer(cli_args(push_to_hub=True, hub_model_id="someone/my-dpo-lora", checkpointing_steps=1,
+                         beta_dpo=2500))
+
+    assert calls["create_repo"]["repo_id"] == "someone/my-dpo-lora" and calls["create_repo"]["exist_ok"]
+    upload = calls["upload_folder"]
+    assert upload["repo_id"] == "someone/my-dpo-lora" and upload["folder_path"] == str(tmp_path / "out")
+    assert "checkpoint-*" in upload["ignore_patterns"]
+
+    card = (tmp_path / "out" / "README.md").read_text()
+    for expected in ("diffusion-dpo", "lora", "base_model:", "β = 2500", 'load_lora_weights("someone/my-dpo-lora")',
+                     "2 steps"):
+        assert expected in card, expected

@@ -1,0 +1,95 @@
+"""End-to-end training behaviour: the loss at identity, the direction of the update, modes and optimizers."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import dpo, lora_weights, run_cli, run_trainer
+
+LN2 = math.log(2)
+
+
+@pytest.mark.parametrize("train_mode", ["lora", "full"])
+def test_first_step_loss_is_ln2_when_policy_equals_reference(cli_args, train_mode):
+    result = run_trainer(cli_args(train_mode=train_mode, max_train_steps=1))
+    first = result["history"][0]
+    assert first["loss"] == pytest.approx(LN2, abs=1e-4)
+    assert first["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert first["model_mse_w"] == pytest.approx(first["ref_mse_w"], abs=1e-7)
+
+
+def test_v_prediction_model_trains_from_ln2(cli_args, tiny_vpred_model):
+    result = run_trainer(cli_args(pretrained_model_name_or_path=tiny_vpred_model, max_train_steps=1))
+    assert result["history"][0]["loss"] == pytest.approx(LN2, abs=1e-4)
+
+
+def first_batch(args, tmp_path):
+    """Precomputes the cache through a 1-step run and returns the first training batch of 4 pairs."""
+    run_trainer(args + ["--max_train_steps", "1"])
+    (cache,) = (tmp_path / "cache").iterdir()
+    pairs = dpo.CachedPreferencePairs(cache)
+    loader = torch.utils.data.DataLoader(pairs, batch_size=4, sampler=dpo.PairSampler(pairs, 0, 0.0))
+    return next(iter(loader))
+
+
+@pytest.mark.parametrize("train_mode", ["lora", "full"])
+def test_a_gradient_step_lowers_the_winners_error_relative_to_the_losers(cli_args, tmp_path, train_mode):
+    args_list = cli_args(train_mode=train_mode, output_dir=tmp_path / "precompute")
+    batch = first_batch(args_list, tmp_path)
+    args = dpo.parse_args(cli_args(train_mode=train_mode))
+    unet, reference = dpo.build_unets(args, torch.device("cpu"), torch.float32)
+    scheduler = dpo.DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+
+    def loss_and_metrics():
+        return dpo.compute_loss(batch, unet, reference, scheduler, args, torch.Generator().manual_seed(7))
+
+    loss, before = loss_and_metrics()
+    assert loss.item() == pytest.approx(LN2, abs=1e-5)
+    loss.backward()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    assert trainable and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    with torch.no_grad():
+        for p in trainable:
+            p -= 1e-3 * p.grad / (p.grad.norm() + 1e-12)  # a small normalised descent step
+    _, after = loss_and_metrics()
+    margin = lambda m: (m["model_mse_w"] - m["model_mse_l"]) - (m["ref_mse_w"] - m["ref_mse_l"])  # noqa: E731
+    assert margin(after) < margin(before)  # the winner's error fell relative to the loser's
+    assert after["reward_margin"] > 0 and after["implicit_acc"] > 0
+    # the reference did not move: LoRA's adapter-off pass is the base model, the full copy is frozen
+    assert after["ref_mse_w"] == before["ref_mse_w"] and after["ref_mse_l"] == before["ref_mse_l"]
+    # and the adapter is trainable again after the reference pass
+    assert all(p.requires_grad for p in trainable)
+
+
+def test_reference_pass_re_enables_the_adapter_even_when_it_fails(cli_args):
+    args = dpo.parse_args(cli_args())
+    unet, _ = dpo.build_unets(args, torch.device("cpu"), torch.float32)
+    with pytest.raises(RuntimeError):
+        with dpo.lora_disabled(unet):
+            raise RuntimeError("forward failed")
+    lora_params = [p for n, p in unet.named_parameters() if "lora" in n]
+    assert lora_params and all(p.requires_grad for p in lora_params)
+
+
+@pytest.mark.parametrize("flags", [
+    {"use_adafactor": True},
+    {"use_8bit_adam": True},
+    {"sft": True},
+    {"loss_type": "hinge", "gradient_checkpointing": True},
+    {"loss_type": "ipo", "proportion_empty_prompts": 0.5, "random_crop": True},
+], ids=["adafactor", "8bit-adam", "sft", "hinge+checkpointing", "ipo+dropout+crop"])
+def test_lora_weights_move_under_every_objective_and_optimizer(cli_args, tmp_path, flags):
+    result = run_trainer(cli_args(learning_rate=1e-3, max_train_steps=2, **flags))
+    assert result["global_step"] == 2 and all(math.isfinite(h["loss"]) for h in result["history"])
+    lora_up = [w for name, w in lora_weights(tmp_path / "out").items() if "lora_B" in name or "lora.up" in name]
+    assert lora_up and any(w.abs().max() > 0 for w in lora_up)  # LoRA B starts at zero: non-zero means it trained
+
+
+def test_accelerate_launch_runs_the_script(cli_args, tmp_path):
+    launcher = [__import__("sys").executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    completed = run_cli(cli_args(max_train_steps=2, report_to="tensorboard"), launcher=launcher)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert (tmp_path / "out" / dpo.LORA_WEIGHT_NAME).exists()
+    assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents*"))
