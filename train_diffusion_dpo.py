@@ -770,9 +770,11 @@ def compute_loss(batch, unet, reference, noise_scheduler, args, generator):
             base = unet.module if hasattr(unet, "module") else unet  # bypass DDP: no gradients flow here
             with lora_disabled(base):
                 ref_err = denoising_errors(base, noisy_latents, timesteps, prompt_embeds, target)
-        else:
+        else:  # the frozen copy, in the weight dtype, under the same autocast as the policy (norms stay fp32)
             dtype = reference.dtype
-            ref_err = denoising_errors(reference, noisy_latents.to(dtype), timesteps, prompt_embeds.to(dtype), target)
+            with torch.autocast(reference.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                ref_err = denoising_errors(reference, noisy_latents.to(dtype), timesteps, prompt_embeds.to(dtype),
+                                           target)
     ref_err = ref_err.clone()  # an ordinary tensor again, usable next to the graph
     model_err_w, model_err_l = model_err.chunk(2)
     ref_err_w, ref_err_l = ref_err.chunk(2)

@@ -63,8 +63,32 @@ def _write_bpe_files(folder):
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def build_tiny_sd_pipeline(output_dir, *, prediction_type="epsilon", seed=0):
-    """Save a random-weight SD 1.x-style pipeline (32px images, 16x16 latents) to `output_dir`."""
+# Model sizes: "tiny" for tests and demos (32px images, 16x16 latents, milliseconds a step on a CPU); "sd15" has
+# the real Stable Diffusion 1.5 UNet, VAE and text-encoder shapes (random weights) for timing and memory on a GPU.
+PRESETS = {
+    "tiny": {
+        "unet": dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8),
+        "vae": dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32),  # vae_scale_factor 2
+        "text": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                     projection_dim=32),
+    },
+    "sd15": {
+        "unet": dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
+                     attention_head_dim=8),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                     projection_dim=768),
+    },
+}
+
+
+def build_tiny_sd_pipeline(output_dir, *, prediction_type="epsilon", seed=0, preset="tiny"):
+    """Save a random-weight SD 1.x-style pipeline of the given PRESETS size to `output_dir`."""
+    sizes = PRESETS[preset]
     tokenizer_dir = os.path.join(output_dir, "tokenizer")
     _write_bpe_files(tokenizer_dir)
     # Load from the folder: in transformers 5, CLIPTokenizer(vocab_file=..., merges_file=...)
@@ -72,43 +96,28 @@ def build_tiny_sd_pipeline(output_dir, *, prediction_type="epsilon", seed=0):
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, norm_num_groups=32, **sizes["unet"])
     torch.manual_seed(seed)
+    n_blocks = len(sizes["vae"]["block_out_channels"])
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64),  # two blocks -> vae_scale_factor 2
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
         latent_channels=4,
-        sample_size=32,
         norm_num_groups=32,
+        **sizes["vae"],
     )
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
             max_position_embeddings=77,
-            projection_dim=32,
             # The pooled output is read at the EOS position, so these must match the tokenizer.
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **sizes["text"],
         )
     )
     scheduler = DDPMScheduler(
@@ -236,12 +245,16 @@ def main():
     parser.add_argument("--n_ties", type=int, default=2)
     parser.add_argument("--prediction_type", default="epsilon", choices=("epsilon", "v_prediction"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size (see PRESETS)")
+    parser.add_argument("--image_size", type=int, default=32, help="side of the generated images in pixels")
     args = parser.parse_args()
     model_dir = build_tiny_sd_pipeline(
-        os.path.join(args.output_dir, "model"), prediction_type=args.prediction_type, seed=args.seed
+        os.path.join(args.output_dir, "model"), prediction_type=args.prediction_type, seed=args.seed,
+        preset=args.preset,
     )
     data_dir = build_pickapic_dataset(
-        os.path.join(args.output_dir, "data"), n_pairs=args.n_pairs, n_ties=args.n_ties, seed=args.seed
+        os.path.join(args.output_dir, "data"), n_pairs=args.n_pairs, n_ties=args.n_ties, seed=args.seed,
+        image_size=args.image_size,
     )
     print(f"model: {model_dir}")
     print(f"data: {data_dir}")
