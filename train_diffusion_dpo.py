@@ -37,7 +37,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import cast_training_params, free_memory
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft, make_image_grid
-from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+from diffusers.utils.hub_utils import populate_model_card
 from diffusers.utils.import_utils import is_xformers_available
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from peft import LoraConfig
@@ -69,13 +69,20 @@ class InputError(ValueError):
     """Bad input from the user: reported as one line, never as a traceback."""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Reports a bad flag in one line (`--help` still shows the full usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Diffusion-DPO fine-tuning of Stable Diffusion 1.x/2.x models.")
+    parser = OneLineErrorParser(description="Diffusion-DPO fine-tuning of Stable Diffusion 1.x/2.x models.")
 
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -209,10 +216,12 @@ def parse_args(input_args=None):
         "--lr_scheduler",
         type=str,
         default="constant_with_warmup",
-        choices=[s.value for s in SchedulerType],
+        choices=[s.value for s in SchedulerType if s.value != "piecewise_constant"],
         help="Learning-rate schedule.",
     )
     optim.add_argument("--lr_warmup_steps", type=int, default=0)
+    optim.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    optim.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
     optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (less memory).")
     optim.add_argument("--use_adafactor", action="store_true", help="Adafactor (the paper's optimizer for SDXL).")
     optim.add_argument("--adam_beta1", type=float, default=0.9)
@@ -268,16 +277,21 @@ def parse_args(input_args=None):
 
 def validate_args(args):
     """Rejects bad flag combinations before anything heavy is loaded."""
-    if args.resolution % 8 != 0:
-        raise InputError(f"--resolution must be divisible by 8, got {args.resolution}")
+    if args.resolution < 8 or args.resolution % 8 != 0:
+        raise InputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise InputError(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise InputError("--proportion_empty_prompts must lie in [0, 1]")
-    for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank",
-                 "checkpointing_steps", "validation_steps", "vae_encode_batch_size"):
+    for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank", "checkpointing_steps",
+                 "validation_steps", "vae_encode_batch_size", "num_validation_inference_steps", "lr_num_cycles"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1")
+    for name in ("dataloader_num_workers", "lr_warmup_steps"):
+        if getattr(args, name) < 0:
+            raise InputError(f"--{name} must not be negative")
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        raise InputError("--max_train_samples must be at least 1")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise InputError("--checkpoints_total_limit must be at least 1")
     if args.beta_dpo <= 0:
@@ -298,8 +312,16 @@ def validate_args(args):
             "--enable_xformers_memory_efficient_attention needs xformers (CUDA only: `pip install xformers`); "
             "without the flag PyTorch's SDPA attention is used, which is as fast on recent PyTorch"
         )
-    if args.resume_from_checkpoint not in (None, "latest") and resolve_checkpoint(args) is None:
-        raise InputError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        checkpoint = resolve_checkpoint(args)
+        if checkpoint is None:
+            raise InputError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
+        if not CHECKPOINT_PATTERN.match(Path(checkpoint).name):
+            raise InputError(f"--resume_from_checkpoint {checkpoint}: expected a folder named checkpoint-<step>")
+    if args.resume_from_checkpoint == "latest" and resolve_checkpoint(args) is None and holds_earlier_run(
+            args.output_dir):
+        raise InputError(f"--output_dir {args.output_dir} holds a finished model but no checkpoint to resume from; "
+                         "choose a new --output_dir")
     if args.resume_from_checkpoint is None and holds_earlier_run(args.output_dir):
         raise InputError(
             f"--output_dir {args.output_dir} already holds a trained model or checkpoints; pass "
@@ -350,7 +372,7 @@ def load_preference_pairs(args):
                 name, args.dataset_config_name, split=args.dataset_split_name, cache_dir=args.cache_dir
             )
     except Exception as error:  # the datasets library raises many types; all mean "cannot load this"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
         raise InputError(f"cannot load dataset '{name}' split '{args.dataset_split_name}': {reason}. Note: "
                          f"{DATASET_ALTERNATIVES}") from None
 
@@ -903,17 +925,19 @@ def run_validation(args, accelerator, unet, reference, weight_dtype, global_step
     return images
 
 
-def save_model_card(args, repo_id, global_step):
+def save_model_card(args, location, global_step):
+    """Writes README.md (metadata + how to load) into output_dir; `location` is the Hub repo or the local folder."""
     lora = args.train_mode == "lora"
     objective = "SFT on preferred images" if args.sft else f"Diffusion-DPO ({args.loss_type} loss, β = {args.beta_dpo:g})"
-    load = (
-        f'pipeline.load_lora_weights("{repo_id}")' if lora else f'# the repository is a complete pipeline'
-    )
-    base = f'"{args.pretrained_model_name_or_path}"' if lora else f'"{repo_id}"'
+    if lora:
+        load = (f'pipeline = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}", '
+                f'torch_dtype=torch.float16).to("cuda")\npipeline.load_lora_weights("{location}")')
+    else:
+        load = f'pipeline = StableDiffusionPipeline.from_pretrained("{location}", torch_dtype=torch.float16).to("cuda")'
     description = f"""
 # {'LoRA' if lora else 'Full'} {objective} fine-tune of {args.pretrained_model_name_or_path}
 
-Trained with [Diffusion-DPO](https://arxiv.org/abs/2311.12908) on `{args.dataset_name}` (split
+Trained with [Diffusion-DPO](https://arxiv.org/abs/2311.12908) (Wallace et al.) on `{args.dataset_name}` (split
 `{args.dataset_split_name}`) for {global_step} steps at {args.resolution}px:
 {args.train_batch_size} pairs per device x {args.gradient_accumulation_steps} accumulation steps,
 learning rate {args.learning_rate:g} ({args.lr_scheduler}){f', LoRA rank {args.rank}' if lora else ''}.
@@ -924,18 +948,14 @@ learning rate {args.learning_rate:g} ({args.lr_scheduler}){f', LoRA rank {args.r
 import torch
 from diffusers import StableDiffusionPipeline
 
-pipeline = StableDiffusionPipeline.from_pretrained({base}, torch_dtype=torch.float16).to("cuda")
 {load}
 image = pipeline("a cozy cabin in a snowy forest at dusk").images[0]
 ```
 """
-    card = ModelCard.from_template(
-        card_data=ModelCardData(license="creativeml-openrail-m", library_name="diffusers",
-                                base_model=args.pretrained_model_name_or_path, datasets=[args.dataset_name]
-                                if not os.path.exists(args.dataset_name) else None, inference=True),
-        template_path=MODEL_CARD_TEMPLATE_PATH,
-        model_description=description,
-    )
+    data = ModelCardData(license="creativeml-openrail-m", library_name="diffusers",
+                         base_model=args.pretrained_model_name_or_path, inference=True,
+                         datasets=None if os.path.exists(args.dataset_name) else [args.dataset_name])
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{description}")
     tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "diffusers-training",
             "diffusion-dpo"] + (["lora"] if lora else [])
     populate_model_card(card, tags=tags).save(os.path.join(args.output_dir, "README.md"))
@@ -999,6 +1019,7 @@ def main(args):
                                                     revision=args.revision, cache_dir=args.cache_dir)
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    set_seed(args.seed)  # precomputing draws random numbers: re-seed so LoRA init does not depend on a cache hit
     unet, reference = build_unets(args, accelerator.device, weight_dtype)
     register_checkpoint_hooks(accelerator, unet, args)
 
@@ -1027,7 +1048,8 @@ def main(args):
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
                                                                          lr_scheduler)
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -1110,7 +1132,7 @@ def main(args):
                 args.pretrained_model_name_or_path, unet=trained, revision=args.revision, variant=args.variant,
                 cache_dir=args.cache_dir,
             ).save_pretrained(args.output_dir)
-        save_model_card(args, repo_id or Path(args.output_dir).name, global_step)
+        save_model_card(args, repo_id or os.path.abspath(args.output_dir), global_step)
         if args.push_to_hub:
             push_to_hub(args, repo_id)
         logger.info(f"Saved the trained {'LoRA' if args.train_mode == 'lora' else 'pipeline'} to {args.output_dir}")

@@ -8,7 +8,9 @@ from conftest import dpo, run_cli, run_trainer, tiny_assets
 
 
 @pytest.mark.parametrize("flags,message", [
-    ({"resolution": 36}, "--resolution must be divisible by 8"),
+    ({"resolution": 36}, "--resolution must be a positive multiple of 8"),
+    ({"max_train_samples": 0}, "--max_train_samples must be at least 1"),
+    ({"lr_warmup_steps": -1}, "--lr_warmup_steps must not be negative"),
     ({"loss_type": "kto"}, "invalid choice: 'kto'"),
     ({"lr_scheduler": "warmup_cosine"}, "invalid choice: 'warmup_cosine'"),
     ({"max_train_steps": 0}, "--max_train_steps must be at least 1"),
@@ -16,14 +18,15 @@ from conftest import dpo, run_cli, run_trainer, tiny_assets
     ({"report_to": "wandb", "hub_token": "hf_secret"}, "would log your token"),
     ({"enable_xformers_memory_efficient_attention": True}, "needs xformers"),
     ({"use_8bit_adam": True, "use_adafactor": True}, "choose one of --use_8bit_adam and --use_adafactor"),
-], ids=["resolution", "loss_type", "scheduler", "zero-steps", "resume-path", "wandb-token", "xformers", "optimizers"])
+], ids=["resolution", "max_train_samples", "warmup", "loss_type", "scheduler", "zero-steps", "resume-path", "wandb-token", "xformers", "optimizers"])
 def test_flag_errors_stop_before_anything_loads(cli_args, capsys, flags, message):
     if "enable_xformers_memory_efficient_attention" in flags and dpo.is_xformers_available():
         pytest.skip("xformers is installed here")
     with pytest.raises(SystemExit) as exit_info:
         dpo.parse_args(cli_args(**flags))
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    (line,) = capsys.readouterr().err.strip().splitlines()  # one line, no usage dump
+    assert message in line
 
 
 def test_8bit_adam_without_bitsandbytes(cli_args, capsys, monkeypatch):
@@ -39,6 +42,17 @@ def test_an_earlier_run_is_never_overwritten(cli_args, capsys):
     with pytest.raises(SystemExit):
         dpo.parse_args(cli_args(max_train_steps=1))
     assert "already holds a trained model" in capsys.readouterr().err
+
+
+def test_resume_needs_a_checkpoint_folder_and_never_restarts_over_a_finished_model(cli_args, tmp_path, capsys):
+    run_trainer(cli_args(max_train_steps=1, checkpointing_steps=5))  # finished, no checkpoint written
+    with pytest.raises(SystemExit):
+        dpo.parse_args(cli_args(resume_from_checkpoint="latest"))
+    assert "holds a finished model but no checkpoint" in capsys.readouterr().err
+    (tmp_path / "not-a-checkpoint").mkdir()
+    with pytest.raises(SystemExit):
+        dpo.parse_args(cli_args(resume_from_checkpoint=tmp_path / "not-a-checkpoint"))
+    assert "expected a folder named checkpoint-<step>" in capsys.readouterr().err
 
 
 def test_missing_columns_are_named(cli_args):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from conftest import N_PAIRS, dpo, run_trainer, tiny_assets
+from conftest import N_PAIRS, assert_same_tensors, dpo, lora_weights, run_trainer, tiny_assets
 
 
 def test_ties_are_dropped_and_label_0_swaps_the_pair(cli_args):
@@ -52,6 +52,7 @@ def test_second_run_reuses_the_cache_and_changed_settings_invalidate_it(cli_args
     run_trainer(cli_args(output_dir=tmp_path / "a"))
     run_trainer(cli_args(output_dir=tmp_path / "b"))
     assert len(calls) == 1  # the second run encoded nothing
+    assert_same_tensors(lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b"))  # and trained the same
 
     run_trainer(cli_args(output_dir=tmp_path / "c", resolution=16))
     run_trainer(cli_args(output_dir=tmp_path / "d", no_hflip=True))
