@@ -50,8 +50,9 @@ logger = get_logger(__name__)
 DEFAULT_DATASET = "yuvalkirstain/pickapic_v2"
 DATASET_ALTERNATIVES = (
     "the original yuvalkirstain/pickapic_v2 has been reported unavailable since 2025; community mirrors with the "
-    "same columns exist (e.g. liuhuohuo2/pick-a-pic-v2), or pass a local folder or .parquet file in Pick-a-Pic "
-    "format (yuvalkirstain/pickapic_v2_no_images holds metadata only and cannot be trained on)"
+    "same columns exist (e.g. liuhuohuo2/pick-a-pic-v2; kashif/pickascore is a small subset), or pass a local "
+    "folder or .parquet file in Pick-a-Pic format (yuvalkirstain/pickapic_v2_no_images holds metadata only and "
+    "cannot be trained on)"
 )
 DEFAULT_VALIDATION_PROMPTS = [
     "a portrait photo of an old fisherman, detailed face, soft light",

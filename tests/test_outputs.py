@@ -49,7 +49,12 @@ def test_validation_renders_grids_and_logs_to_tensorboard(cli_args, tmp_path):
     # the untuned model once, then every validation_steps, then at the end
     assert sorted(p.name for p in validation.iterdir()) == ["reference.png", "step-000002.png", "step-000003.png"]
     assert Image.open(validation / "step-000003.png").size == (RESOLUTION * len(prompts), RESOLUTION)
-    assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = EventAccumulator(str(tmp_path / "out" / "logs" / "diffusion-dpo")).Reload()  # logs/<tracker_name>
+    for scalar in ("loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l", "lr"):
+        assert [e.step for e in logged.Scalars(scalar)] == [1, 2, 3], scalar
+    assert logged.Tags()["images"]  # the validation images
 
 
 def test_model_card_and_push_to_hub_upload_the_result_without_checkpoints(cli_args, tmp_path, monkeypatch):
