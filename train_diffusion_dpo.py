@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.optimization import SchedulerType, get_scheduler
@@ -160,6 +160,29 @@ def parse_args(input_args=None):
         "--vae_encode_batch_size", type=int, default=16, help="Images per VAE forward while precomputing latents."
     )
 
+    held_out = parser.add_argument_group("held-out preference validation")
+    held_out.add_argument(
+        "--validation_split_name",
+        type=str,
+        default=None,
+        help="A split of --dataset_name with held-out pairs (e.g. Pick-a-Pic 'validation'), evaluated every "
+        "--validation_steps, before training and at the end.",
+    )
+    held_out.add_argument(
+        "--num_validation_pairs",
+        type=int,
+        default=0,
+        help="Without --validation_split_name: hold this many pairs out of the training split. With it: use at most "
+        "this many of its pairs (0 = all).",
+    )
+    held_out.add_argument(
+        "--validation_timesteps",
+        type=int,
+        default=10,
+        help="Fixed timesteps (each with its own fixed noise) per held-out pair; errors are averaged over them, as in "
+        "the paper's implicit-reward accuracy.",
+    )
+
     dpo = parser.add_argument_group("DPO")
     dpo.add_argument(
         "--beta_dpo",
@@ -285,10 +308,11 @@ def validate_args(args):
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise InputError("--proportion_empty_prompts must lie in [0, 1]")
     for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank", "checkpointing_steps",
-                 "validation_steps", "vae_encode_batch_size", "num_validation_inference_steps", "lr_num_cycles"):
+                 "validation_steps", "vae_encode_batch_size", "num_validation_inference_steps", "lr_num_cycles",
+                 "validation_timesteps"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1")
-    for name in ("dataloader_num_workers", "lr_warmup_steps"):
+    for name in ("dataloader_num_workers", "lr_warmup_steps", "num_validation_pairs"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name} must not be negative")
     if args.max_train_samples is not None and args.max_train_samples < 1:
@@ -330,6 +354,10 @@ def validate_args(args):
         )
 
 
+def has_validation_pairs(args):
+    return args.validation_split_name is not None or args.num_validation_pairs > 0
+
+
 def complete_checkpoints(output_dir):
     """Checkpoint folders that were written to the end, oldest first (partial writes carry another name)."""
     if not os.path.isdir(output_dir):
@@ -359,23 +387,23 @@ def holds_earlier_run(output_dir):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_preference_pairs(args):
-    """Loads the split, drops ties and invalid labels, and orients every pair as (winner, loser).
-
-    Returns the dataset (images still undecoded) and a boolean array: True where the second image is the winner.
-    """
+def load_preference_pairs(args, split):
+    """Loads one split with the needed columns and drops ties and invalid labels (images stay undecoded)."""
     name = args.dataset_name
     try:
         if os.path.isfile(name):
+            if split != args.dataset_split_name:
+                raise InputError(f"'{name}' is a single file, so it has no split '{split}'; hold pairs out of it with "
+                                 "--num_validation_pairs instead")
             dataset = datasets.load_dataset("parquet", data_files=name, split="train", cache_dir=args.cache_dir)
         else:
-            dataset = datasets.load_dataset(
-                name, args.dataset_config_name, split=args.dataset_split_name, cache_dir=args.cache_dir
-            )
+            dataset = datasets.load_dataset(name, args.dataset_config_name, split=split, cache_dir=args.cache_dir)
+    except InputError:
+        raise
     except Exception as error:  # the datasets library raises many types; all mean "cannot load this"
         reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
-        raise InputError(f"cannot load dataset '{name}' split '{args.dataset_split_name}': {reason}. Note: "
-                         f"{DATASET_ALTERNATIVES}") from None
+        raise InputError(f"cannot load dataset '{name}' split '{split}': {reason}. Note: {DATASET_ALTERNATIVES}") \
+            from None
 
     columns = [args.image_0_column, args.image_1_column, args.label_column, args.caption_column]
     missing = [c for c in columns if c not in dataset.column_names]
@@ -394,18 +422,39 @@ def load_preference_pairs(args):
     is_tie = labels == 0.5
     is_decided = (labels == 0.0) | (labels == 1.0)
     n_invalid = int((~is_tie & ~is_decided).sum())
-    logger.info(f"Dropped {int(is_tie.sum())} tied pairs and {n_invalid} pairs with labels outside {{0, 0.5, 1}}.")
+    logger.info(f"Split '{split}': dropped {int(is_tie.sum())} tied pairs and {n_invalid} pairs with labels outside "
+                "{0, 0.5, 1}.")
     dataset = dataset.select(np.flatnonzero(is_decided))
     if len(dataset) == 0:
         raise InputError(
-            f"dataset '{name}' split '{args.dataset_split_name}' has no preference pairs left after dropping "
+            f"dataset '{name}' split '{split}' has no preference pairs left after dropping "
             f"{int(is_tie.sum())} ties and {n_invalid} invalid labels"
         )
+    return dataset
+
+
+def training_and_validation_pairs(args):
+    """The training pairs and the held-out validation pairs (None without --validation_split_name or
+    --num_validation_pairs). Held-out pairs come from their own split, or are set aside from the training split."""
+    train = load_preference_pairs(args, args.dataset_split_name)
+    validation = None
+    if args.validation_split_name is not None:
+        validation = load_preference_pairs(args, args.validation_split_name)
+        if args.num_validation_pairs:
+            validation = validation.shuffle(seed=args.seed).select(range(min(args.num_validation_pairs,
+                                                                             len(validation))))
+    elif args.num_validation_pairs:
+        if args.num_validation_pairs >= len(train):
+            raise InputError(f"--num_validation_pairs {args.num_validation_pairs} leaves no training pairs "
+                             f"(the split has {len(train)})")
+        shuffled = train.shuffle(seed=args.seed)
+        validation = shuffled.select(range(args.num_validation_pairs))
+        train = shuffled.select(range(args.num_validation_pairs, len(shuffled)))
     if args.max_train_samples is not None:
-        dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
-    second_is_winner = np.asarray(dataset.with_format("numpy")[args.label_column]) == 0.0
-    logger.info(f"Training on {len(dataset)} preference pairs.")
-    return dataset, second_is_winner
+        train = train.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train))))
+    logger.info(f"Training on {len(train)} preference pairs"
+                + (f", validating on {len(validation)} held-out pairs." if validation is not None else "."))
+    return train, validation
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -475,9 +524,9 @@ def resize_and_crop(image, resolution, crop_rng):
 class PairPixels(torch.utils.data.Dataset):
     """Decodes and crops both images of a pair (in DataLoader workers), winner first, plus their flipped copies."""
 
-    def __init__(self, dataset, second_is_winner, args):
+    def __init__(self, dataset, args):
         self.dataset = dataset
-        self.second_is_winner = second_is_winner
+        self.second_is_winner = np.asarray(dataset.with_format("numpy")[args.label_column]) == 0.0  # label 0 swaps
         self.columns = (args.image_0_column, args.image_1_column)
         self.resolution = args.resolution
         self.random_crop = args.random_crop
@@ -534,10 +583,11 @@ def encode_captions(captions, text_encoder, tokenizer, batch_size=64):
     return torch.cat(embeddings)
 
 
-def precompute(args, dataset, second_is_winner, cache_path, cache_fields, accelerator, encode_dtype):
+def precompute(args, jobs, accelerator, encode_dtype):
     """Encodes every image once with the VAE and every unique caption once with the text encoder.
 
-    Writes, under a temporary name that is renamed when complete (so an interrupted run never leaves a cache that
+    `jobs` is a list of (dataset, cache_path, cache_fields); each encoder is loaded once for all of them. Each cache
+    is written under a temporary name that is renamed when complete (an interrupted run never leaves a cache that
     looks valid):
       pair_latents.npy   (pairs, orientations, 2 = winner/loser, C, h, w) float16, scaled by the VAE's factor
       valid.npy          (pairs,) bool: False where an image could not be decoded (the pair is skipped)
@@ -547,73 +597,80 @@ def precompute(args, dataset, second_is_winner, cache_path, cache_fields, accele
     from diffusers import AutoencoderKL
 
     device = accelerator.device
-    tmp_path = cache_path.with_name(f".{cache_path.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp_path.mkdir(parents=True)
+    tmp_paths = [path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}") for _, path, _ in jobs]
 
     # Text: one embedding per unique caption (Pick-a-Pic: ~59k unique captions for ~851k pairs).
-    captions = ["" if c is None else str(c) for c in dataset.with_format(None)[args.caption_column]]
-    unique_captions = [""] + sorted(set(captions) - {""})
-    row_of = {caption: row for row, caption in enumerate(unique_captions)}
-    np.save(tmp_path / "caption_index.npy", np.array([row_of[c] for c in captions], dtype=np.int32))
     text_encoder, tokenizer = load_text_encoder_and_tokenizer(args, device, encode_dtype)
-    prompt_embeds = encode_captions(unique_captions, text_encoder, tokenizer)
-    np.save(tmp_path / "prompt_embeds.npy", prompt_embeds.to(torch.float16).numpy())
+    unique_counts = []
+    for (dataset, _, _), tmp_path in zip(jobs, tmp_paths):
+        tmp_path.mkdir(parents=True)
+        captions = ["" if c is None else str(c) for c in dataset.with_format(None)[args.caption_column]]
+        unique_captions = [""] + sorted(set(captions) - {""})
+        row_of = {caption: row for row, caption in enumerate(unique_captions)}
+        np.save(tmp_path / "caption_index.npy", np.array([row_of[c] for c in captions], dtype=np.int32))
+        prompt_embeds = encode_captions(unique_captions, text_encoder, tokenizer)
+        np.save(tmp_path / "prompt_embeds.npy", prompt_embeds.to(torch.float16).numpy())
+        unique_counts.append(len(unique_captions) - 1)
+        logger.info(f"Encoded {len(unique_captions) - 1} unique captions for {len(captions)} pairs "
+                    f"({captions.count('')} empty).")
     del text_encoder
     free_memory()
-    logger.info(f"Encoded {len(unique_captions) - 1} unique captions for {len(captions)} pairs "
-                f"({captions.count('')} empty).")
 
     # Images: both images of every pair, in both orientations when flipping, batched through the VAE.
     vae = AutoencoderKL.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant,
         cache_dir=args.cache_dir, torch_dtype=encode_dtype,
     ).to(device).eval().requires_grad_(False)
-    pixels = PairPixels(dataset, second_is_winner, args)
     latent_size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
-    pair_latents = np.lib.format.open_memmap(
-        tmp_path / "pair_latents.npy", mode="w+", dtype=np.float16,
-        shape=(len(pixels), pixels.num_orientations, 2, vae.config.latent_channels, latent_size, latent_size),
-    )
-    valid = np.zeros(len(pixels), dtype=bool)
-    pairs_per_batch = max(1, args.vae_encode_batch_size // (2 * pixels.num_orientations))
-    loader = torch.utils.data.DataLoader(pixels, batch_size=pairs_per_batch, num_workers=args.dataloader_num_workers)
-    for batch in tqdm(loader, desc="Encoding images", disable=not accelerator.is_local_main_process):
-        ok = batch["ok"]
-        if not ok.any():
-            continue
-        images = batch["pixels"][ok]
-        with torch.inference_mode():
-            latents = vae.encode(images.flatten(0, 2).to(device, encode_dtype)).latent_dist.mean
-        latents = (latents.float() * vae.config.scaling_factor).view(*images.shape[:3], *latents.shape[1:])
-        indices = batch["index"][ok].numpy()
-        pair_latents[indices] = latents.cpu().to(torch.float16).numpy()
-        valid[indices] = True
-    pair_latents.flush()
-    del pair_latents, vae
+    for (dataset, cache_path, cache_fields), tmp_path, n_unique in zip(jobs, tmp_paths, unique_counts):
+        pixels = PairPixels(dataset, args)
+        pair_latents = np.lib.format.open_memmap(
+            tmp_path / "pair_latents.npy", mode="w+", dtype=np.float16,
+            shape=(len(pixels), pixels.num_orientations, 2, vae.config.latent_channels, latent_size, latent_size),
+        )
+        valid = np.zeros(len(pixels), dtype=bool)
+        pairs_per_batch = max(1, args.vae_encode_batch_size // (2 * pixels.num_orientations))
+        loader = torch.utils.data.DataLoader(pixels, batch_size=pairs_per_batch,
+                                             num_workers=args.dataloader_num_workers)
+        for batch in tqdm(loader, desc="Encoding images", disable=not accelerator.is_local_main_process):
+            ok = batch["ok"]
+            if not ok.any():
+                continue
+            images = batch["pixels"][ok]
+            with torch.inference_mode():
+                latents = vae.encode(images.flatten(0, 2).to(device, encode_dtype)).latent_dist.mean
+            latents = (latents.float() * vae.config.scaling_factor).view(*images.shape[:3], *latents.shape[1:])
+            indices = batch["index"][ok].numpy()
+            pair_latents[indices] = latents.cpu().to(torch.float16).numpy()
+            valid[indices] = True
+        pair_latents.flush()
+        del pair_latents
+        np.save(tmp_path / "valid.npy", valid)
+        n_skipped = int((~valid).sum())
+        (tmp_path / "cache_info.json").write_text(json.dumps(
+            {**cache_fields, "pairs": len(valid), "skipped_pairs": n_skipped, "unique_captions": n_unique}, indent=2))
+        if n_skipped:
+            logger.warning(f"Skipped {n_skipped} of {len(valid)} pairs with an undecodable image.")
+        if cache_path.exists():  # another run finished the same cache first; keep theirs
+            shutil.rmtree(tmp_path)
+        else:
+            os.replace(tmp_path, cache_path)
+    del vae
     free_memory()
-    np.save(tmp_path / "valid.npy", valid)
-    n_skipped = int((~valid).sum())
-    (tmp_path / "cache_info.json").write_text(json.dumps(
-        {**cache_fields, "pairs": len(valid), "skipped_pairs": n_skipped, "unique_captions": len(unique_captions) - 1},
-        indent=2))
-    if n_skipped:
-        logger.warning(f"Skipped {n_skipped} of {len(valid)} pairs with an undecodable image.")
-    if cache_path.exists():  # another run finished the same cache first; keep theirs
-        shutil.rmtree(tmp_path)
-    else:
-        os.replace(tmp_path, cache_path)
 
 
-def load_or_precompute(args, dataset, second_is_winner, accelerator, encode_dtype):
-    """Returns the cache folder, computing it on the main process first if no complete cache exists."""
-    cache_path, fields = precompute_cache_path(args, dataset, encode_dtype)
+def load_or_precompute(args, pair_datasets, accelerator, encode_dtype):
+    """Returns one cache folder per dataset, computing missing ones on the main process first."""
+    jobs = [(dataset, *precompute_cache_path(args, dataset, encode_dtype)) for dataset in pair_datasets]
     with accelerator.main_process_first():
-        if accelerator.is_main_process and not cache_path.exists():
-            logger.info(f"Precomputing latents and text embeddings into {cache_path}")
-            precompute(args, dataset, second_is_winner, cache_path, fields, accelerator, encode_dtype)
-        elif accelerator.is_main_process:
-            logger.info(f"Reusing precomputed latents and text embeddings from {cache_path}")
-    return cache_path
+        if accelerator.is_main_process:
+            missing = [job for job in jobs if not job[1].exists()]
+            for _, path, _ in jobs:
+                logger.info(f"{'Precomputing' if not path.exists() else 'Reusing'} latents and text embeddings "
+                            f"in {path}")
+            if missing:
+                precompute(args, missing, accelerator, encode_dtype)
+    return [path for _, path, _ in jobs]
 
 
 class CachedPreferencePairs(torch.utils.data.Dataset):
@@ -691,7 +748,7 @@ def build_unets(args, device, weight_dtype):
         cast_training_params(unet, dtype=torch.float32)  # trainable weights stay fp32 under mixed precision
     else:
         unet = load_unet(args).to(device).requires_grad_(True)
-        if not args.sft:
+        if not args.sft or has_validation_pairs(args):  # SFT needs no reference, except to evaluate against it
             reference = load_unet(args, weight_dtype).to(device).eval().requires_grad_(False)
     if args.enable_xformers_memory_efficient_attention:
         for model in filter(None, (unet, reference)):
@@ -720,6 +777,13 @@ def lora_disabled(unet):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, beta):
+    """inside = -0.5 * beta * ((err_theta(w) - err_theta(l)) - (err_ref(w) - err_ref(l))), per pair."""
+    model_diff = model_err_w - model_err_l
+    ref_diff = ref_err_w - ref_err_l
+    return -0.5 * beta * (model_diff - ref_diff)
+
+
 def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, loss_type="sigmoid"):
     """Diffusion-DPO loss from four per-sample denoising errors (MSE averaged over latent dims).
 
@@ -727,9 +791,7 @@ def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, loss_type="si
     sigmoid (the paper): -logsigmoid(inside); hinge: relu(1 - inside); ipo: (inside / beta - 1 / (2 beta))^2.
     `inside` is the implicit reward margin of winner over loser; implicit accuracy is the fraction with inside > 0.
     """
-    model_diff = model_err_w - model_err_l
-    ref_diff = ref_err_w - ref_err_l
-    inside = -0.5 * beta * (model_diff - ref_diff)
+    inside = implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(inside)
     elif loss_type == "hinge":
@@ -747,6 +809,26 @@ def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, loss_type="si
         "ref_mse_l": ref_err_l.mean(),
     }
     return losses.mean(), {name: value.detach() for name, value in metrics.items()}
+
+
+@contextlib.contextmanager
+def reference_model(unet, reference):
+    """The model that gives reference predictions: the frozen copy, run under the autocast the trained UNet runs in
+    (so step 1 gives ln 2 under mixed precision too), or the LoRA UNet itself with its adapter off."""
+    if reference is not None:
+        with torch.autocast(reference.device.type, dtype=reference.dtype, enabled=reference.dtype != torch.float32):
+            yield reference
+    else:
+        base = unet.module if hasattr(unet, "module") else unet  # bypass DDP: no gradients flow here
+        with lora_disabled(base):
+            yield base
+
+
+def noisy_latents_and_target(latents, noise, timesteps, noise_scheduler):
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noisy_latents, noise_scheduler.get_velocity(latents, noise, timesteps)
+    return noisy_latents, noise
 
 
 def denoising_errors(unet, noisy_latents, timesteps, prompt_embeds, target):
@@ -778,30 +860,65 @@ def compute_loss(batch, unet, reference, noise_scheduler, args, generator):
     else:
         latents = torch.cat([winners, losers])
         noise, timesteps, prompt_embeds = noise.repeat(2, 1, 1, 1), timesteps.repeat(2), prompt_embeds.repeat(2, 1, 1)
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    noisy_latents, target = noisy_latents_and_target(latents, noise, timesteps, noise_scheduler)
 
     model_err = denoising_errors(unet, noisy_latents, timesteps, prompt_embeds, target)
     if args.sft:
         return model_err.mean(), {"model_mse_w": model_err.detach().mean()}
 
-    with torch.inference_mode():
-        if reference is None:
-            base = unet.module if hasattr(unet, "module") else unet  # bypass DDP: no gradients flow here
-            with lora_disabled(base):
-                ref_err = denoising_errors(base, noisy_latents, timesteps, prompt_embeds, target)
-        else:  # the frozen copy, in the weight dtype, under the same autocast as the policy (norms stay fp32)
-            dtype = reference.dtype
-            with torch.autocast(reference.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                ref_err = denoising_errors(reference, noisy_latents.to(dtype), timesteps, prompt_embeds.to(dtype),
-                                           target)
+    with torch.inference_mode(), reference_model(unet, reference) as model:
+        ref_err = denoising_errors(model, noisy_latents, timesteps, prompt_embeds, target)
     ref_err = ref_err.clone()  # an ordinary tensor again, usable next to the graph
     model_err_w, model_err_l = model_err.chunk(2)
     ref_err_w, ref_err_l = ref_err.chunk(2)
     return dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type)
+
+
+@torch.no_grad()
+def held_out_errors(model, pairs, indices, noise_scheduler, args, batch_size):
+    """Errors of `model` on the winners and losers of the given held-out pairs, each averaged over
+    --validation_timesteps (timestep, noise) draws fixed by (seed, pair, k): the same weights give the same numbers.
+    Returns a (2, pairs) tensor: winners' errors, losers' errors."""
+    errors = []
+    for start in range(0, len(indices), batch_size):
+        chunk = [int(i) for i in indices[start : start + batch_size]]
+        items = [pairs[(index, 0, False)] for index in chunk]
+        pair_latents = torch.stack([item["pair_latents"] for item in items]).to(model.device, torch.float32)
+        latents = torch.cat([pair_latents[:, 0], pair_latents[:, 1]])
+        prompt_embeds = torch.stack([item["prompt_embeds"] for item in items]).to(model.device, torch.float32)
+        total = torch.zeros(len(latents), device=model.device)
+        for k in range(args.validation_timesteps):
+            generators = [torch.Generator().manual_seed(step_seed(args.seed, index, k)) for index in chunk]
+            noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+            timesteps = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g)
+                                   for g in generators])
+            noise, timesteps = noise.to(model.device).repeat(2, 1, 1, 1), timesteps.to(model.device).repeat(2)
+            noisy_latents, target = noisy_latents_and_target(latents, noise, timesteps, noise_scheduler)
+            total += denoising_errors(model, noisy_latents, timesteps, prompt_embeds.repeat(2, 1, 1), target)
+        errors.append((total / args.validation_timesteps).view(2, -1))
+    return torch.cat(errors, dim=1)
+
+
+def evaluate_held_out(accelerator, unet, reference, pairs, noise_scheduler, args, reference_errors=None):
+    """DPO loss, implicit accuracy (exact ties count half: 0.5 while the model equals the reference), reward margin
+    and mean errors of the trained model and the reference on held-out pairs, split across processes.
+
+    The reference's errors never change, so they are returned and passed back in on the next call.
+    """
+    indices = pairs.valid_indices[accelerator.process_index :: accelerator.num_processes]
+    batch_size = 2 * args.train_batch_size  # no activations are kept for backward
+    model = accelerator.unwrap_model(unet)
+    model_errors = held_out_errors(model, pairs, indices, noise_scheduler, args, batch_size)
+    if reference_errors is None:
+        with reference_model(model, reference) as ref:
+            reference_errors = held_out_errors(ref, pairs, indices, noise_scheduler, args, batch_size)
+    # every process gets every pair's errors (a few floats per pair), in rank order
+    gathered = [torch.tensor(e) for e in gather_object([torch.cat([model_errors, reference_errors]).T.tolist()])]
+    model_err_w, model_err_l, ref_err_w, ref_err_l = torch.cat(gathered).T if gathered else [torch.empty(0)] * 4
+    loss, metrics = dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type)
+    inside = implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo)
+    metrics["implicit_acc"] = ((inside > 0).float() + 0.5 * (inside == 0).float()).mean()
+    return {f"eval/{name}": value.item() for name, value in {"loss": loss, **metrics}.items()}, reference_errors
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -977,7 +1094,7 @@ def push_to_hub(args, repo_id):
 
 
 def main(args):
-    """Trains and saves; returns {'global_step', 'history': [per-step logged metrics]}."""
+    """Trains and saves; returns {'global_step', 'history': [per-step metrics], 'evaluations': [held-out metrics]}."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -1004,9 +1121,11 @@ def main(args):
                               token=args.hub_token).repo_id
 
     # Data: pairs, then latents and text embeddings from the cache (computed once).
-    dataset, second_is_winner = load_preference_pairs(args)
-    cache_path = load_or_precompute(args, dataset, second_is_winner, accelerator, weight_dtype)
-    pairs = CachedPreferencePairs(cache_path)
+    train_dataset, validation_dataset = training_and_validation_pairs(args)
+    cache_paths = load_or_precompute(args, [d for d in (train_dataset, validation_dataset) if d is not None],
+                                     accelerator, weight_dtype)
+    pairs = CachedPreferencePairs(cache_paths[0])
+    validation_pairs = CachedPreferencePairs(cache_paths[1]) if validation_dataset is not None else None
     if len(pairs) == 0:
         raise InputError(f"no pair of dataset '{args.dataset_name}' has two decodable images")
     sampler = PairSampler(pairs, args.seed, args.proportion_empty_prompts)
@@ -1077,7 +1196,24 @@ def main(args):
 
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-    history = []
+    history, evaluations = [], []
+    reference_errors = None
+
+    def evaluate():  # held-out preference metrics, logged as eval/...
+        nonlocal reference_errors
+        if validation_pairs is None:
+            return
+        metrics, reference_errors = evaluate_held_out(accelerator, unet, reference, validation_pairs, noise_scheduler,
+                                                      args, reference_errors)
+        evaluations.append({"step": global_step, **metrics})
+        accelerator.log(metrics, step=global_step)
+        logger.info(f"Held-out pairs at step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        postfix["eval_acc"] = f"{metrics['eval/implicit_acc']:.3f}"
+        progress_bar.set_postfix(postfix)
+
+    postfix = {}  # the progress bar's: loss, implicit_acc, lr, and the last held-out accuracy
+    if global_step == 0:
+        evaluate()  # the starting point: implicit accuracy 0.5, loss ln 2
     unet.train()
     for epoch in range(first_epoch, num_epochs):
         if global_step >= args.max_train_steps:
@@ -1111,15 +1247,20 @@ def main(args):
             history.append({"step": global_step, **logs})
             accelerator.log(logs, step=global_step)
             progress_bar.update(1)
-            progress_bar.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "implicit_acc", "lr") if k in logs})
+            postfix.update({k: f"{logs[k]:.4g}" for k in ("loss", "implicit_acc", "lr") if k in logs})
+            progress_bar.set_postfix(postfix)
 
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args, global_step)
-            if args.run_validation and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                run_validation(args, accelerator, unet, reference, weight_dtype, global_step)
+            if global_step % args.validation_steps == 0:
+                evaluate()
+                if args.run_validation and accelerator.is_main_process:
+                    run_validation(args, accelerator, unet, reference, weight_dtype, global_step)
             if global_step >= args.max_train_steps:
                 break
 
+    if global_step % args.validation_steps != 0:
+        evaluate()
     # Save the result: LoRA weights in diffusers format, or a complete pipeline folder.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -1138,7 +1279,7 @@ def main(args):
             push_to_hub(args, repo_id)
         logger.info(f"Saved the trained {'LoRA' if args.train_mode == 'lora' else 'pipeline'} to {args.output_dir}")
     accelerator.end_training()
-    return {"global_step": global_step, "history": history}
+    return {"global_step": global_step, "history": history, "evaluations": evaluations}
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ from conftest import N_PAIRS, assert_same_tensors, dpo, lora_weights, run_traine
 
 def test_ties_are_dropped_and_label_0_swaps_the_pair(cli_args):
     args = dpo.parse_args(cli_args())
-    dataset, second_is_winner = dpo.load_preference_pairs(args)
+    dataset = dpo.load_preference_pairs(args, "train")
     assert len(dataset) == N_PAIRS + 1  # ties gone; the pair with a corrupt image is only found when decoding
-    np.testing.assert_array_equal(second_is_winner, np.asarray(dataset["label_0"]) == 0.0)
-    assert 0 < second_is_winner.sum() < len(dataset)  # both orientations occur
+    pixels = dpo.PairPixels(dataset, args)
+    np.testing.assert_array_equal(pixels.second_is_winner, np.asarray(dataset["label_0"]) == 0.0)
+    assert 0 < pixels.second_is_winner.sum() < len(dataset)  # both orientations occur
 
-    pixels = dpo.PairPixels(dataset, second_is_winner, args)
     decodable = [item for item in map(pixels.__getitem__, range(len(pixels))) if item["ok"]]
     assert len(decodable) == N_PAIRS
     for item in decodable:  # the dataset's preferred image is always the warm one: it must come first
@@ -27,8 +27,8 @@ def test_ties_are_dropped_and_label_0_swaps_the_pair(cli_args):
 
 
 def test_max_train_samples_takes_a_subset(cli_args):
-    dataset, _ = dpo.load_preference_pairs(dpo.parse_args(cli_args(max_train_samples=3)))
-    assert len(dataset) == 3
+    train, validation = dpo.training_and_validation_pairs(dpo.parse_args(cli_args(max_train_samples=3)))
+    assert len(train) == 3 and validation is None
 
 
 def test_cache_holds_one_embedding_per_unique_caption_and_skips_broken_pairs(cli_args, tmp_path):
@@ -36,7 +36,7 @@ def test_cache_holds_one_embedding_per_unique_caption_and_skips_broken_pairs(cli
     (cache,) = (tmp_path / "cache").iterdir()
     info = json.loads((cache / "cache_info.json").read_text())
     assert info["skipped_pairs"] == 1 and info["pairs"] == N_PAIRS + 1
-    captions = dpo.load_preference_pairs(dpo.parse_args(cli_args(output_dir=tmp_path / "new")))[0]["caption"]
+    captions = dpo.load_preference_pairs(dpo.parse_args(cli_args(output_dir=tmp_path / "new")), "train")["caption"]
     prompt_embeds = np.load(cache / "prompt_embeds.npy")
     assert prompt_embeds.shape[0] == len(set(captions)) + 1 == info["unique_captions"] + 1  # + the empty caption
     latents = np.load(cache / "pair_latents.npy", mmap_mode="r")
