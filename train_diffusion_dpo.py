@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import math
@@ -505,7 +506,7 @@ def decode_image(value):
     """Raw bytes, a datasets Image dict, or a PIL image -> RGB PIL image (raises on undecodable data)."""
     if isinstance(value, dict):
         value = value["bytes"] if value.get("bytes") is not None else Path(value["path"]).read_bytes()
-    image = value if isinstance(value, Image.Image) else Image.open(__import__("io").BytesIO(value))
+    image = value if isinstance(value, Image.Image) else Image.open(io.BytesIO(value))
     return image.convert("RGB")  # also forces the full decode, so truncated files fail here
 
 
@@ -831,9 +832,20 @@ def noisy_latents_and_target(latents, noise, timesteps, noise_scheduler):
     return noisy_latents, noise
 
 
-def denoising_errors(unet, noisy_latents, timesteps, prompt_embeds, target):
+def unet_conditioning(batch, device, stacked=True):
+    """The UNet's inputs besides latents and timesteps: the text embeddings, for the stacked (winners; losers) batch,
+    or for the winners alone."""
+    prompt_embeds = batch["prompt_embeds"].to(device, torch.float32, non_blocking=True)
+    return {"encoder_hidden_states": prompt_embeds.repeat(2, 1, 1) if stacked else prompt_embeds}
+
+
+def sample_timesteps(n, noise_scheduler, args, generator, device):
+    return torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
+
+
+def denoising_errors(unet, noisy_latents, timesteps, conditioning, target):
     """Per-sample MSE of the UNet's prediction, averaged over latent dims, in fp32."""
-    prediction = unet(noisy_latents, timesteps, prompt_embeds, return_dict=False)[0]
+    prediction = unet(noisy_latents, timesteps, **conditioning, return_dict=False)[0]
     return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
 
@@ -849,25 +861,22 @@ def compute_loss(batch, unet, reference, noise_scheduler, args, generator):
     """
     pair_latents = batch["pair_latents"].to(unet.device, torch.float32, non_blocking=True)
     winners, losers = pair_latents[:, 0], pair_latents[:, 1]
-    prompt_embeds = batch["prompt_embeds"].to(unet.device, torch.float32, non_blocking=True)
-    n_pairs = winners.shape[0]
+    conditioning = unet_conditioning(batch, unet.device, stacked=not args.sft)
     # One noise and one timestep per pair, shared by its two images: DPO compares their errors on the same corruption.
     noise = torch.randn(winners.shape, generator=generator, device=winners.device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n_pairs,), generator=generator,
-                              device=winners.device)
+    timesteps = sample_timesteps(len(winners), noise_scheduler, args, generator, winners.device)
     if args.sft:
-        latents, noise, timesteps = winners, noise, timesteps
+        latents = winners
     else:
-        latents = torch.cat([winners, losers])
-        noise, timesteps, prompt_embeds = noise.repeat(2, 1, 1, 1), timesteps.repeat(2), prompt_embeds.repeat(2, 1, 1)
+        latents, noise, timesteps = torch.cat([winners, losers]), noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
     noisy_latents, target = noisy_latents_and_target(latents, noise, timesteps, noise_scheduler)
 
-    model_err = denoising_errors(unet, noisy_latents, timesteps, prompt_embeds, target)
+    model_err = denoising_errors(unet, noisy_latents, timesteps, conditioning, target)
     if args.sft:
         return model_err.mean(), {"model_mse_w": model_err.detach().mean()}
 
     with torch.inference_mode(), reference_model(unet, reference) as model:
-        ref_err = denoising_errors(model, noisy_latents, timesteps, prompt_embeds, target)
+        ref_err = denoising_errors(model, noisy_latents, timesteps, conditioning, target)
     ref_err = ref_err.clone()  # an ordinary tensor again, usable next to the graph
     model_err_w, model_err_l = model_err.chunk(2)
     ref_err_w, ref_err_l = ref_err.chunk(2)
@@ -882,19 +891,18 @@ def held_out_errors(model, pairs, indices, noise_scheduler, args, batch_size):
     errors = []
     for start in range(0, len(indices), batch_size):
         chunk = [int(i) for i in indices[start : start + batch_size]]
-        items = [pairs[(index, 0, False)] for index in chunk]
-        pair_latents = torch.stack([item["pair_latents"] for item in items]).to(model.device, torch.float32)
+        batch = torch.utils.data.default_collate([pairs[(index, 0, False)] for index in chunk])
+        pair_latents = batch["pair_latents"].to(model.device, torch.float32)
         latents = torch.cat([pair_latents[:, 0], pair_latents[:, 1]])
-        prompt_embeds = torch.stack([item["prompt_embeds"] for item in items]).to(model.device, torch.float32)
+        conditioning = unet_conditioning(batch, model.device)
         total = torch.zeros(len(latents), device=model.device)
         for k in range(args.validation_timesteps):
             generators = [torch.Generator().manual_seed(step_seed(args.seed, index, k)) for index in chunk]
             noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
-            timesteps = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g)
-                                   for g in generators])
+            timesteps = torch.cat([sample_timesteps(1, noise_scheduler, args, g, "cpu") for g in generators])
             noise, timesteps = noise.to(model.device).repeat(2, 1, 1, 1), timesteps.to(model.device).repeat(2)
             noisy_latents, target = noisy_latents_and_target(latents, noise, timesteps, noise_scheduler)
-            total += denoising_errors(model, noisy_latents, timesteps, prompt_embeds.repeat(2, 1, 1), target)
+            total += denoising_errors(model, noisy_latents, timesteps, conditioning, target)
         errors.append((total / args.validation_timesteps).view(2, -1))
     return torch.cat(errors, dim=1)
 
