@@ -1,0 +1,1372 @@
+#!/usr/bin/env python
+# Copyright 2026 The Diffusion-DPO toolkit authors. Licensed under the Apache License, Version 2.0.
+"""Diffusion-DPO fine-tuning of Stable Diffusion XL models (Wallace et al., arXiv 2311.12908).
+
+The file reads top to bottom in the order the data flows through it:
+arguments -> preference pairs -> precomputed latents and text embeddings (cached on disk) -> UNet (LoRA or full)
+-> training loop with the DPO loss -> saved weights, model card, optional push to the Hub.
+
+    accelerate launch train_diffusion_dpo_sdxl.py --beta_dpo 5000
+
+SDXL specifics: two text encoders (penultimate hidden states concatenated, pooled embedding from the second),
+micro-conditioning time ids from each image's real original size and crop offset, the VAE in fp32 unless a
+numerically safe one is given (--pretrained_vae_model_name_or_path), and --is_turbo for SDXL-Turbo.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import datasets
+import diffusers
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.optimization import SchedulerType, get_scheduler
+from diffusers.training_utils import cast_training_params, free_memory
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft, make_image_grid
+from diffusers.utils.hub_utils import populate_model_card
+from diffusers.utils.import_utils import is_xformers_available
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image
+from tqdm.auto import tqdm
+
+logger = get_logger(__name__)
+
+DEFAULT_DATASET = "yuvalkirstain/pickapic_v2"
+DATASET_ALTERNATIVES = (
+    "the original yuvalkirstain/pickapic_v2 has been reported unavailable since 2025; community mirrors with the "
+    "same columns exist (e.g. liuhuohuo2/pick-a-pic-v2; kashif/pickascore is a small subset), or pass a local "
+    "folder or .parquet file in Pick-a-Pic format (yuvalkirstain/pickapic_v2_no_images holds metadata only and "
+    "cannot be trained on)"
+)
+DEFAULT_VALIDATION_PROMPTS = [
+    "a portrait photo of an old fisherman, detailed face, soft light",
+    "a cozy cabin in a snowy forest at dusk, warm light in the windows",
+    "an astronaut riding a horse on the moon, digital art",
+    "a bowl of ramen on a wooden table, studio photograph",
+]
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+CACHE_FORMAT_VERSION = 1
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+class InputError(ValueError):
+    """Bad input from the user: reported as one line, never as a traceback."""
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Reports a bad flag in one line (`--help` still shows the full usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(input_args=None):
+    parser = OneLineErrorParser(description="Diffusion-DPO fine-tuning of Stable Diffusion XL models.")
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default="stabilityai/stable-diffusion-xl-base-1.0",
+        help="Hub id or local folder of a diffusers Stable Diffusion XL pipeline (base or Turbo).",
+    )
+    model.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A VAE that is safe in half precision (e.g. madebyollin/sdxl-vae-fp16-fix) to encode in the weight "
+        "dtype; without it the SDXL VAE encodes in fp32 (it overflows in fp16).",
+    )
+    model.add_argument(
+        "--is_turbo",
+        action="store_true",
+        help="SDXL-Turbo: train on its 4-step timestep grid (249, 499, 749, 999); validation uses guidance 0.",
+    )
+    model.add_argument("--revision", type=str, default=None, help="Revision (branch, tag or commit) of the model.")
+    model.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. 'fp16'.")
+    model.add_argument(
+        "--prediction_type",
+        type=str,
+        default=None,
+        choices=["epsilon", "v_prediction"],
+        help="Override the scheduler's prediction type (default: the model's own, e.g. v_prediction for SD 2.x-768).",
+    )
+
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset_name",
+        type=str,
+        default=DEFAULT_DATASET,
+        help="Hub id, local folder or .parquet file of preference pairs in Pick-a-Pic format.",
+    )
+    data.add_argument("--dataset_config_name", type=str, default=None, help="Config name of the dataset, if any.")
+    data.add_argument("--dataset_split_name", type=str, default="train", help="Split to train on.")
+    data.add_argument("--cache_dir", type=str, default=None, help="Where Hub models and datasets are downloaded.")
+    data.add_argument("--image_0_column", type=str, default="jpg_0", help="Column with the first image's bytes.")
+    data.add_argument("--image_1_column", type=str, default="jpg_1", help="Column with the second image's bytes.")
+    data.add_argument(
+        "--label_column",
+        type=str,
+        default="label_0",
+        help="Column with the preference: 1 = first image preferred, 0 = second preferred, 0.5 = tie (dropped).",
+    )
+    data.add_argument("--caption_column", type=str, default="caption", help="Column with the prompt.")
+    data.add_argument(
+        "--max_train_samples",
+        type=int,
+        default=None,
+        help="Train on a random subset of this many pairs (after dropping ties); for quick runs.",
+    )
+    data.add_argument("--resolution", type=int, default=1024, help="Training resolution (square, divisible by 8).")
+    data.add_argument(
+        "--random_crop",
+        action="store_true",
+        help="Crop at a random position instead of the centre. The crop is drawn once per image, when latents are "
+        "precomputed (seeded by --seed), not at every epoch.",
+    )
+    data.add_argument(
+        "--no_hflip",
+        action="store_true",
+        help="Do not flip images horizontally. By default both orientations are encoded once and each epoch picks "
+        "one at random; --no_hflip halves precompute time and cache size.",
+    )
+    data.add_argument(
+        "--proportion_empty_prompts",
+        type=float,
+        default=0.0,
+        help="Fraction of pairs trained with an empty caption (classifier-free-guidance prompt dropout).",
+    )
+
+    cache = parser.add_argument_group("precomputed latents and text embeddings")
+    cache.add_argument(
+        "--precompute_cache_dir",
+        type=str,
+        default=None,
+        help="Where the precomputed latents / text embeddings are cached (default: <datasets cache>/diffusion_dpo). "
+        "A later run with the same model, data and image settings reuses them without loading the VAE or text "
+        "encoder.",
+    )
+    cache.add_argument(
+        "--vae_encode_batch_size", type=int, default=16, help="Images per VAE forward while precomputing latents."
+    )
+
+    held_out = parser.add_argument_group("held-out preference validation")
+    held_out.add_argument(
+        "--validation_split_name",
+        type=str,
+        default=None,
+        help="A split of --dataset_name with held-out pairs (e.g. Pick-a-Pic 'validation'), evaluated every "
+        "--validation_steps, before training and at the end.",
+    )
+    held_out.add_argument(
+        "--num_validation_pairs",
+        type=int,
+        default=0,
+        help="Without --validation_split_name: hold this many pairs out of the training split. With it: use at most "
+        "this many of its pairs (0 = all).",
+    )
+    held_out.add_argument(
+        "--validation_timesteps",
+        type=int,
+        default=10,
+        help="Fixed timesteps (each with its own fixed noise) per held-out pair; errors are averaged over them, as in "
+        "the paper's implicit-reward accuracy.",
+    )
+
+    dpo = parser.add_argument_group("DPO")
+    dpo.add_argument(
+        "--beta_dpo",
+        type=float,
+        default=5000.0,
+        help="KL-regularisation strength beta of Diffusion-DPO (paper: 5000 for SDXL, 2000 for SD1.5).",
+    )
+    dpo.add_argument(
+        "--loss_type",
+        type=str,
+        default="sigmoid",
+        choices=["sigmoid", "hinge", "ipo"],
+        help="sigmoid: the paper's DPO loss; hinge: SLiC-style relu(1 - inside); ipo: (inside/beta - 1/(2 beta))^2.",
+    )
+    dpo.add_argument(
+        "--sft",
+        action="store_true",
+        help="Supervised fine-tuning on the preferred images only (the paper's SFT baseline); no reference model.",
+    )
+    dpo.add_argument(
+        "--train_mode",
+        type=str,
+        default="lora",
+        choices=["lora", "full"],
+        help="lora: train a LoRA adapter (reference = the same UNet with the adapter off); full: train every UNet "
+        "weight against a frozen copy.",
+    )
+    dpo.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank).")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", type=str, default="diffusion-dpo-sdxl", help="Where weights and checkpoints go.")
+    train.add_argument("--seed", type=int, default=0, help="Seed for initialisation, data order, noise and crops.")
+    train.add_argument("--train_batch_size", type=int, default=4, help="Preference pairs per device per step.")
+    train.add_argument("--num_train_epochs", type=int, default=1)
+    train.add_argument(
+        "--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides --num_train_epochs."
+    )
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for UNet memory.")
+
+    optim = parser.add_argument_group("optimizer")
+    optim.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="Learning rate. Default: 1e-5 for LoRA; for full fine-tuning the paper's rule "
+        "1e-8 * (2000 / beta_dpo) * pairs per optimizer step (2.048e-5 at 2048 pairs and beta 2000).",
+    )
+    optim.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by pairs per optimizer step (batch x accumulation x processes).",
+    )
+    optim.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant_with_warmup",
+        choices=[s.value for s in SchedulerType if s.value != "piecewise_constant"],
+        help="Learning-rate schedule.",
+    )
+    optim.add_argument("--lr_warmup_steps", type=int, default=0)
+    optim.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    optim.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (less memory).")
+    optim.add_argument("--use_adafactor", action="store_true", help="Adafactor (the paper's optimizer for SDXL).")
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+
+    perf = parser.add_argument_group("performance")
+    perf.add_argument("--dataloader_num_workers", type=int, default=0, help="Worker processes for data loading.")
+    perf.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Overrides accelerate's config. Trainable weights and the loss stay in fp32.",
+    )
+    perf.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    perf.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+
+    ckpt = parser.add_argument_group("checkpointing")
+    ckpt.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
+    ckpt.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    ckpt.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="'latest' or a checkpoint folder (path, or name inside --output_dir) to continue from.",
+    )
+
+    log = parser.add_argument_group("logging and validation")
+    log.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, comet_ml, all or none.")
+    log.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
+    log.add_argument("--tracker_name", type=str, default="diffusion-dpo", help="Project name for the trackers.")
+    log.add_argument("--run_validation", action="store_true", help="Render --validation_prompts during training.")
+    log.add_argument("--validation_steps", type=int, default=200, help="Render validation images every N steps.")
+    log.add_argument("--validation_prompts", type=str, nargs="+", default=DEFAULT_VALIDATION_PROMPTS)
+    log.add_argument("--num_validation_inference_steps", type=int, default=25)
+    log.add_argument("--validation_guidance_scale", type=float, default=5.0, help="Ignored with --is_turbo (0).")
+
+    hub = parser.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true", help="Upload the result (not the checkpoints).")
+    hub.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: output_dir's name).")
+    hub.add_argument("--hub_token", type=str, default=None, help="Token for the Hub (prefer `hf auth login`).")
+
+    args = parser.parse_args(input_args)
+    try:
+        validate_args(args)
+    except InputError as error:
+        parser.error(str(error))
+    return args
+
+
+def validate_args(args):
+    """Rejects bad flag combinations before anything heavy is loaded."""
+    if args.resolution < 8 or args.resolution % 8 != 0:
+        raise InputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise InputError(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        raise InputError("--proportion_empty_prompts must lie in [0, 1]")
+    for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank", "checkpointing_steps",
+                 "validation_steps", "vae_encode_batch_size", "num_validation_inference_steps", "lr_num_cycles",
+                 "validation_timesteps"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be at least 1")
+    for name in ("dataloader_num_workers", "lr_warmup_steps", "num_validation_pairs"):
+        if getattr(args, name) < 0:
+            raise InputError(f"--{name} must not be negative")
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        raise InputError("--max_train_samples must be at least 1")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise InputError("--checkpoints_total_limit must be at least 1")
+    if args.beta_dpo <= 0:
+        raise InputError("--beta_dpo must be positive")
+    if "wandb" in args.report_to.split(",") and args.hub_token is not None:
+        raise InputError(
+            "--report_to wandb with --hub_token would log your token to wandb; log in with `hf auth login` instead"
+        )
+    for tracker, package in (("wandb", "wandb"), ("tensorboard", "tensorboard"), ("comet_ml", "comet_ml")):
+        if tracker in args.report_to.split(",") and importlib.util.find_spec(package) is None:
+            raise InputError(f"--report_to {tracker} needs `pip install {package}`")
+    if args.use_8bit_adam and args.use_adafactor:
+        raise InputError("choose one of --use_8bit_adam and --use_adafactor")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError("--use_8bit_adam needs `pip install bitsandbytes`")
+    if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
+        raise InputError(
+            "--enable_xformers_memory_efficient_attention needs xformers (CUDA only: `pip install xformers`); "
+            "without the flag PyTorch's SDPA attention is used, which is as fast on recent PyTorch"
+        )
+    if args.resume_from_checkpoint not in (None, "latest"):
+        checkpoint = resolve_checkpoint(args)
+        if checkpoint is None:
+            raise InputError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
+        if not CHECKPOINT_PATTERN.match(Path(checkpoint).name):
+            raise InputError(f"--resume_from_checkpoint {checkpoint}: expected a folder named checkpoint-<step>")
+    if args.resume_from_checkpoint == "latest" and resolve_checkpoint(args) is None and holds_earlier_run(
+            args.output_dir):
+        raise InputError(f"--output_dir {args.output_dir} holds a finished model but no checkpoint to resume from; "
+                         "choose a new --output_dir")
+    if args.resume_from_checkpoint is None and holds_earlier_run(args.output_dir):
+        raise InputError(
+            f"--output_dir {args.output_dir} already holds a trained model or checkpoints; pass "
+            "--resume_from_checkpoint latest to continue that run, or choose a new --output_dir"
+        )
+
+
+def has_validation_pairs(args):
+    return args.validation_split_name is not None or args.num_validation_pairs > 0
+
+
+def complete_checkpoints(output_dir):
+    """Checkpoint folders that were written to the end, oldest first (partial writes carry another name)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def resolve_checkpoint(args):
+    """The checkpoint folder to resume from, or None when there is none."""
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = complete_checkpoints(args.output_dir)
+        return checkpoints[-1] if checkpoints else None
+    for candidate in (args.resume_from_checkpoint, os.path.join(args.output_dir, args.resume_from_checkpoint)):
+        if os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+def holds_earlier_run(output_dir):
+    saved = [LORA_WEIGHT_NAME, "model_index.json", "unet"]
+    return bool(complete_checkpoints(output_dir)) or any(os.path.exists(os.path.join(output_dir, s)) for s in saved)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Preference pairs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_preference_pairs(args, split):
+    """Loads one split with the needed columns and drops ties and invalid labels (images stay undecoded)."""
+    name = args.dataset_name
+    try:
+        if os.path.isfile(name):
+            if split != args.dataset_split_name:
+                raise InputError(f"'{name}' is a single file, so it has no split '{split}'; hold pairs out of it with "
+                                 "--num_validation_pairs instead")
+            dataset = datasets.load_dataset("parquet", data_files=name, split="train", cache_dir=args.cache_dir)
+        else:
+            dataset = datasets.load_dataset(name, args.dataset_config_name, split=split, cache_dir=args.cache_dir)
+    except InputError:
+        raise
+    except Exception as error:  # the datasets library raises many types; all mean "cannot load this"
+        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+        raise InputError(f"cannot load dataset '{name}' split '{split}': {reason}. Note: {DATASET_ALTERNATIVES}") \
+            from None
+
+    columns = [args.image_0_column, args.image_1_column, args.label_column, args.caption_column]
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise InputError(
+            f"dataset '{name}' lacks column(s) {missing} (it has {dataset.column_names}); name yours with "
+            "--image_0_column/--image_1_column/--label_column/--caption_column"
+        )
+    dataset = dataset.select_columns(columns)
+    # Read images as raw bytes even when the column is an Image feature, so a broken file is a counted skip.
+    for column in columns[:2]:
+        if isinstance(dataset.features[column], datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+
+    labels = np.asarray(dataset.with_format("numpy")[args.label_column], dtype=np.float64)
+    is_tie = labels == 0.5
+    is_decided = (labels == 0.0) | (labels == 1.0)
+    n_invalid = int((~is_tie & ~is_decided).sum())
+    logger.info(f"Split '{split}': dropped {int(is_tie.sum())} tied pairs and {n_invalid} pairs with labels outside "
+                "{0, 0.5, 1}.")
+    dataset = dataset.select(np.flatnonzero(is_decided))
+    if len(dataset) == 0:
+        raise InputError(
+            f"dataset '{name}' split '{split}' has no preference pairs left after dropping "
+            f"{int(is_tie.sum())} ties and {n_invalid} invalid labels"
+        )
+    return dataset
+
+
+def training_and_validation_pairs(args):
+    """The training pairs and the held-out validation pairs (None without --validation_split_name or
+    --num_validation_pairs). Held-out pairs come from their own split, or are set aside from the training split."""
+    train = load_preference_pairs(args, args.dataset_split_name)
+    validation = None
+    if args.validation_split_name is not None:
+        validation = load_preference_pairs(args, args.validation_split_name)
+        if args.num_validation_pairs:
+            validation = validation.shuffle(seed=args.seed).select(range(min(args.num_validation_pairs,
+                                                                             len(validation))))
+    elif args.num_validation_pairs:
+        if args.num_validation_pairs >= len(train):
+            raise InputError(f"--num_validation_pairs {args.num_validation_pairs} leaves no training pairs "
+                             f"(the split has {len(train)})")
+        shuffled = train.shuffle(seed=args.seed)
+        validation = shuffled.select(range(args.num_validation_pairs))
+        train = shuffled.select(range(args.num_validation_pairs, len(shuffled)))
+    if args.max_train_samples is not None:
+        train = train.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train))))
+    logger.info(f"Training on {len(train)} preference pairs"
+                + (f", validating on {len(validation)} held-out pairs." if validation is not None else "."))
+    return train, validation
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Precompute latents and text embeddings once, cached on disk
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def model_identity(args):
+    """What identifies the VAE and text encoders' weights, without loading them."""
+    identity = folder_identity(args.pretrained_model_name_or_path, args,
+                               ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+    if args.pretrained_vae_model_name_or_path is not None:
+        identity["vae"] = folder_identity(args.pretrained_vae_model_name_or_path, args, ("",))
+    return identity
+
+
+def folder_identity(path, args, subfolders):
+    if os.path.isdir(path):
+        files = []
+        for sub in subfolders:
+            for file in sorted(Path(path, sub).glob("*")):
+                stat = file.stat()
+                files.append([f"{sub}/{file.name}", stat.st_size, stat.st_mtime_ns])
+        return {"path": os.path.abspath(path), "files": files}
+    identity = {"hub_id": path, "revision": args.revision, "variant": args.variant}
+    try:  # resolve the revision to a commit, so an updated repo invalidates the cache
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(path, revision=args.revision, allow_patterns=["model_index.json"],
+                                     cache_dir=args.cache_dir)
+        identity["commit"] = Path(snapshot).name
+    except Exception as error:
+        logger.warning(f"Could not resolve {path} to a commit ({type(error).__name__}); caching by id and revision.")
+    return identity
+
+
+def precompute_cache_path(args, dataset, encode_dtype):
+    fields = {
+        "format": CACHE_FORMAT_VERSION,
+        "model": model_identity(args),
+        "encode_dtype": [str(encode_dtype), str(vae_dtype(args, encode_dtype))],  # text encoders, VAE
+        "resolution": args.resolution,
+        "crop": f"random(seed={args.seed})" if args.random_crop else "center",
+        "hflip": not args.no_hflip,
+        "dataset": dataset._fingerprint,  # changes with the data, the split, the subset and the order
+        "columns": [args.image_0_column, args.image_1_column, args.label_column, args.caption_column],
+    }
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+    root = args.precompute_cache_dir or os.path.join(args.cache_dir or datasets.config.HF_DATASETS_CACHE,
+                                                     "diffusion_dpo")
+    return Path(root, key), fields
+
+
+def decode_image(value):
+    """Raw bytes, a datasets Image dict, or a PIL image -> RGB PIL image (raises on undecodable data)."""
+    if isinstance(value, dict):
+        value = value["bytes"] if value.get("bytes") is not None else Path(value["path"]).read_bytes()
+    image = value if isinstance(value, Image.Image) else Image.open(io.BytesIO(value))
+    return image.convert("RGB")  # also forces the full decode, so truncated files fail here
+
+
+def resize_and_crop(image, resolution, crop_rng):
+    """Resizes the short side to `resolution` and crops a square (centred, or where crop_rng says).
+
+    Returns the crop and its (top, left) offset in the resized image, which SDXL is conditioned on."""
+    scale = resolution / min(image.size)
+    width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+    image = image.resize((width, height), Image.BILINEAR)
+    if crop_rng is None:
+        left, top = (width - resolution) // 2, (height - resolution) // 2
+    else:
+        left, top = int(crop_rng.integers(0, width - resolution + 1)), int(crop_rng.integers(0, height - resolution + 1))
+    return image.crop((left, top, left + resolution, top + resolution)), (top, left, width)
+
+
+class PairPixels(torch.utils.data.Dataset):
+    """Decodes and crops both images of a pair (in DataLoader workers), winner first, plus their flipped copies,
+    with each image's SDXL time ids: (original height, original width, crop top, crop left, target h, target w)."""
+
+    def __init__(self, dataset, args):
+        self.dataset = dataset
+        self.second_is_winner = np.asarray(dataset.with_format("numpy")[args.label_column]) == 0.0  # label 0 swaps
+        self.columns = (args.image_0_column, args.image_1_column)
+        self.resolution = args.resolution
+        self.random_crop = args.random_crop
+        self.hflip = not args.no_hflip
+        self.seed = args.seed
+        self.image_processor = VaeImageProcessor(do_resize=False)
+        self.num_orientations = 2 if self.hflip else 1
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        shape = (self.num_orientations, 2, 3, self.resolution, self.resolution)
+        try:
+            row = self.dataset[index]
+            images = [decode_image(row[column]) for column in self.columns]
+        except Exception as error:  # PIL raises OSError, ValueError, SyntaxError... for broken files
+            logger.warning(f"Skipping pair {index}: undecodable image ({type(error).__name__}: {error})",
+                           main_process_only=False)
+            return {"index": index, "ok": False, "pixels": torch.zeros(shape),
+                    "time_ids": torch.zeros(self.num_orientations, 2, 6)}
+        if self.second_is_winner[index]:
+            images.reverse()
+        crop_rng = np.random.default_rng([self.seed, index]) if self.random_crop else None
+        crops, time_ids, flipped_time_ids = [], [], []
+        for image in images:
+            crop, (top, left, resized_width) = resize_and_crop(image, self.resolution, crop_rng)
+            crops.append(crop)
+            size = [image.height, image.width]
+            time_ids.append(size + [top, left, self.resolution, self.resolution])
+            # the mirrored image was cropped at the mirrored offset
+            flipped_time_ids.append(size + [top, resized_width - left - self.resolution, self.resolution,
+                                            self.resolution])
+        pixels = self.image_processor.preprocess(crops)
+        orientations = [(pixels, time_ids), (pixels.flip(-1), flipped_time_ids)][: self.num_orientations]
+        return {"index": index, "ok": True, "pixels": torch.stack([p for p, _ in orientations]),
+                "time_ids": torch.tensor([t for _, t in orientations], dtype=torch.float32)}
+
+
+def load_text_encoders_and_tokenizers(args, device, dtype):
+    """SDXL's two CLIP text encoders (the second with a projection) and their tokenizers."""
+    encoders, tokenizers = [], []
+    for suffix in ("", "_2"):
+        config = transformers.AutoConfig.from_pretrained(args.pretrained_model_name_or_path,
+                                                         subfolder=f"text_encoder{suffix}", revision=args.revision,
+                                                         cache_dir=args.cache_dir)
+        encoder = getattr(transformers, config.architectures[0]).from_pretrained(
+            args.pretrained_model_name_or_path, subfolder=f"text_encoder{suffix}", revision=args.revision,
+            variant=args.variant, cache_dir=args.cache_dir, torch_dtype=dtype,
+        )
+        encoders.append(encoder.to(device).eval().requires_grad_(False))
+        tokenizers.append(transformers.AutoTokenizer.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder=f"tokenizer{suffix}", revision=args.revision,
+            cache_dir=args.cache_dir))
+    return encoders, tokenizers
+
+
+@torch.inference_mode()
+def encode_captions(captions, text_encoders, tokenizers, batch_size=64):
+    """Prompt embeddings as the SDXL pipeline computes them: both encoders' penultimate hidden states concatenated,
+    and the second encoder's projected pooled output."""
+    prompt_embeds, pooled_prompt_embeds = [], []
+    for start in range(0, len(captions), batch_size):
+        hidden_states = []
+        for text_encoder, tokenizer in zip(text_encoders, tokenizers):
+            tokens = tokenizer(captions[start : start + batch_size], padding="max_length", truncation=True,
+                               max_length=tokenizer.model_max_length, return_tensors="pt")
+            output = text_encoder(tokens.input_ids.to(text_encoder.device), output_hidden_states=True)
+            hidden_states.append(output.hidden_states[-2])
+        prompt_embeds.append(torch.cat(hidden_states, dim=-1).cpu())
+        pooled_prompt_embeds.append(output.text_embeds.cpu())  # the last encoder is the one with the projection
+    return torch.cat(prompt_embeds), torch.cat(pooled_prompt_embeds)
+
+
+def load_vae(args, dtype):
+    if args.pretrained_vae_model_name_or_path is not None:
+        return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=args.revision,
+                                             cache_dir=args.cache_dir, torch_dtype=dtype)
+    return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision,
+                                         variant=args.variant, cache_dir=args.cache_dir, torch_dtype=dtype)
+
+
+def vae_dtype(args, weight_dtype):
+    """The SDXL VAE overflows in fp16, so it encodes in fp32 unless a half-precision-safe VAE is given."""
+    return weight_dtype if args.pretrained_vae_model_name_or_path is not None else torch.float32
+
+
+def precompute(args, jobs, accelerator, encode_dtype):
+    """Encodes every image once with the VAE and every unique caption once with the text encoder.
+
+    `jobs` is a list of (dataset, cache_path, cache_fields); each encoder is loaded once for all of them. Each cache
+    is written under a temporary name that is renamed when complete (an interrupted run never leaves a cache that
+    looks valid):
+      pair_latents.npy   (pairs, orientations, 2 = winner/loser, C, h, w) float16, scaled by the VAE's factor
+      valid.npy          (pairs,) bool: False where an image could not be decoded (the pair is skipped)
+      time_ids.npy       (pairs, orientations, 2, 6) float32: SDXL micro-conditioning of every image
+      caption_index.npy  (pairs,) int32 row of prompt_embeds; row 0 is the empty caption (prompt dropout)
+      prompt_embeds.npy  (unique captions + 1, tokens, dim) float16, both encoders' hidden states concatenated
+      pooled_prompt_embeds.npy  (unique captions + 1, dim) float16
+    """
+    device = accelerator.device
+    tmp_paths = [path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}") for _, path, _ in jobs]
+
+    # Text: one embedding per unique caption (Pick-a-Pic: ~59k unique captions for ~851k pairs).
+    text_encoders, tokenizers = load_text_encoders_and_tokenizers(args, device, encode_dtype)
+    unique_counts = []
+    for (dataset, _, _), tmp_path in zip(jobs, tmp_paths):
+        tmp_path.mkdir(parents=True)
+        captions = ["" if c is None else str(c) for c in dataset.with_format(None)[args.caption_column]]
+        unique_captions = [""] + sorted(set(captions) - {""})
+        row_of = {caption: row for row, caption in enumerate(unique_captions)}
+        np.save(tmp_path / "caption_index.npy", np.array([row_of[c] for c in captions], dtype=np.int32))
+        prompt_embeds, pooled_prompt_embeds = encode_captions(unique_captions, text_encoders, tokenizers)
+        np.save(tmp_path / "prompt_embeds.npy", prompt_embeds.to(torch.float16).numpy())
+        np.save(tmp_path / "pooled_prompt_embeds.npy", pooled_prompt_embeds.to(torch.float16).numpy())
+        unique_counts.append(len(unique_captions) - 1)
+        logger.info(f"Encoded {len(unique_captions) - 1} unique captions for {len(captions)} pairs "
+                    f"({captions.count('')} empty).")
+    del text_encoders
+    free_memory()
+
+    # Images: both images of every pair, in both orientations when flipping, batched through the VAE.
+    encode_dtype = vae_dtype(args, encode_dtype)
+    vae = load_vae(args, encode_dtype).to(device).eval().requires_grad_(False)
+    latent_size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+    for (dataset, cache_path, cache_fields), tmp_path, n_unique in zip(jobs, tmp_paths, unique_counts):
+        pixels = PairPixels(dataset, args)
+        pair_latents = np.lib.format.open_memmap(
+            tmp_path / "pair_latents.npy", mode="w+", dtype=np.float16,
+            shape=(len(pixels), pixels.num_orientations, 2, vae.config.latent_channels, latent_size, latent_size),
+        )
+        time_ids = np.zeros((len(pixels), pixels.num_orientations, 2, 6), dtype=np.float32)
+        valid = np.zeros(len(pixels), dtype=bool)
+        pairs_per_batch = max(1, args.vae_encode_batch_size // (2 * pixels.num_orientations))
+        loader = torch.utils.data.DataLoader(pixels, batch_size=pairs_per_batch,
+                                             num_workers=args.dataloader_num_workers)
+        for batch in tqdm(loader, desc="Encoding images", disable=not accelerator.is_local_main_process):
+            ok = batch["ok"]
+            if not ok.any():
+                continue
+            images = batch["pixels"][ok]
+            with torch.inference_mode():
+                latents = vae.encode(images.flatten(0, 2).to(device, encode_dtype)).latent_dist.mean
+            latents = (latents.float() * vae.config.scaling_factor).view(*images.shape[:3], *latents.shape[1:])
+            indices = batch["index"][ok].numpy()
+            pair_latents[indices] = latents.cpu().to(torch.float16).numpy()
+            time_ids[indices] = batch["time_ids"][ok].numpy()
+            valid[indices] = True
+        pair_latents.flush()
+        del pair_latents
+        np.save(tmp_path / "valid.npy", valid)
+        np.save(tmp_path / "time_ids.npy", time_ids)
+        n_skipped = int((~valid).sum())
+        (tmp_path / "cache_info.json").write_text(json.dumps(
+            {**cache_fields, "pairs": len(valid), "skipped_pairs": n_skipped, "unique_captions": n_unique}, indent=2))
+        if n_skipped:
+            logger.warning(f"Skipped {n_skipped} of {len(valid)} pairs with an undecodable image.")
+        if cache_path.exists():  # another run finished the same cache first; keep theirs
+            shutil.rmtree(tmp_path)
+        else:
+            os.replace(tmp_path, cache_path)
+    del vae
+    free_memory()
+
+
+def load_or_precompute(args, pair_datasets, accelerator, encode_dtype):
+    """Returns one cache folder per dataset, computing missing ones on the main process first."""
+    jobs = [(dataset, *precompute_cache_path(args, dataset, encode_dtype)) for dataset in pair_datasets]
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            missing = [job for job in jobs if not job[1].exists()]
+            for _, path, _ in jobs:
+                logger.info(f"{'Precomputing' if not path.exists() else 'Reusing'} latents and text embeddings "
+                            f"in {path}")
+            if missing:
+                precompute(args, missing, accelerator, encode_dtype)
+    return [path for _, path, _ in jobs]
+
+
+class CachedPreferencePairs(torch.utils.data.Dataset):
+    """Reads precomputed pairs from the memory-mapped cache; keys are (pair index, orientation, drop caption)."""
+
+    def __init__(self, cache_path):
+        self.cache_path = Path(cache_path)
+        self.valid_indices = np.flatnonzero(np.load(self.cache_path / "valid.npy"))
+        self.num_orientations = np.load(self.cache_path / "pair_latents.npy", mmap_mode="r").shape[1]
+        self._arrays = None  # opened lazily, once per DataLoader worker
+
+    def __len__(self):
+        return len(self.valid_indices)
+
+    def __getitem__(self, key):
+        if self._arrays is None:
+            self._arrays = {name: np.load(self.cache_path / f"{name}.npy", mmap_mode="r")
+                            for name in ("pair_latents", "caption_index", "prompt_embeds", "pooled_prompt_embeds",
+                                         "time_ids")}
+        index, orientation, drop_caption = key
+        caption_row = 0 if drop_caption else int(self._arrays["caption_index"][index])
+        return {
+            "pair_latents": torch.from_numpy(np.array(self._arrays["pair_latents"][index, orientation])),
+            "prompt_embeds": torch.from_numpy(np.array(self._arrays["prompt_embeds"][caption_row])),
+            "pooled_prompt_embeds": torch.from_numpy(np.array(self._arrays["pooled_prompt_embeds"][caption_row])),
+            "time_ids": torch.from_numpy(np.array(self._arrays["time_ids"][index, orientation])),  # (2, 6)
+        }
+
+
+class PairSampler(torch.utils.data.Sampler):
+    """Shuffles the pairs every epoch and draws each pair's flip and caption dropout from (seed, epoch) alone.
+
+    Keeping every data-side random choice here (not in workers or global RNG state) makes the data order of a
+    resumed run identical to an uninterrupted one.
+    """
+
+    def __init__(self, pairs, seed, proportion_empty_prompts):
+        self.pairs = pairs
+        self.seed = seed
+        self.proportion_empty_prompts = proportion_empty_prompts
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.pairs))
+        orientations = rng.integers(0, self.pairs.num_orientations, len(order))
+        drop_caption = rng.random(len(order)) < self.proportion_empty_prompts
+        for position, pair in enumerate(order):
+            yield int(self.pairs.valid_indices[pair]), int(orientations[position]), bool(drop_caption[position])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. The UNet: LoRA (reference = adapter off) or full fine-tuning (reference = frozen copy)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_unet(args, dtype=None):
+    return UNet2DConditionModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant,
+        cache_dir=args.cache_dir, torch_dtype=dtype,
+    )
+
+
+def build_unets(args, device, weight_dtype):
+    """Returns (trained UNet, reference UNet or None). With LoRA the reference is the trained UNet itself."""
+    reference = None
+    if args.train_mode == "lora":
+        unet = load_unet(args, weight_dtype).to(device)
+        unet.requires_grad_(False)  # freeze the base before adding the adapter: only LoRA weights train
+        unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGET_MODULES))
+        cast_training_params(unet, dtype=torch.float32)  # trainable weights stay fp32 under mixed precision
+    else:
+        unet = load_unet(args).to(device).requires_grad_(True)
+        if not args.sft or has_validation_pairs(args):  # SFT needs no reference, except to evaluate against it
+            reference = load_unet(args, weight_dtype).to(device).eval().requires_grad_(False)
+    if args.enable_xformers_memory_efficient_attention:
+        for model in filter(None, (unet, reference)):
+            model.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet, reference
+
+
+@contextlib.contextmanager
+def lora_disabled(unet):
+    """The LoRA reference model: the same UNet with its adapter off.
+
+    PEFT's disable also clears requires_grad on the LoRA weights and enable sets it again, so the adapter is
+    re-enabled even if the forward raises; otherwise training would silently stop updating anything.
+    """
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. The loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, beta):
+    """inside = -0.5 * beta * ((err_theta(w) - err_theta(l)) - (err_ref(w) - err_ref(l))), per pair."""
+    model_diff = model_err_w - model_err_l
+    ref_diff = ref_err_w - ref_err_l
+    return -0.5 * beta * (model_diff - ref_diff)
+
+
+def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, loss_type="sigmoid"):
+    """Diffusion-DPO loss from four per-sample denoising errors (MSE averaged over latent dims).
+
+    inside = -0.5 * beta * ((err_theta(w) - err_theta(l)) - (err_ref(w) - err_ref(l)));
+    sigmoid (the paper): -logsigmoid(inside); hinge: relu(1 - inside); ipo: (inside / beta - 1 / (2 beta))^2.
+    `inside` is the implicit reward margin of winner over loser; implicit accuracy is the fraction with inside > 0.
+    """
+    inside = implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(inside)
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - inside)
+    elif loss_type == "ipo":
+        losses = (inside / beta - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    metrics = {
+        "implicit_acc": (inside > 0).float().mean(),
+        "reward_margin": inside.mean(),
+        "model_mse_w": model_err_w.mean(),
+        "model_mse_l": model_err_l.mean(),
+        "ref_mse_w": ref_err_w.mean(),
+        "ref_mse_l": ref_err_l.mean(),
+    }
+    return losses.mean(), {name: value.detach() for name, value in metrics.items()}
+
+
+@contextlib.contextmanager
+def reference_model(unet, reference):
+    """The model that gives reference predictions: the frozen copy, run under the autocast the trained UNet runs in
+    (so step 1 gives ln 2 under mixed precision too), or the LoRA UNet itself with its adapter off."""
+    if reference is not None:
+        with torch.autocast(reference.device.type, dtype=reference.dtype, enabled=reference.dtype != torch.float32):
+            yield reference
+    else:
+        base = unet.module if hasattr(unet, "module") else unet  # bypass DDP: no gradients flow here
+        with lora_disabled(base):
+            yield base
+
+
+def noisy_latents_and_target(latents, noise, timesteps, noise_scheduler):
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noisy_latents, noise_scheduler.get_velocity(latents, noise, timesteps)
+    return noisy_latents, noise
+
+
+def unet_conditioning(batch, device, stacked=True):
+    """The UNet's inputs besides latents and timesteps: text embeddings and each image's micro-conditioning, for the
+    stacked (winners; losers) batch, or for the winners alone."""
+    prompt_embeds = batch["prompt_embeds"].to(device, torch.float32, non_blocking=True)
+    pooled_prompt_embeds = batch["pooled_prompt_embeds"].to(device, torch.float32, non_blocking=True)
+    time_ids = batch["time_ids"].to(device, torch.float32, non_blocking=True)  # (pairs, winner/loser, 6)
+    if stacked:
+        prompt_embeds, pooled_prompt_embeds = prompt_embeds.repeat(2, 1, 1), pooled_prompt_embeds.repeat(2, 1)
+        time_ids = torch.cat([time_ids[:, 0], time_ids[:, 1]])
+    else:
+        time_ids = time_ids[:, 0]
+    return {"encoder_hidden_states": prompt_embeds,
+            "added_cond_kwargs": {"text_embeds": pooled_prompt_embeds, "time_ids": time_ids}}
+
+
+def sample_timesteps(n, noise_scheduler, args, generator, device):
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
+    if args.is_turbo:  # SDXL-Turbo samples on a 4-step grid: 249, 499, 749, 999
+        timesteps = 250 * (timesteps % 4) + 249
+    return timesteps
+
+
+def denoising_errors(unet, noisy_latents, timesteps, conditioning, target):
+    """Per-sample MSE of the UNet's prediction, averaged over latent dims, in fp32."""
+    prediction = unet(noisy_latents, timesteps, **conditioning, return_dict=False)[0]
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+def step_seed(*parts):
+    """A 63-bit seed mixed from the run seed, rank and position, so noise needs no RNG state to resume."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def compute_loss(batch, unet, reference, noise_scheduler, args, generator):
+    """One forward of the trained UNet on the stacked (winners; losers) batch, one of the reference, the loss.
+
+    `reference` is None for LoRA (the adapter is switched off instead) and unused with --sft.
+    """
+    pair_latents = batch["pair_latents"].to(unet.device, torch.float32, non_blocking=True)
+    winners, losers = pair_latents[:, 0], pair_latents[:, 1]
+    conditioning = unet_conditioning(batch, unet.device, stacked=not args.sft)
+    # One noise and one timestep per pair, shared by its two images: DPO compares their errors on the same corruption.
+    noise = torch.randn(winners.shape, generator=generator, device=winners.device)
+    timesteps = sample_timesteps(len(winners), noise_scheduler, args, generator, winners.device)
+    if args.sft:
+        latents = winners
+    else:
+        latents, noise, timesteps = torch.cat([winners, losers]), noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
+    noisy_latents, target = noisy_latents_and_target(latents, noise, timesteps, noise_scheduler)
+
+    model_err = denoising_errors(unet, noisy_latents, timesteps, conditioning, target)
+    if args.sft:
+        return model_err.mean(), {"model_mse_w": model_err.detach().mean()}
+
+    with torch.inference_mode(), reference_model(unet, reference) as model:
+        ref_err = denoising_errors(model, noisy_latents, timesteps, conditioning, target)
+    ref_err = ref_err.clone()  # an ordinary tensor again, usable next to the graph
+    model_err_w, model_err_l = model_err.chunk(2)
+    ref_err_w, ref_err_l = ref_err.chunk(2)
+    return dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type)
+
+
+@torch.no_grad()
+def held_out_errors(model, pairs, indices, noise_scheduler, args, batch_size):
+    """Errors of `model` on the winners and losers of the given held-out pairs, each averaged over
+    --validation_timesteps (timestep, noise) draws fixed by (seed, pair, k): the same weights give the same numbers.
+    Returns a (2, pairs) tensor: winners' errors, losers' errors."""
+    errors = []
+    for start in range(0, len(indices), batch_size):
+        chunk = [int(i) for i in indices[start : start + batch_size]]
+        batch = torch.utils.data.default_collate([pairs[(index, 0, False)] for index in chunk])
+        pair_latents = batch["pair_latents"].to(model.device, torch.float32)
+        latents = torch.cat([pair_latents[:, 0], pair_latents[:, 1]])
+        conditioning = unet_conditioning(batch, model.device)
+        total = torch.zeros(len(latents), device=model.device)
+        for k in range(args.validation_timesteps):
+            generators = [torch.Generator().manual_seed(step_seed(args.seed, index, k)) for index in chunk]
+            noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+            timesteps = torch.cat([sample_timesteps(1, noise_scheduler, args, g, "cpu") for g in generators])
+            noise, timesteps = noise.to(model.device).repeat(2, 1, 1, 1), timesteps.to(model.device).repeat(2)
+            noisy_latents, target = noisy_latents_and_target(latents, noise, timesteps, noise_scheduler)
+            total += denoising_errors(model, noisy_latents, timesteps, conditioning, target)
+        errors.append((total / args.validation_timesteps).view(2, -1))
+    return torch.cat(errors, dim=1)
+
+
+def evaluate_held_out(accelerator, unet, reference, pairs, noise_scheduler, args, reference_errors=None):
+    """DPO loss, implicit accuracy (exact ties count half: 0.5 while the model equals the reference), reward margin
+    and mean errors of the trained model and the reference on held-out pairs, split across processes.
+
+    The reference's errors never change, so they are returned and passed back in on the next call.
+    """
+    indices = pairs.valid_indices[accelerator.process_index :: accelerator.num_processes]
+    batch_size = 2 * args.train_batch_size  # no activations are kept for backward
+    model = accelerator.unwrap_model(unet)
+    model_errors = held_out_errors(model, pairs, indices, noise_scheduler, args, batch_size)
+    if reference_errors is None:
+        with reference_model(model, reference) as ref:
+            reference_errors = held_out_errors(ref, pairs, indices, noise_scheduler, args, batch_size)
+    # every process gets every pair's errors (a few floats per pair), in rank order
+    gathered = [torch.tensor(e) for e in gather_object([torch.cat([model_errors, reference_errors]).T.tolist()])]
+    model_err_w, model_err_l, ref_err_w, ref_err_l = torch.cat(gathered).T if gathered else [torch.empty(0)] * 4
+    loss, metrics = dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type)
+    inside = implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo)
+    metrics["implicit_acc"] = ((inside > 0).float() + 0.5 * (inside == 0).float()).mean()
+    return {f"eval/{name}": value.item() for name, value in {"loss": loss, **metrics}.items()}, reference_errors
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Saving: checkpoints, final weights, validation images, model card, Hub
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def lora_layers(unet):
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(unet, directory):
+    StableDiffusionXLPipeline.save_lora_weights(
+        directory, unet_lora_layers=lora_layers(unet), weight_name=LORA_WEIGHT_NAME,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+    )
+
+
+def load_lora_into(unet, directory):
+    state_dict, _ = StableDiffusionXLPipeline.lora_state_dict(directory, weight_name=LORA_WEIGHT_NAME)
+    state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state_dict), adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise InputError(f"checkpoint {directory} does not match this model's LoRA layers")
+
+
+def register_checkpoint_hooks(accelerator, unet, args):
+    """accelerator.save_state writes the LoRA in diffusers format (loadable as is) or the full UNet folder."""
+    unet_class = type(accelerator.unwrap_model(unet))
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                if isinstance(model, unet_class):
+                    if args.train_mode == "lora":
+                        save_lora(model, output_dir)
+                    else:
+                        model.save_pretrained(os.path.join(output_dir, "unet"))
+        while weights:  # saved above; keep accelerate from writing the whole model again
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        expected = LORA_WEIGHT_NAME if args.train_mode == "lora" else "unet"
+        if not os.path.exists(os.path.join(input_dir, expected)):
+            raise InputError(f"checkpoint {input_dir} was not written by a --train_mode {args.train_mode} run")
+        while models:
+            model = models.pop()
+            if args.train_mode == "lora":
+                load_lora_into(model, input_dir)
+            else:
+                model.load_state_dict(unet_class.from_pretrained(input_dir, subfolder="unet").state_dict())
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator, args, global_step):
+    """Writes checkpoint-N atomically (a partial write never looks complete), then rotates old ones."""
+    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    partial = os.path.join(args.output_dir, f".checkpoint-{global_step}.partial")
+    if accelerator.is_main_process and os.path.exists(partial):
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(final):  # a rerun of the same step after a resume: replace it
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        if args.checkpoints_total_limit is not None:
+            for old in complete_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+                logger.info(f"Removing old checkpoint {old}")
+                shutil.rmtree(old)
+        logger.info(f"Saved checkpoint {final}")
+    accelerator.wait_for_everyone()
+
+
+def run_validation(args, accelerator, unet, reference, weight_dtype, global_step):
+    """Renders --validation_prompts with fixed seeds, logs them and saves a PNG grid under output_dir/validation."""
+    trained = accelerator.unwrap_model(unet)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, unet=trained, vae=load_vae(args, vae_dtype(args, weight_dtype)),
+        revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, torch_dtype=weight_dtype,
+    ).to(accelerator.device)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def render():
+        images = []
+        for number, prompt in enumerate(args.validation_prompts):
+            generator = torch.Generator(accelerator.device).manual_seed(args.seed + number)
+            with accelerator.autocast():
+                images.append(pipeline(prompt, num_inference_steps=args.num_validation_inference_steps,
+                                       guidance_scale=0.0 if args.is_turbo else args.validation_guidance_scale,
+                                       generator=generator,
+                                       height=args.resolution, width=args.resolution).images[0])
+        return images
+
+    out_dir = Path(args.output_dir, "validation")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reference_grid = out_dir / "reference.png"
+    if not reference_grid.exists() and not args.sft:  # the untuned model, same seeds, once, for comparison
+        if reference is None:
+            with lora_disabled(trained):
+                reference_images = render()
+        else:
+            pipeline.unet = reference
+            reference_images = render()
+            pipeline.unet = trained
+        make_image_grid(reference_images, rows=1, cols=len(reference_images)).save(reference_grid)
+    images = render()
+    make_image_grid(images, rows=1, cols=len(images)).save(out_dir / f"step-{global_step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), global_step,
+                                      dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, args.validation_prompts)]},
+                        step=global_step)
+    del pipeline
+    free_memory()
+    return images
+
+
+def save_model_card(args, location, global_step):
+    """Writes README.md (metadata + how to load) into output_dir; `location` is the Hub repo or the local folder."""
+    lora = args.train_mode == "lora"
+    objective = "SFT on preferred images" if args.sft else f"Diffusion-DPO ({args.loss_type} loss, β = {args.beta_dpo:g})"
+    if lora:
+        load = (f'pipeline = StableDiffusionXLPipeline.from_pretrained("{args.pretrained_model_name_or_path}", '
+                f'torch_dtype=torch.float16).to("cuda")\npipeline.load_lora_weights("{location}")')
+    else:
+        load = (f'pipeline = StableDiffusionXLPipeline.from_pretrained("{location}", '
+                'torch_dtype=torch.float16).to("cuda")')
+    description = f"""
+# {'LoRA' if lora else 'Full'} {objective} fine-tune of {args.pretrained_model_name_or_path}
+
+Trained with [Diffusion-DPO](https://arxiv.org/abs/2311.12908) (Wallace et al.) on `{args.dataset_name}` (split
+`{args.dataset_split_name}`) for {global_step} steps at {args.resolution}px:
+{args.train_batch_size} pairs per device x {args.gradient_accumulation_steps} accumulation steps,
+learning rate {args.learning_rate:g} ({args.lr_scheduler}){f', LoRA rank {args.rank}' if lora else ''}.
+
+## How to use
+
+```python
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+{load}
+image = pipeline("a cozy cabin in a snowy forest at dusk"{', num_inference_steps=4, guidance_scale=0.0' if args.is_turbo else ''}).images[0]
+```
+"""
+    data = ModelCardData(license="openrail++", library_name="diffusers",
+                         base_model=args.pretrained_model_name_or_path, inference=True,
+                         datasets=None if os.path.exists(args.dataset_name) else [args.dataset_name])
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{description}")
+    tags = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image", "diffusers",
+            "diffusers-training", "diffusion-dpo"] + (["lora"] if lora else [])
+    populate_model_card(card, tags=tags).save(os.path.join(args.output_dir, "README.md"))
+
+
+def push_to_hub(args, repo_id):
+    """Uploads the result; checkpoints and partial writes stay local."""
+    return upload_folder(
+        repo_id=repo_id, folder_path=args.output_dir, commit_message="End of Diffusion-DPO training",
+        ignore_patterns=["checkpoint-*", ".checkpoint-*", "checkpoint-*/**", ".checkpoint-*/**"],
+        token=args.hub_token,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. main: load -> precompute -> train -> save
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    """Trains and saves; returns {'global_step', 'history': [per-step metrics], 'evaluations': [held-out metrics]}."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    for library in (datasets, transformers, diffusers):
+        library.utils.logging.set_verbosity_warning() if accelerator.is_local_main_process \
+            else library.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    repo_id = None
+    if args.push_to_hub and accelerator.is_main_process:  # fail on a bad token before hours of training
+        repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
+                              token=args.hub_token).repo_id
+
+    # Data: pairs, then latents and text embeddings from the cache (computed once).
+    train_dataset, validation_dataset = training_and_validation_pairs(args)
+    cache_paths = load_or_precompute(args, [d for d in (train_dataset, validation_dataset) if d is not None],
+                                     accelerator, weight_dtype)
+    pairs = CachedPreferencePairs(cache_paths[0])
+    validation_pairs = CachedPreferencePairs(cache_paths[1]) if validation_dataset is not None else None
+    if len(pairs) == 0:
+        raise InputError(f"no pair of dataset '{args.dataset_name}' has two decodable images")
+    sampler = PairSampler(pairs, args.seed, args.proportion_empty_prompts)
+    train_dataloader = torch.utils.data.DataLoader(
+        pairs, batch_size=args.train_batch_size, sampler=sampler, num_workers=args.dataloader_num_workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=args.dataloader_num_workers > 0,
+    )
+
+    # Models: the trained UNet and its reference.
+    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                                    revision=args.revision, cache_dir=args.cache_dir)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    set_seed(args.seed)  # precomputing draws random numbers: re-seed so LoRA init does not depend on a cache hit
+    unet, reference = build_unets(args, accelerator.device, weight_dtype)
+    register_checkpoint_hooks(accelerator, unet, args)
+
+    # Optimizer and schedule.
+    pairs_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    if args.learning_rate is None:
+        args.learning_rate = 1e-5 if args.train_mode == "lora" else 1e-8 * (2000.0 / args.beta_dpo) * pairs_per_step
+    elif args.scale_lr:
+        args.learning_rate *= pairs_per_step
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if args.use_adafactor:
+        optimizer = transformers.Adafactor(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay,
+                                           scale_parameter=False, relative_step=False, warmup_init=False)
+    else:
+        optimizer_class = torch.optim.AdamW
+        if args.use_8bit_adam:
+            import bitsandbytes
+
+            optimizer_class = bitsandbytes.optim.AdamW8bit
+        optimizer = optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                    weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+    updates_per_epoch = math.ceil(math.ceil(len(pairs) / args.train_batch_size / accelerator.num_processes)
+                                  / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * updates_per_epoch
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
+                                                                         lr_scheduler)
+    updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+
+    if accelerator.is_main_process:
+        tracker_config = {k: v for k, v in vars(args).items() if not isinstance(v, list) and k != "hub_token"}
+        accelerator.init_trackers(args.tracker_name, config=tracker_config)
+    logger.info(f"***** Diffusion-DPO ({args.train_mode}{', SFT' if args.sft else ''}) *****\n"
+                f"  pairs = {len(pairs)}, pairs per optimizer step = {pairs_per_step}, steps = {args.max_train_steps}, "
+                f"epochs = {num_epochs}, learning rate = {args.learning_rate:g}, beta = {args.beta_dpo:g}")
+
+    # Resume: weights, optimizer and schedule from the checkpoint; data position from the step count.
+    global_step = 0
+    checkpoint = resolve_checkpoint(args) if args.resume_from_checkpoint else None
+    if args.resume_from_checkpoint and checkpoint is None:
+        logger.info("No checkpoint to resume from; starting a new run.")
+    if checkpoint is not None:
+        accelerator.load_state(checkpoint)
+        global_step = int(CHECKPOINT_PATTERN.match(Path(checkpoint).name).group(1))
+        logger.info(f"Resumed from {checkpoint} at step {global_step}")
+    first_epoch = global_step // updates_per_epoch
+    batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    history, evaluations = [], []
+    reference_errors = None
+
+    def evaluate():  # held-out preference metrics, logged as eval/...
+        nonlocal reference_errors
+        if validation_pairs is None:
+            return
+        metrics, reference_errors = evaluate_held_out(accelerator, unet, reference, validation_pairs, noise_scheduler,
+                                                      args, reference_errors)
+        evaluations.append({"step": global_step, **metrics})
+        accelerator.log(metrics, step=global_step)
+        logger.info(f"Held-out pairs at step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        postfix["eval_acc"] = f"{metrics['eval/implicit_acc']:.3f}"
+        progress_bar.set_postfix(postfix)
+
+    postfix = {}  # the progress bar's: loss, implicit_acc, lr, and the last held-out accuracy
+    if global_step == 0:
+        evaluate()  # the starting point: implicit accuracy 0.5, loss ln 2
+    unet.train()
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= args.max_train_steps:
+            break
+        skip = batches_to_skip if epoch == first_epoch else 0
+        epoch_batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        epoch_batches.set_epoch(epoch)  # accelerate's loaders pass their own epoch counter to the sampler
+        sums = {}
+        for batch_index, batch in enumerate(epoch_batches, start=skip):
+            generator = torch.Generator(accelerator.device).manual_seed(
+                step_seed(args.seed, accelerator.process_index, epoch, batch_index))
+            with accelerator.accumulate(unet):
+                loss, metrics = compute_loss(batch, unet, reference, noise_scheduler, args, generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for name, value in {"loss": loss.detach(), **metrics}.items():
+                sums[name] = sums.get(name, 0.0) + value
+            if not accelerator.sync_gradients:
+                continue
+
+            global_step += 1
+            micro_batches = (batch_index % args.gradient_accumulation_steps) + 1
+            names = list(sums)
+            means = accelerator.reduce(torch.stack([sums[n] for n in names]) / micro_batches, reduction="mean")
+            logs = {**dict(zip(names, means.tolist())), "lr": lr_scheduler.get_last_lr()[0]}
+            sums = {}
+            history.append({"step": global_step, **logs})
+            accelerator.log(logs, step=global_step)
+            progress_bar.update(1)
+            postfix.update({k: f"{logs[k]:.4g}" for k in ("loss", "implicit_acc", "lr") if k in logs})
+            progress_bar.set_postfix(postfix)
+
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, global_step)
+            if global_step % args.validation_steps == 0:
+                evaluate()
+                if args.run_validation and accelerator.is_main_process:
+                    run_validation(args, accelerator, unet, reference, weight_dtype, global_step)
+            if global_step >= args.max_train_steps:
+                break
+
+    if global_step % args.validation_steps != 0:
+        evaluate()
+    # Save the result: LoRA weights in diffusers format, or a complete pipeline folder.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(unet)
+        if args.run_validation and global_step % args.validation_steps != 0:
+            run_validation(args, accelerator, unet, reference, weight_dtype, global_step)
+        if args.train_mode == "lora":
+            save_lora(trained, args.output_dir)
+        else:
+            StableDiffusionXLPipeline.from_pretrained(  # the base pipeline's own VAE, with the trained UNet
+                args.pretrained_model_name_or_path, unet=trained, revision=args.revision, variant=args.variant,
+                cache_dir=args.cache_dir,
+            ).save_pretrained(args.output_dir)
+        save_model_card(args, repo_id or os.path.abspath(args.output_dir), global_step)
+        if args.push_to_hub:
+            push_to_hub(args, repo_id)
+        logger.info(f"Saved the trained {'LoRA' if args.train_mode == 'lora' else 'pipeline'} to {args.output_dir}")
+    accelerator.end_training()
+    return {"global_step": global_step, "history": history, "evaluations": evaluations}
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except InputError as error:
+        sys.exit(f"error: {error}")
