@@ -17,9 +17,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image, ImageDraw
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -74,6 +81,17 @@ PRESETS = {
         "text": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
                      projection_dim=32),
     },
+    # The pretrained demo model (examples/pretrain_tiny_ldm.py): the tiny VAE and text encoder, a UNet with a third
+    # level (4x4) so one sample sees the whole image and keeps one shape in one colour.
+    "shapes": {
+        "unet": dict(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     cross_attention_dim=32, attention_head_dim=8),
+        "vae": dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32),  # vae_scale_factor 2
+        "text": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                     projection_dim=32),
+    },
     "sd15": {
         "unet": dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
                      down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -86,15 +104,31 @@ PRESETS = {
 }
 
 
-def build_tiny_sd_pipeline(output_dir, *, prediction_type="epsilon", seed=0, preset="tiny"):
-    """Save a random-weight SD 1.x-style pipeline of the given PRESETS size to `output_dir`."""
-    sizes = PRESETS[preset]
-    tokenizer_dir = os.path.join(output_dir, "tokenizer")
+def build_tokenizer_and_text_encoder(tokenizer_dir, *, seed=0, preset="tiny"):
+    """Write the BPE tokenizer files to `tokenizer_dir`; return (tokenizer, random-weight CLIPTextModel)."""
     _write_bpe_files(tokenizer_dir)
     # Load from the folder: in transformers 5, CLIPTokenizer(vocab_file=..., merges_file=...)
     # silently ignores both files and keeps only the special tokens.
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            # The pooled output is read at the EOS position, so these must match the tokenizer.
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **PRESETS[preset]["text"],
+        )
+    )
+    return tokenizer, text_encoder
 
+
+def build_tiny_sd_components(tokenizer_dir, *, prediction_type="epsilon", seed=0, preset="tiny"):
+    """Random-weight SD 1.x-style components of the given PRESETS size, as StableDiffusionPipeline's keyword
+    arguments (vae, text_encoder, tokenizer, unet, scheduler); the tokenizer files are written to `tokenizer_dir`."""
+    sizes = PRESETS[preset]
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, norm_num_groups=32, **sizes["unet"])
     torch.manual_seed(seed)
@@ -108,18 +142,7 @@ def build_tiny_sd_pipeline(output_dir, *, prediction_type="epsilon", seed=0, pre
         norm_num_groups=32,
         **sizes["vae"],
     )
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            max_position_embeddings=77,
-            # The pooled output is read at the EOS position, so these must match the tokenizer.
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **sizes["text"],
-        )
-    )
+    tokenizer, text_encoder = build_tokenizer_and_text_encoder(tokenizer_dir, seed=seed, preset=preset)
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
@@ -130,17 +153,86 @@ def build_tiny_sd_pipeline(output_dir, *, prediction_type="epsilon", seed=0, pre
         steps_offset=1,
         clip_sample=False,
     )
+    return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+
+
+def build_tiny_sd_pipeline(output_dir, *, prediction_type="epsilon", seed=0, preset="tiny"):
+    """Save a random-weight SD 1.x-style pipeline of the given PRESETS size to `output_dir`."""
+    components = build_tiny_sd_components(
+        os.path.join(output_dir, "tokenizer"), prediction_type=prediction_type, seed=seed, preset=preset
+    )
     pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipeline.save_pretrained(output_dir)
+    return output_dir
+
+
+# SDXL sizes: "tiny" for tests (two 32-wide text encoders whose penultimate states concatenate to 64); "sdxl" has
+# the real SDXL base UNet, VAE and both text-encoder shapes (random weights) for timing and memory on a GPU.
+SDXL_PRESETS = {
+    "tiny": {
+        "unet": dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                     transformer_layers_per_block=1, addition_time_embed_dim=8),
+        "vae": dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32),
+        "text": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                     projection_dim=32),
+        "text_2": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                       projection_dim=32),
+    },
+    "sdxl": {
+        "unet": dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                     addition_time_embed_dim=256),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                     projection_dim=768),
+        "text_2": dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                       projection_dim=1280),
+    },
+}
+
+
+def build_tiny_sdxl_pipeline(output_dir, *, seed=0, preset="tiny"):
+    """Save a random-weight SDXL-style pipeline (two text encoders, "text_time" micro-conditioning) of the given
+    SDXL_PRESETS size to `output_dir`."""
+    sizes = SDXL_PRESETS[preset]
+    encoders, tokenizers = [], []
+    for suffix, encoder_class, config in (("", CLIPTextModel, sizes["text"]),
+                                          ("_2", CLIPTextModelWithProjection, sizes["text_2"])):
+        tokenizer_dir = os.path.join(output_dir, f"tokenizer{suffix}")
+        _write_bpe_files(tokenizer_dir)
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+        torch.manual_seed(seed)
+        encoders.append(encoder_class(CLIPTextConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config)))
+        tokenizers.append(tokenizer)
+    unet_sizes = sizes["unet"]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        in_channels=4, out_channels=4, norm_num_groups=32, use_linear_projection=True,
+        # cross-attention reads both encoders' hidden states side by side; the added embedding is the second
+        # encoder's pooled projection plus six sinusoidally embedded time ids
+        cross_attention_dim=sizes["text"]["hidden_size"] + sizes["text_2"]["hidden_size"],
+        addition_embed_type="text_time",
+        projection_class_embeddings_input_dim=sizes["text_2"]["projection_dim"]
+        + 6 * unet_sizes["addition_time_embed_dim"],
+        **unet_sizes,
+    )
+    n_blocks = len(sizes["vae"]["block_out_channels"])
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n_blocks,
+                        up_block_types=("UpDecoderBlock2D",) * n_blocks, latent_channels=4, norm_num_groups=32,
+                        scaling_factor=0.13025, force_upcast=True, **sizes["vae"])
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                       beta_end=0.012, steps_offset=1, timestep_spacing="leading")
+    StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0],
+                              tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler).save_pretrained(output_dir)
     return output_dir
 
 
@@ -172,6 +264,79 @@ def classify_warm(image):
     if foreground.any():
         pixels = pixels[foreground]
     return bool(pixels[:, 0].mean() - pixels[:, 2].mean() > 0)
+
+
+# What a plausible sample looks like, as fractions of the image (the dataset's shapes cover 20-64% of it).
+PLAUSIBLE_FOREGROUND = (0.08, 0.8)
+PLAUSIBLE_ONE_BLOB = 0.9  # the largest connected foreground region holds at least this share of the foreground
+PLAUSIBLE_BOX_FILL = 0.6  # ... and fills at least this share of its bounding box (circle: 0.79, square: 1.0)
+PLAUSIBLE_BOX_ASPECT = 1.4  # ... whose longer side is at most this many times the shorter
+PLAUSIBLE_HOLES = 0.05  # ... and encloses at most this share of its own area (no rings)
+PLAUSIBLE_COLOR_TOLERANCE = 60  # max channel distance of "the same colour"
+PLAUSIBLE_FLAT_FILL = 0.7  # share of the foreground within tolerance of its median (JPEG and decoders soften edges)
+
+
+def _label_regions(mask):
+    """Label the 4-connected True regions of a 2-D boolean array (flood fill, no scipy): (labels, sizes), where
+    labels is 0 outside the mask and k inside region k, and sizes[k - 1] is that region's pixel count."""
+    height, width = mask.shape
+    labels = np.zeros(mask.shape, dtype=np.int64)
+    sizes = []
+    for start in zip(*np.nonzero(mask)):
+        if labels[start]:
+            continue
+        labels[start] = len(sizes) + 1
+        size, stack = 0, [start]
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = len(sizes) + 1
+                    stack.append((ny, nx))
+        sizes.append(size)
+    return labels, sizes
+
+
+def is_plausible(image):
+    """True if the image looks like a dataset image: one flat-coloured circle or square on the gray background.
+
+    With foreground = pixels differing from BACKGROUND by more than FOREGROUND_TOLERANCE in some channel:
+      1. the foreground covers PLAUSIBLE_FOREGROUND of the image (not empty, not a full-frame colour or noise);
+      2. it is one object: its largest 4-connected region holds >= PLAUSIBLE_ONE_BLOB of it, and that region
+         is compact (fills >= PLAUSIBLE_BOX_FILL of its bounding box, aspect ratio <= PLAUSIBLE_BOX_ASPECT)
+         without holes (encloses at most PLAUSIBLE_HOLES of its area in background cut off from the border);
+      3. it is flat: >= PLAUSIBLE_FLAT_FILL of the foreground lies within PLAUSIBLE_COLOR_TOLERANCE of the
+         foreground's median colour (no mixed colours or speckle), and that median is within the same tolerance
+         of one of the six WARM_COLORS / COOL_COLORS (no muddy in-between colours).
+    It accepts all make_shape_image images (also after JPEG) and rejects noise, a blank or single-colour canvas,
+    two shapes, two-colour or blended shapes, stripes and rings. Deterministic; ~2 ms for a 32x32 image.
+    """
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    foreground = np.abs(pixels - BACKGROUND).max(axis=2) > FOREGROUND_TOLERANCE
+    fraction = foreground.mean()
+    if not PLAUSIBLE_FOREGROUND[0] <= fraction <= PLAUSIBLE_FOREGROUND[1]:
+        return False
+    labels, sizes = _label_regions(foreground)
+    if max(sizes) < PLAUSIBLE_ONE_BLOB * foreground.sum():
+        return False
+    blob = labels == 1 + int(np.argmax(sizes))
+    rows, cols = np.nonzero(blob)
+    box_height, box_width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    if blob.sum() < PLAUSIBLE_BOX_FILL * box_height * box_width:
+        return False
+    if max(box_height, box_width) > PLAUSIBLE_BOX_ASPECT * min(box_height, box_width):
+        return False
+    labels, _ = _label_regions(~blob)
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    holes = (labels > 0) & ~np.isin(labels, border)  # outside the object, yet cut off from the image's border
+    if holes.sum() > PLAUSIBLE_HOLES * blob.sum():
+        return False
+    colors = pixels[foreground]
+    median = np.median(colors, axis=0)
+    if (np.abs(colors - median).max(axis=1) <= PLAUSIBLE_COLOR_TOLERANCE).mean() < PLAUSIBLE_FLAT_FILL:
+        return False
+    return bool(np.abs(np.array(WARM_COLORS + COOL_COLORS) - median).max(axis=1).min() <= PLAUSIBLE_COLOR_TOLERANCE)
 
 
 def _jpeg_bytes(image):

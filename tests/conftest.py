@@ -31,6 +31,11 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory):
+    return tiny_assets.build_tiny_sdxl_pipeline(str(tmp_path_factory.mktemp("tiny-sdxl")))
+
+
+@pytest.fixture(scope="session")
 def tiny_vpred_model(tmp_path_factory):
     return tiny_assets.build_tiny_sd_pipeline(str(tmp_path_factory.mktemp("tiny-sd-v")), prediction_type="v_prediction")
 
@@ -41,6 +46,26 @@ def pickapic_data(tmp_path_factory):
     return tiny_assets.build_pickapic_dataset(
         str(tmp_path_factory.mktemp("pickapic")), n_pairs=N_PAIRS, n_ties=2, corrupt_pairs=1, vary_sizes=True
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_scorer(tiny_model, tmp_path_factory):
+    """A tiny random CLIP model with its tokenizer (the tiny pipeline's) and image processor in one folder, loadable
+    with CLIPModel.from_pretrained and AutoProcessor.from_pretrained: a stand-in for PickScore or CLIP."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder = str(tmp_path_factory.mktemp("tiny-clip"))
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(tiny_model, "tokenizer"))
+    layers = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    text_config = dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **layers)
+    vision_config = dict(image_size=RESOLUTION, patch_size=8, **layers)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": RESOLUTION},
+                       crop_size={"height": RESOLUTION, "width": RESOLUTION}).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture
@@ -71,13 +96,13 @@ def cli_args(tiny_model, pickapic_data, tmp_path):
     return build
 
 
-def run_trainer(argv):
-    """Runs the real trainer in this process (parse_args + main) and returns main's result."""
+def run_trainer(argv, module=dpo):
+    """Runs the real trainer (`module`: one of the two scripts) in this process and returns main's result."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    return dpo.main(dpo.parse_args(argv))
+    return module.main(module.parse_args(argv))
 
 
 def run_cli(argv, launcher=None, env=None):
