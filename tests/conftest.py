@@ -19,7 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
 import tiny_assets  # noqa: E402
-import train_diffusion_dpo as dpo  # noqa: E402
+import train_diffusion_dpo  # noqa: E402
+import train_diffusion_dpo_sdxl  # noqa: E402
+
+TRAINERS = {"sd15": train_diffusion_dpo, "sdxl": train_diffusion_dpo_sdxl}
+# Test files whose behaviour both scripts must share mark themselves with this: each test then runs once per script.
+both_trainers = pytest.mark.parametrize("dpo", sorted(TRAINERS), indirect=True)
 
 N_PAIRS = 8  # decided pairs in the default dataset; it also holds 2 ties and 1 pair with a corrupt image
 RESOLUTION = 32
@@ -61,20 +66,33 @@ def tiny_clip_scorer(tiny_model, tmp_path_factory):
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **layers)
     vision_config = dict(image_size=RESOLUTION, patch_size=8, **layers)
     torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16)).save_pretrained(folder)
+    clip = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16))
+    clip.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": RESOLUTION},
                        crop_size={"height": RESOLUTION, "width": RESOLUTION}).save_pretrained(folder)
     return folder
 
 
+@pytest.fixture(params=["sd15"])
+def dpo(request):
+    """The trainer script under test (its module): SD 1.5 unless a test is marked `both_trainers`."""
+    return TRAINERS[request.param]
+
+
 @pytest.fixture
-def cli_args(tiny_model, pickapic_data, tmp_path):
+def tiny_pipeline(dpo, request):
+    """The tiny model folder that fits the trainer under test."""
+    return request.getfixturevalue("tiny_sdxl_model" if dpo is train_diffusion_dpo_sdxl else "tiny_model")
+
+
+@pytest.fixture
+def cli_args(tiny_pipeline, pickapic_data, tmp_path):
     """Returns a function building a trainer command line on the tiny assets; keyword overrides become flags."""
 
     def build(**overrides):
         flags = {
-            "pretrained_model_name_or_path": tiny_model,
+            "pretrained_model_name_or_path": tiny_pipeline,
             "dataset_name": pickapic_data,
             "output_dir": str(tmp_path / "out"),
             "precompute_cache_dir": str(tmp_path / "cache"),
@@ -96,7 +114,7 @@ def cli_args(tiny_model, pickapic_data, tmp_path):
     return build
 
 
-def run_trainer(argv, module=dpo):
+def run_trainer(module, argv):
     """Runs the real trainer (`module`: one of the two scripts) in this process and returns main's result."""
     from accelerate.state import AcceleratorState, GradientState
 
@@ -105,16 +123,34 @@ def run_trainer(argv, module=dpo):
     return module.main(module.parse_args(argv))
 
 
-def run_cli(argv, launcher=None, env=None):
-    """Runs the trainer as a separate process: with this Python, or through a launcher such as `accelerate launch`."""
+def run_cli(module, argv, launcher=None, env=None):
+    """Runs a trainer script as a separate process: with this Python, or through a launcher (`accelerate launch`)."""
     launcher = launcher or [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([*launcher, str(ROOT / "train_diffusion_dpo.py"), *argv], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600)
+    return subprocess.run([*launcher, module.__file__, *argv], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
+
+
+def pipeline_class(module):
+    return module.StableDiffusionXLPipeline if module is train_diffusion_dpo_sdxl else module.StableDiffusionPipeline
+
+
+def unet_output(unet):
+    """The UNet's prediction on fixed random inputs (with SDXL's added conditioning when it has one)."""
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 16, 16, generator=generator)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":
+        pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled_dim, generator=generator),
+                                      "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])}
+    with torch.no_grad():
+        return unet(sample, torch.tensor([500]), text, **extra).sample
 
 
 def lora_weights(output_dir):
-    return load_file(os.path.join(output_dir, dpo.LORA_WEIGHT_NAME))
+    return load_file(os.path.join(output_dir, train_diffusion_dpo.LORA_WEIGHT_NAME))
 
 
 def assert_same_tensors(first, second, atol=1e-6):

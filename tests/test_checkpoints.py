@@ -5,7 +5,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from conftest import assert_same_tensors, dpo, lora_weights, run_trainer
+from conftest import assert_same_tensors, both_trainers, lora_weights, run_trainer
 
 
 def final_weights(output_dir, train_mode):
@@ -20,15 +20,16 @@ def final_weights(output_dir, train_mode):
     # accumulation 2 over 4 batches an epoch: resuming after step 1 skips two consumed batches
     ("full", {"gradient_accumulation_steps": 2, "checkpointing_steps": 1, "proportion_empty_prompts": 0.3}, 1),
 ], ids=["lora-mid-epoch", "full-accumulation"])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cli_args, tmp_path, train_mode, flags, resume_step):
+@both_trainers
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(dpo, cli_args, tmp_path, train_mode, flags, resume_step):
     common = dict(train_mode=train_mode, max_train_steps=4, learning_rate=1e-3, **flags)
-    straight = run_trainer(cli_args(output_dir=tmp_path / "straight", **common))
+    straight = run_trainer(dpo, cli_args(output_dir=tmp_path / "straight", **common))
 
     # The interrupted run: only the checkpoint written at `resume_step` survived.
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
     shutil.copytree(tmp_path / "straight" / f"checkpoint-{resume_step}", interrupted / f"checkpoint-{resume_step}")
-    resumed = run_trainer(cli_args(output_dir=interrupted, resume_from_checkpoint="latest", **common))
+    resumed = run_trainer(dpo, cli_args(output_dir=interrupted, resume_from_checkpoint="latest", **common))
 
     assert resumed["global_step"] == straight["global_step"] == 4
     assert [h["step"] for h in resumed["history"]] == list(range(resume_step + 1, 5))
@@ -37,21 +38,21 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cli_args, tmp_pat
     assert_same_tensors(final_weights(interrupted, train_mode), final_weights(tmp_path / "straight", train_mode))
 
 
-def test_rotation_keeps_the_newest_checkpoints(cli_args, tmp_path):
-    run_trainer(cli_args(max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2))
+def test_rotation_keeps_the_newest_checkpoints(dpo, cli_args, tmp_path):
+    run_trainer(dpo, cli_args(max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2))
     names = sorted(p.name for p in (tmp_path / "out").iterdir() if "checkpoint" in p.name)
     assert names == ["checkpoint-4", "checkpoint-6"]  # no partial folder left behind either
     # every LoRA checkpoint is itself loadable LoRA weights
     assert (tmp_path / "out" / "checkpoint-6" / dpo.LORA_WEIGHT_NAME).exists()
 
 
-def test_resume_from_a_named_checkpoint_continues_its_step_count(cli_args, tmp_path):
-    run_trainer(cli_args(max_train_steps=2, checkpointing_steps=1))
-    result = run_trainer(cli_args(max_train_steps=3, resume_from_checkpoint="checkpoint-1"))
+def test_resume_from_a_named_checkpoint_continues_its_step_count(dpo, cli_args, tmp_path):
+    run_trainer(dpo, cli_args(max_train_steps=2, checkpointing_steps=1))
+    result = run_trainer(dpo, cli_args(max_train_steps=3, resume_from_checkpoint="checkpoint-1"))
     assert [h["step"] for h in result["history"]] == [2, 3]
 
 
-def test_a_lora_checkpoint_is_refused_by_a_full_run(cli_args, tmp_path):
-    run_trainer(cli_args(max_train_steps=1, checkpointing_steps=1))
+def test_a_lora_checkpoint_is_refused_by_a_full_run(dpo, cli_args, tmp_path):
+    run_trainer(dpo, cli_args(max_train_steps=1, checkpointing_steps=1))
     with pytest.raises(dpo.InputError, match="not written by a --train_mode full run"):
-        run_trainer(cli_args(max_train_steps=2, train_mode="full", resume_from_checkpoint="latest"))
+        run_trainer(dpo, cli_args(max_train_steps=2, train_mode="full", resume_from_checkpoint="latest"))

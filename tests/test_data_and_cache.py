@@ -5,10 +5,11 @@ import json
 import numpy as np
 from PIL import Image
 
-from conftest import N_PAIRS, assert_same_tensors, dpo, lora_weights, run_trainer, tiny_assets
+from conftest import N_PAIRS, assert_same_tensors, both_trainers, lora_weights, run_trainer, tiny_assets
 
 
-def test_ties_are_dropped_and_label_0_swaps_the_pair(cli_args):
+@both_trainers
+def test_ties_are_dropped_and_label_0_swaps_the_pair(dpo, cli_args):
     args = dpo.parse_args(cli_args())
     dataset = dpo.load_preference_pairs(args, "train")
     assert len(dataset) == N_PAIRS + 1  # ties gone; the pair with a corrupt image is only found when decoding
@@ -26,13 +27,14 @@ def test_ties_are_dropped_and_label_0_swaps_the_pair(cli_args):
         np.testing.assert_array_equal(item["pixels"][1].numpy(), item["pixels"][0].flip(-1).numpy())
 
 
-def test_max_train_samples_takes_a_subset(cli_args):
+def test_max_train_samples_takes_a_subset(dpo, cli_args):
     train, validation = dpo.training_and_validation_pairs(dpo.parse_args(cli_args(max_train_samples=3)))
     assert len(train) == 3 and validation is None
 
 
-def test_cache_holds_one_embedding_per_unique_caption_and_skips_broken_pairs(cli_args, tmp_path):
-    run_trainer(cli_args(max_train_steps=1))
+@both_trainers
+def test_cache_holds_one_embedding_per_unique_caption_and_skips_broken_pairs(dpo, cli_args, tmp_path):
+    run_trainer(dpo, cli_args(max_train_steps=1))
     (cache,) = (tmp_path / "cache").iterdir()
     info = json.loads((cache / "cache_info.json").read_text())
     assert info["skipped_pairs"] == 1 and info["pairs"] == N_PAIRS + 1
@@ -44,18 +46,18 @@ def test_cache_holds_one_embedding_per_unique_caption_and_skips_broken_pairs(cli
     assert latents.dtype == np.float16
 
 
-def test_second_run_reuses_the_cache_and_changed_settings_invalidate_it(cli_args, tmp_path, monkeypatch):
+def test_second_run_reuses_the_cache_and_changed_settings_invalidate_it(dpo, cli_args, tmp_path, monkeypatch):
     calls = []
     original = dpo.precompute
     monkeypatch.setattr(dpo, "precompute", lambda *a, **k: (calls.append(1), original(*a, **k)))
 
-    run_trainer(cli_args(output_dir=tmp_path / "a"))
-    run_trainer(cli_args(output_dir=tmp_path / "b"))
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "a"))
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "b"))
     assert len(calls) == 1  # the second run encoded nothing
     assert_same_tensors(lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b"))  # and trained the same
 
-    run_trainer(cli_args(output_dir=tmp_path / "c", resolution=16))
-    run_trainer(cli_args(output_dir=tmp_path / "d", no_hflip=True))
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "c", resolution=16))
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "d", no_hflip=True))
     assert len(calls) == 3
     caches = sorted(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
     assert len(caches) == 3
@@ -63,18 +65,8 @@ def test_second_run_reuses_the_cache_and_changed_settings_invalidate_it(cli_args
     assert shapes == {(2, 2, 4, 16, 16), (2, 2, 4, 8, 8), (1, 2, 4, 16, 16)}
 
 
-def test_the_encoders_are_not_loaded_on_a_cache_hit(cli_args, tmp_path, monkeypatch):
-    run_trainer(cli_args(output_dir=tmp_path / "a"))
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("text encoder loaded although the cache is complete")
-
-    monkeypatch.setattr(dpo, "load_text_encoder_and_tokenizer", refuse)
-    run_trainer(cli_args(output_dir=tmp_path / "b"))
-
-
-def test_sampler_is_a_function_of_seed_and_epoch(cli_args, tmp_path):
-    run_trainer(cli_args(max_train_steps=1))
+def test_sampler_is_a_function_of_seed_and_epoch(dpo, cli_args, tmp_path):
+    run_trainer(dpo, cli_args(max_train_steps=1))
     (cache,) = (tmp_path / "cache").iterdir()
     pairs = dpo.CachedPreferencePairs(cache)
     epoch_0 = list(dpo.PairSampler(pairs, seed=0, proportion_empty_prompts=0.5))

@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import dpo
+from conftest import both_trainers
+
+pytestmark = both_trainers
+
 
 ERRORS = {  # four per-sample error vectors of a batch of 3 pairs
     "model_err_w": torch.tensor([0.10, 0.30, 0.20]),
@@ -16,7 +19,7 @@ ERRORS = {  # four per-sample error vectors of a batch of 3 pairs
 }
 
 
-def test_policy_equal_to_reference_gives_ln2_and_zero_margin():
+def test_policy_equal_to_reference_gives_ln2_and_zero_margin(dpo):
     err_w, err_l = torch.rand(5), torch.rand(5)
     loss, metrics = dpo.dpo_loss(err_w, err_l, err_w.clone(), err_l.clone(), beta=2000)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
@@ -25,7 +28,7 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_margin():
 
 
 @pytest.mark.parametrize("beta", [1.0, 2000.0, 5000.0])
-def test_sigmoid_loss_is_the_papers_formula(beta):
+def test_sigmoid_loss_is_the_papers_formula(dpo, beta):
     e = ERRORS
     inside = -0.5 * beta * ((e["model_err_w"] - e["model_err_l"]) - (e["ref_err_w"] - e["ref_err_l"]))
     loss, metrics = dpo.dpo_loss(**e, beta=beta, loss_type="sigmoid")
@@ -34,7 +37,7 @@ def test_sigmoid_loss_is_the_papers_formula(beta):
     assert metrics["implicit_acc"].item() == pytest.approx((inside > 0).float().mean().item())
 
 
-def test_hinge_and_ipo_formulas_by_hand():
+def test_hinge_and_ipo_formulas_by_hand(dpo):
     # pair 0: model_diff - ref_diff = (-0.1) - 0 = -0.1 -> inside = 0.05 * beta
     e = {k: v[:1] for k, v in ERRORS.items()}
     beta = 10.0
@@ -47,7 +50,7 @@ def test_hinge_and_ipo_formulas_by_hand():
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
-def test_swapping_winner_and_loser_flips_the_margin(loss_type):
+def test_swapping_winner_and_loser_flips_the_margin(dpo, loss_type):
     e = ERRORS
     _, metrics = dpo.dpo_loss(**e, beta=100, loss_type=loss_type)
     _, swapped = dpo.dpo_loss(e["model_err_l"], e["model_err_w"], e["ref_err_l"], e["ref_err_w"], beta=100,
@@ -57,7 +60,7 @@ def test_swapping_winner_and_loser_flips_the_margin(loss_type):
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
-def test_gradient_lowers_winner_error_and_raises_loser_error(loss_type):
+def test_gradient_lowers_winner_error_and_raises_loser_error(dpo, loss_type):
     model_err_w = torch.full((4,), 0.2, requires_grad=True)
     model_err_l = torch.full((4,), 0.2, requires_grad=True)
     ref = torch.full((4,), 0.2)

@@ -7,13 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import N_PAIRS, dpo, run_trainer
+from conftest import N_PAIRS, both_trainers, run_trainer
 
 EVAL_KEYS = {"eval/loss", "eval/implicit_acc", "eval/reward_margin", "eval/model_mse_w", "eval/model_mse_l",
              "eval/ref_mse_w", "eval/ref_mse_l"}
 
+pytestmark = both_trainers
 
-def test_held_out_pairs_are_set_aside_from_training(cli_args):
+
+def test_held_out_pairs_are_set_aside_from_training(dpo, cli_args):
     train, validation = dpo.training_and_validation_pairs(dpo.parse_args(cli_args(num_validation_pairs=3)))
     assert len(validation) == 3 and len(train) == N_PAIRS + 1 - 3
     key = lambda row: (row["caption"], row["jpg_0"], row["jpg_1"])  # noqa: E731
@@ -21,8 +23,8 @@ def test_held_out_pairs_are_set_aside_from_training(cli_args):
 
 
 @pytest.mark.parametrize("train_mode", ["lora", "full"])
-def test_held_out_metrics_start_at_chance_and_move_with_training(cli_args, train_mode):
-    result = run_trainer(cli_args(train_mode=train_mode, num_validation_pairs=4, validation_steps=2,
+def test_held_out_metrics_start_at_chance_and_move_with_training(dpo, cli_args, train_mode):
+    result = run_trainer(dpo, cli_args(train_mode=train_mode, num_validation_pairs=4, validation_steps=2,
                                   max_train_steps=3, learning_rate=1e-2, validation_timesteps=3))
     steps = [e["step"] for e in result["evaluations"]]
     assert steps == [0, 2, 3]  # before training, every validation_steps, at the end
@@ -35,8 +37,8 @@ def test_held_out_metrics_start_at_chance_and_move_with_training(cli_args, train
     assert end["eval/ref_mse_w"] == start["eval/ref_mse_w"]  # the reference never moves
 
 
-def test_the_same_weights_give_the_same_numbers(cli_args, tmp_path):
-    run_trainer(cli_args(num_validation_pairs=4, max_train_steps=1))
+def test_the_same_weights_give_the_same_numbers(dpo, cli_args, tmp_path):
+    run_trainer(dpo, cli_args(num_validation_pairs=4, max_train_steps=1))
     args = dpo.parse_args(cli_args(num_validation_pairs=4, output_dir=tmp_path / "again"))
     (validation_cache,) = [p for p in (tmp_path / "cache").iterdir()
                            if dpo.np.load(p / "valid.npy").size == 4]
@@ -57,17 +59,17 @@ def test_the_same_weights_give_the_same_numbers(cli_args, tmp_path):
     assert first["eval/implicit_acc"] != 0.5 or first["eval/reward_margin"] != 0
 
 
-def test_a_validation_split_of_the_dataset(cli_args, pickapic_data, tmp_path):
+def test_a_validation_split_of_the_dataset(dpo, cli_args, pickapic_data, tmp_path):
     data = tmp_path / "with-validation"
     shutil.copytree(pickapic_data, data)
     (train_file,) = Path(data).glob("train-*.parquet")
     shutil.copy(train_file, data / "validation-00000-of-00001.parquet")
-    result = run_trainer(cli_args(dataset_name=data, validation_split_name="validation", num_validation_pairs=5,
+    result = run_trainer(dpo, cli_args(dataset_name=data, validation_split_name="validation", num_validation_pairs=5,
                                   max_train_steps=1))
     assert result["evaluations"][0]["eval/implicit_acc"] == 0.5
 
 
-def test_a_single_parquet_file_has_no_validation_split(cli_args, pickapic_data):
+def test_a_single_parquet_file_has_no_validation_split(dpo, cli_args, pickapic_data):
     (file,) = Path(pickapic_data).glob("*.parquet")
     with pytest.raises(dpo.InputError, match="single file, so it has no split 'validation'"):
-        run_trainer(cli_args(dataset_name=file, validation_split_name="validation"))
+        run_trainer(dpo, cli_args(dataset_name=file, validation_split_name="validation"))

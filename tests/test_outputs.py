@@ -2,28 +2,19 @@
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from conftest import RESOLUTION, dpo, run_trainer
+from conftest import RESOLUTION, both_trainers, pipeline_class, run_trainer, unet_output
 
-
-def unet_output(unet):
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, 4, 16, 16, generator=generator)
-    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
-    with torch.no_grad():
-        return unet(sample, torch.tensor([500]), text).sample
-
-
-def load_pipeline(path):
-    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+pytestmark = both_trainers
 
 
 @pytest.mark.parametrize("weights_dir", ["out", "out/checkpoint-2"])
-def test_lora_reloads_with_load_lora_weights_and_changes_the_unet(cli_args, tiny_model, tmp_path, weights_dir):
-    run_trainer(cli_args(learning_rate=1e-2, max_train_steps=2, checkpointing_steps=2))
-    pipeline = load_pipeline(tiny_model)
+def test_lora_reloads_with_load_lora_weights_and_changes_the_unet(dpo, cli_args, tiny_pipeline, tmp_path,
+                                                                  weights_dir):
+    run_trainer(dpo, cli_args(learning_rate=1e-2, max_train_steps=2, checkpointing_steps=2))
+    pipeline = pipeline_class(dpo).from_pretrained(tiny_pipeline)
     base = unet_output(pipeline.unet)
     pipeline.load_lora_weights(str(tmp_path / weights_dir))
     tuned = unet_output(pipeline.unet)
@@ -32,18 +23,18 @@ def test_lora_reloads_with_load_lora_weights_and_changes_the_unet(cli_args, tiny
     torch.testing.assert_close(unet_output(pipeline.unet), base)
 
 
-def test_full_fine_tuning_saves_a_pipeline_that_from_pretrained_loads(cli_args, tiny_model, tmp_path):
-    run_trainer(cli_args(train_mode="full", learning_rate=1e-3, max_train_steps=2))
-    tuned = load_pipeline(str(tmp_path / "out"))
-    base = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+def test_full_fine_tuning_saves_a_pipeline_that_from_pretrained_loads(dpo, cli_args, tiny_pipeline, tmp_path):
+    run_trainer(dpo, cli_args(train_mode="full", learning_rate=1e-3, max_train_steps=2))
+    tuned = pipeline_class(dpo).from_pretrained(str(tmp_path / "out"))
+    base = UNet2DConditionModel.from_pretrained(tiny_pipeline, subfolder="unet")
     assert (unet_output(tuned.unet) - unet_output(base)).abs().max() > 1e-4
     image = tuned("a shape", num_inference_steps=2, height=RESOLUTION, width=RESOLUTION).images[0]
     assert image.size == (RESOLUTION, RESOLUTION)
 
 
-def test_validation_renders_grids_and_logs_to_tensorboard(cli_args, tmp_path):
+def test_validation_renders_grids_and_logs_to_tensorboard(dpo, cli_args, tmp_path):
     prompts = ["a shape", "a photo of a shape"]
-    run_trainer(cli_args(run_validation=True, validation_steps=2, max_train_steps=3, validation_prompts=prompts,
+    run_trainer(dpo, cli_args(run_validation=True, validation_steps=2, max_train_steps=3, validation_prompts=prompts,
                          num_validation_inference_steps=2, report_to="tensorboard"))
     validation = tmp_path / "out" / "validation"
     # the untuned model once, then every validation_steps, then at the end
@@ -57,7 +48,7 @@ def test_validation_renders_grids_and_logs_to_tensorboard(cli_args, tmp_path):
     assert logged.Tags()["images"]  # the validation images
 
 
-def test_model_card_and_push_to_hub_upload_the_result_without_checkpoints(cli_args, tmp_path, monkeypatch):
+def test_model_card_and_push_to_hub_upload_the_result_without_checkpoints(dpo, cli_args, tmp_path, monkeypatch):
     calls = {}
 
     class Repo:
@@ -65,7 +56,7 @@ def test_model_card_and_push_to_hub_upload_the_result_without_checkpoints(cli_ar
 
     monkeypatch.setattr(dpo, "create_repo", lambda **kwargs: calls.setdefault("create_repo", kwargs) and Repo)
     monkeypatch.setattr(dpo, "upload_folder", lambda **kwargs: calls.setdefault("upload_folder", kwargs))
-    run_trainer(cli_args(push_to_hub=True, hub_model_id="someone/my-dpo-lora", checkpointing_steps=1,
+    run_trainer(dpo, cli_args(push_to_hub=True, hub_model_id="someone/my-dpo-lora", checkpointing_steps=1,
                          beta_dpo=2500))
 
     assert calls["create_repo"]["repo_id"] == "someone/my-dpo-lora" and calls["create_repo"]["exist_ok"]

@@ -40,7 +40,7 @@ def test_time_ids_record_each_images_own_size_and_crop(xl_args):
 
 
 def test_cached_embeddings_equal_the_pipelines_own_encode_prompt(xl_args, tiny_sdxl_model, tmp_path):
-    run_trainer(xl_args(max_train_steps=1), module=dpo_xl)
+    run_trainer(dpo_xl, xl_args(max_train_steps=1))
     (cache,) = (tmp_path / "cache").iterdir()
     pairs = dpo_xl.CachedPreferencePairs(cache)
     index = int(pairs.valid_indices[0])
@@ -67,7 +67,7 @@ def test_the_vae_encodes_in_fp32_unless_a_safe_vae_is_given(xl_args, tiny_sdxl_m
     custom = dpo_xl.parse_args(xl_args(pretrained_vae_model_name_or_path=f"{tiny_sdxl_model}/vae"))
     assert dpo_xl.vae_dtype(custom, torch.float16) == torch.float16
     # a separately given VAE trains, and gets its own cache
-    run_trainer(xl_args(max_train_steps=1, output_dir=tmp_path / "a"), module=dpo_xl)
-    run_trainer(xl_args(max_train_steps=1, output_dir=tmp_path / "b",
-                        pretrained_vae_model_name_or_path=f"{tiny_sdxl_model}/vae"), module=dpo_xl)
+    run_trainer(dpo_xl, xl_args(max_train_steps=1, output_dir=tmp_path / "a"))
+    run_trainer(dpo_xl, xl_args(max_train_steps=1, output_dir=tmp_path / "b",
+                                pretrained_vae_model_name_or_path=f"{tiny_sdxl_model}/vae"))
     assert len(list((tmp_path / "cache").iterdir())) == 2

@@ -5,28 +5,29 @@ import math
 import pytest
 import torch
 
-from conftest import dpo, lora_weights, run_cli, run_trainer
+from conftest import both_trainers, lora_weights, run_cli, run_trainer
 
 LN2 = math.log(2)
 
 
 @pytest.mark.parametrize("train_mode", ["lora", "full"])
-def test_first_step_loss_is_ln2_when_policy_equals_reference(cli_args, train_mode):
-    result = run_trainer(cli_args(train_mode=train_mode, max_train_steps=1))
+@both_trainers
+def test_first_step_loss_is_ln2_when_policy_equals_reference(dpo, cli_args, train_mode):
+    result = run_trainer(dpo, cli_args(train_mode=train_mode, max_train_steps=1))
     first = result["history"][0]
     assert first["loss"] == pytest.approx(LN2, abs=1e-4)
     assert first["reward_margin"] == pytest.approx(0.0, abs=1e-6)
     assert first["model_mse_w"] == pytest.approx(first["ref_mse_w"], abs=1e-7)
 
 
-def test_v_prediction_model_trains_from_ln2(cli_args, tiny_vpred_model):
-    result = run_trainer(cli_args(pretrained_model_name_or_path=tiny_vpred_model, max_train_steps=1))
+def test_v_prediction_model_trains_from_ln2(dpo, cli_args, tiny_vpred_model):
+    result = run_trainer(dpo, cli_args(pretrained_model_name_or_path=tiny_vpred_model, max_train_steps=1))
     assert result["history"][0]["loss"] == pytest.approx(LN2, abs=1e-4)
 
 
-def first_batch(args, tmp_path):
+def first_batch(dpo, args, tmp_path):
     """Precomputes the cache through a 1-step run and returns the first training batch of 4 pairs."""
-    run_trainer(args + ["--max_train_steps", "1"])
+    run_trainer(dpo, args + ["--max_train_steps", "1"])
     (cache,) = (tmp_path / "cache").iterdir()
     pairs = dpo.CachedPreferencePairs(cache)
     loader = torch.utils.data.DataLoader(pairs, batch_size=4, sampler=dpo.PairSampler(pairs, 0, 0.0))
@@ -34,9 +35,10 @@ def first_batch(args, tmp_path):
 
 
 @pytest.mark.parametrize("train_mode", ["lora", "full"])
-def test_a_gradient_step_lowers_the_winners_error_relative_to_the_losers(cli_args, tmp_path, train_mode):
+@both_trainers
+def test_a_gradient_step_lowers_the_winners_error_relative_to_the_losers(dpo, cli_args, tmp_path, train_mode):
     args_list = cli_args(train_mode=train_mode, output_dir=tmp_path / "precompute")
-    batch = first_batch(args_list, tmp_path)
+    batch = first_batch(dpo, args_list, tmp_path)
     args = dpo.parse_args(cli_args(train_mode=train_mode))
     unet, reference = dpo.build_unets(args, torch.device("cpu"), torch.float32)
     scheduler = dpo.DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
@@ -62,7 +64,8 @@ def test_a_gradient_step_lowers_the_winners_error_relative_to_the_losers(cli_arg
     assert all(p.requires_grad for p in trainable)
 
 
-def test_reference_pass_re_enables_the_adapter_even_when_it_fails(cli_args):
+@both_trainers
+def test_reference_pass_re_enables_the_adapter_even_when_it_fails(dpo, cli_args):
     args = dpo.parse_args(cli_args())
     unet, _ = dpo.build_unets(args, torch.device("cpu"), torch.float32)
     with pytest.raises(RuntimeError):
@@ -79,17 +82,18 @@ def test_reference_pass_re_enables_the_adapter_even_when_it_fails(cli_args):
     {"loss_type": "hinge", "gradient_checkpointing": True},
     {"loss_type": "ipo", "proportion_empty_prompts": 0.5, "random_crop": True},
 ], ids=["adafactor", "8bit-adam", "sft", "hinge+checkpointing", "ipo+dropout+crop"])
-def test_lora_weights_move_under_every_objective_and_optimizer(cli_args, tmp_path, flags):
-    result = run_trainer(cli_args(learning_rate=1e-3, max_train_steps=2, **flags))
+def test_lora_weights_move_under_every_objective_and_optimizer(dpo, cli_args, tmp_path, flags):
+    result = run_trainer(dpo, cli_args(learning_rate=1e-3, max_train_steps=2, **flags))
     assert result["global_step"] == 2 and all(math.isfinite(h["loss"]) for h in result["history"])
     lora_up = [w for name, w in lora_weights(tmp_path / "out").items() if "lora_B" in name or "lora.up" in name]
     assert lora_up and any(w.abs().max() > 0 for w in lora_up)  # LoRA B starts at zero: non-zero means it trained
 
 
-def test_accelerate_launch_runs_the_script(cli_args, tmp_path):
+@both_trainers
+def test_accelerate_launch_runs_the_script(dpo, cli_args, tmp_path):
     launcher = [__import__("sys").executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    completed = run_cli(cli_args(max_train_steps=2, report_to="tensorboard"), launcher=launcher)
+    completed = run_cli(dpo, cli_args(max_train_steps=2, report_to="tensorboard"), launcher=launcher)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert (tmp_path / "out" / dpo.LORA_WEIGHT_NAME).exists()
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents*"))

@@ -1,0 +1,488 @@
+#!/usr/bin/env python
+# Copyright 2026 The Diffusion-DPO toolkit authors. Licensed under the Apache License, Version 2.0.
+"""Compare a Diffusion-DPO fine-tune with its base model: same prompts, same seeds, scored by preference models.
+
+Top to bottom: arguments -> prompts -> images of the base model, then of the tuned one (one model in memory at a
+time) -> scores per scorer (one scorer in memory at a time) -> mean scores, win rates with 95% Wilson intervals,
+results.json, the printed table, and grids of the biggest wins and losses.
+
+    python examples/evaluate_dpo.py --base_model stable-diffusion-v1-5/stable-diffusion-v1-5 --tuned sd15-dpo-lora \
+        --prompts_dataset yuvalkirstain/pickapic_v2 --prompts_split validation_unique --mixed_precision fp16
+"""
+
+import argparse
+import gc
+import importlib
+import json
+import math
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import datasets
+import torch
+import torch.nn.functional as F
+from diffusers import AutoPipelineForText2Image, DiffusionPipeline, UNet2DConditionModel
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+from transformers import AutoProcessor, CLIPImageProcessor, CLIPModel
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what train_diffusion_dpo.py writes
+# scorer name -> (module it needs, pip package); pickscore and clip need only transformers
+OPTIONAL_SCORERS = {
+    "hpsv2": ("hpsv2", "hpsv2"),
+    "image_reward": ("ImageReward", "image-reward"),
+    "aesthetic": ("aesthetics_predictor", "simple-aesthetics-predictor"),
+}
+SCORERS = ("pickscore", "clip", *OPTIONAL_SCORERS)
+Z_95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
+GRID_CELL = 384  # side of one image in the wins/losses grids, in pixels
+
+
+class InputError(ValueError):
+    """Bad input from the user: reported as one line, never as a traceback."""
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(input_args=None):
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
+    models = parser.add_argument_group("models")
+    models.add_argument("--base_model", required=True, help="Hub id or local folder of the base diffusers pipeline.")
+    models.add_argument("--revision", default=None, help="Revision of --base_model.")
+    models.add_argument("--variant", default=None, help="Weight variant of --base_model, e.g. 'fp16'.")
+    models.add_argument(
+        "--tuned",
+        required=True,
+        help="Local folder of the tuned model: a LoRA output or checkpoint folder (pytorch_lora_weights.safetensors), "
+        "a full pipeline folder (model_index.json), or a full fine-tuning checkpoint folder (unet/).",
+    )
+
+    prompts = parser.add_argument_group("prompts (one source)")
+    source = prompts.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts_file", help="Text file, one prompt per line (blank lines are skipped).")
+    source.add_argument("--prompts_dataset", help="Hub id, local folder or .parquet file of a dataset of prompts.")
+    prompts.add_argument("--prompts_split", default="train", help="Split of --prompts_dataset.")
+    prompts.add_argument("--prompts_column", default="caption", help="Column of --prompts_dataset with the prompts.")
+    prompts.add_argument("--num_prompts", type=int, default=None, help="Use the first N prompts (default: all).")
+
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--seed", type=int, default=0, help="Prompt i is rendered with seed + i by both models.")
+    sampling.add_argument("--num_inference_steps", type=int, default=50)
+    sampling.add_argument(
+        "--guidance_scale", type=float, default=None, help="Default: the pipeline's own (7.5 for SD 1.5, 5 for SDXL)."
+    )
+    sampling.add_argument("--resolution", type=int, default=None, help="Square side in pixels (default: the model's).")
+    sampling.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
+                          help="Weights dtype of the pipeline and the scorers.")
+    sampling.add_argument("--batch_size", type=int, default=4, help="Prompts per pipeline call and per scorer call.")
+
+    scoring = parser.add_argument_group("scoring")
+    scoring.add_argument("--scorers", default="pickscore",
+                         help=f"Comma-separated, from {', '.join(SCORERS)}. The first one picks the grids' prompts.")
+    scoring.add_argument("--pickscore_model", default="yuvalkirstain/PickScore_v1")
+    scoring.add_argument("--pickscore_processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    scoring.add_argument("--clip_model", default="openai/clip-vit-large-patch14",
+                         help="CLIP model (and its processor) for the clip scorer.")
+    scoring.add_argument("--hpsv2_version", default="v2.1", choices=["v2.0", "v2.1"])
+    scoring.add_argument("--aesthetic_model", default="shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE",
+                         help="LAION aesthetic predictor (simple-aesthetics-predictor format).")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", default="dpo-eval")
+    output.add_argument("--num_grid_prompts", type=int, default=8,
+                        help="Rows of biggest_wins.png and biggest_losses.png.")
+
+    args = parser.parse_args(input_args)
+    try:
+        validate_args(args)
+    except InputError as error:
+        parser.error(str(error))
+    return args
+
+
+def validate_args(args):
+    """Rejects bad input before any model or data is loaded."""
+    args.scorers = [name.strip() for name in args.scorers.split(",") if name.strip()]
+    unknown = [name for name in args.scorers if name not in SCORERS]
+    if unknown or not args.scorers:
+        raise InputError(f"--scorers: unknown {unknown or 'empty list'}; choose from {', '.join(SCORERS)}")
+    for name in ("num_prompts", "num_inference_steps", "batch_size", "num_grid_prompts"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise InputError(f"--{name} must be at least 1")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8 != 0):
+        raise InputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise InputError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+    if args.prompts_file is not None and not os.path.isfile(args.prompts_file):
+        raise InputError(f"--prompts_file {args.prompts_file}: no such file")
+    args.tuned_kind = tuned_kind(args.tuned)
+    if os.path.exists(os.path.join(args.output_dir, "results.json")) or os.path.exists(
+            os.path.join(args.output_dir, "images")):
+        raise InputError(f"--output_dir {args.output_dir} already holds an evaluation; choose a new --output_dir")
+    for name in args.scorers:  # last: importing them can take seconds
+        if name in OPTIONAL_SCORERS:
+            module, package = OPTIONAL_SCORERS[name]
+            try:
+                importlib.import_module(module)
+            except Exception as error:  # not installed, or installed but broken: either way it cannot score
+                reason = f"{type(error).__name__}: {error}".splitlines()[0]
+                raise InputError(f"--scorers {name} needs `pip install {package}` (import {module} failed: {reason})")
+
+
+def tuned_kind(path):
+    """'lora', 'pipeline' or 'unet', from what the folder holds."""
+    if not os.path.isdir(path):
+        raise InputError(f"--tuned {path}: no such folder (download a Hub model first, e.g. `hf download ID "
+                         "--local-dir DIR`)")
+    if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
+        return "lora"
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return "pipeline"
+    if os.path.isfile(os.path.join(path, "unet", "config.json")):
+        return "unet"
+    raise InputError(f"--tuned {path} holds neither {LORA_WEIGHT_NAME} (LoRA) nor model_index.json (pipeline) "
+                     "nor unet/ (full fine-tuning checkpoint)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Prompts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_prompts(args):
+    """The first --num_prompts prompts of --prompts_file or --prompts_dataset, in their order."""
+    if args.prompts_file is not None:
+        with open(args.prompts_file, encoding="utf-8") as file:
+            prompts = [line.strip() for line in file if line.strip()]
+        source = args.prompts_file
+    else:
+        # Streamed: only this split's files are read, and only as far as needed (Pick-a-Pic's train split is
+        # hundreds of GB, and a plain load_dataset would download every split).
+        name, column = args.prompts_dataset, args.prompts_column
+        try:
+            if os.path.isfile(name):
+                dataset = datasets.load_dataset("parquet", data_files=name, split="train", streaming=True)
+            else:
+                dataset = datasets.load_dataset(name, split=args.prompts_split, streaming=True)
+            columns = dataset.column_names or list(next(iter(dataset), {}))
+        except Exception as error:
+            raise InputError(f"cannot load dataset '{name}' split '{args.prompts_split}': {error}".splitlines()[0])
+        if column not in columns:
+            raise InputError(f"dataset '{name}' has no column '{column}' (it has {columns}); name it with "
+                             "--prompts_column")
+        prompts = []
+        for row in dataset.select_columns([column]):
+            if isinstance(row[column], str) and row[column].strip():
+                prompts.append(row[column].strip())
+            if len(prompts) == args.num_prompts:
+                break
+        source = f"dataset '{name}' split '{args.prompts_split}' column '{column}'"
+    if not prompts:
+        raise InputError(f"no prompts in {source}")
+    return prompts[: args.num_prompts]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Images: the base model, then the tuned one, in one pipeline where possible
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_pipeline(model, dtype, device, revision=None, variant=None):
+    """Any text-to-image diffusers pipeline (SD 1.x/2.x, SDXL, ...); the safety checker is left out, since a
+    blacked-out image would count as a loss for whichever model happened to trigger it."""
+    config = DiffusionPipeline.load_config(model, revision=revision)
+    no_safety_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in config else {}
+    pipeline = AutoPipelineForText2Image.from_pretrained(
+        model, dtype=dtype, revision=revision, variant=variant, **no_safety_checker
+    ).to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def load_tuned_weights(pipeline, args, dtype, device):
+    """Turns the base pipeline into the tuned model in place: the LoRA on top of its UNet, or a trained UNet instead
+    of its own (swapped while the new one is still on the CPU, so the device never holds both)."""
+    if args.tuned_kind == "lora":
+        pipeline.load_lora_weights(args.tuned, weight_name=LORA_WEIGHT_NAME)
+    else:
+        pipeline.unet = UNet2DConditionModel.from_pretrained(args.tuned, subfolder="unet", dtype=dtype)
+        free_memory()
+        pipeline.unet.to(device)
+
+
+def generate(pipeline, prompts, seed, image_dir, num_inference_steps, guidance_scale=None, resolution=None,
+             batch_size=4):
+    """Renders prompt i with its own CPU generator seeded seed + i (so the starting noise does not depend on the
+    batching or the device) and saves it as image_dir/iiii.png; returns the paths."""
+    image_dir.mkdir(parents=True, exist_ok=True)
+    extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    paths = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"Generating {image_dir.name}"):
+        batch = prompts[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
+        images = pipeline(prompt=batch, generator=generators, num_inference_steps=num_inference_steps,
+                          height=resolution, width=resolution, **extra).images
+        for index, image in enumerate(images, start=start):
+            paths.append(image_dir / f"{index:04d}.png")
+            image.save(paths[-1])
+    return paths
+
+
+def free_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Scorers: each maps (images, prompts) to one float per image; higher is better
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def embedding(output):
+    """get_*_features returns the projected embedding (transformers 4) or an output holding it (transformers 5)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class ClipScorer:
+    """PickScore and CLIP score, as PickScore defines it: logit_scale.exp() * cosine(text embedding, image embedding),
+    with the model's own learned logit scale (100 for OpenAI CLIP and PickScore)."""
+
+    def __init__(self, model, processor, device, dtype):
+        self.model = CLIPModel.from_pretrained(model, dtype=dtype).to(device).eval()
+        self.processor = AutoProcessor.from_pretrained(processor)
+        self.device, self.dtype = device, dtype
+
+    @torch.inference_mode()
+    def __call__(self, images, prompts):
+        inputs = self.processor(text=prompts, images=images, padding=True, truncation=True, max_length=77,
+                                return_tensors="pt").to(self.device)
+        image_embeds = embedding(self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.dtype)))
+        text_embeds = embedding(self.model.get_text_features(input_ids=inputs["input_ids"],
+                                                             attention_mask=inputs["attention_mask"]))
+        cosine = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
+        return (self.model.logit_scale.float().exp() * cosine).tolist()
+
+
+class HpsV2Scorer:
+    """HPS v2 (Wu et al. 2023): the hpsv2 package's OpenCLIP ViT-H-14 with its fine-tuned weights, loaded once
+    (hpsv2.score would reload the checkpoint on every call); image-text cosine similarity."""
+
+    def __init__(self, version, device):
+        from hpsv2.src.open_clip import create_model_and_transforms, get_tokenizer
+        from hpsv2.utils import hps_version_map
+        from huggingface_hub import hf_hub_download
+
+        self.model, _, self.preprocess = create_model_and_transforms(
+            "ViT-H-14", "laion2B-s32B-b79K", precision="amp", device=device, jit=False, output_dict=True)
+        checkpoint = torch.load(hf_hub_download("xswu/HPSv2", hps_version_map[version]), map_location=device)
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.model.eval()
+        self.tokenizer = get_tokenizer("ViT-H-14")
+        self.device = torch.device(device)
+
+    @torch.inference_mode()
+    def __call__(self, images, prompts):
+        pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device)
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            outputs = self.model(pixels, self.tokenizer(prompts).to(self.device))
+        return (outputs["image_features"].float() * outputs["text_features"].float()).sum(-1).tolist()
+
+
+class ImageRewardScorer:
+    """ImageReward (Xu et al. 2023), through the image-reward package."""
+
+    def __init__(self, device):
+        import ImageReward
+
+        self.model = ImageReward.load("ImageReward-v1.0", device=device).eval()
+
+    @torch.inference_mode()
+    def __call__(self, images, prompts):
+        return [float(self.model.score(prompt, image)) for image, prompt in zip(images, prompts)]
+
+
+class AestheticScorer:
+    """The LAION aesthetic predictor v2 (a linear head on CLIP ViT-L/14 image embeddings); ignores the prompt."""
+
+    def __init__(self, model, device, dtype):
+        from aesthetics_predictor import AestheticsPredictorV2Linear
+
+        self.model = AestheticsPredictorV2Linear.from_pretrained(model, dtype=dtype).to(device).eval()
+        self.processor = CLIPImageProcessor.from_pretrained(model)
+        self.device, self.dtype = device, dtype
+
+    @torch.inference_mode()
+    def __call__(self, images, prompts):
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
+        return self.model(pixel_values=pixels).logits.squeeze(-1).float().tolist()
+
+
+def load_scorer(name, args, device, dtype):
+    if name == "pickscore":
+        return ClipScorer(args.pickscore_model, args.pickscore_processor, device, dtype)
+    if name == "clip":
+        return ClipScorer(args.clip_model, args.clip_model, device, dtype)
+    if name == "hpsv2":
+        return HpsV2Scorer(args.hpsv2_version, device)
+    if name == "image_reward":
+        return ImageRewardScorer(device)
+    return AestheticScorer(args.aesthetic_model, device, dtype)
+
+
+def score_images(scorer, images, prompts, batch_size=4):
+    """One score per (image, prompt); images are PIL images or paths to image files."""
+    scores = []
+    for start in range(0, len(images), batch_size):
+        batch = [image if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
+                 for image in images[start : start + batch_size]]
+        scores += scorer(batch, prompts[start : start + batch_size])
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Statistics and reports
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def win_rate_with_ci(base_scores, tuned_scores, z=Z_95):
+    """Fraction of prompts where the tuned image scores higher than the base image (exact ties count half), with a
+    Wilson score interval (95% by default) on that fraction. Returns a dict: win_rate, ci_low, ci_high, wins, ties,
+    losses, n. Counting a tie as half a win slightly overstates the variance when there are many ties."""
+    if len(base_scores) != len(tuned_scores) or not base_scores:
+        raise ValueError("need the same positive number of base and tuned scores")
+    pairs = list(zip(base_scores, tuned_scores))
+    wins = sum(tuned > base for base, tuned in pairs)
+    ties = sum(tuned == base for base, tuned in pairs)
+    n = len(pairs)
+    rate = (wins + 0.5 * ties) / n
+    center = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half_width = z / (1 + z * z / n) * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return {"win_rate": rate, "ci_low": max(0.0, center - half_width), "ci_high": min(1.0, center + half_width),
+            "wins": wins, "ties": ties, "losses": n - wins - ties, "n": n}
+
+
+def summary_table(summary):
+    lines = [f"{'scorer':<14}{'base mean':>12}{'tuned mean':>12}{'win rate':>10}  {'95% CI (Wilson)':<16}"
+             f"{'wins/ties/losses':>18}"]
+    for name, s in summary.items():
+        interval, counts = f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]", f"{s['wins']}/{s['ties']}/{s['losses']}"
+        lines.append(f"{name:<14}{s['base_mean']:>12.4f}{s['tuned_mean']:>12.4f}{s['win_rate']:>10.3f}  "
+                     f"{interval:<16}{counts:>18}")
+    return "\n".join(lines)
+
+
+def comparison_grid(rows, scorer, title):
+    """One row per prompt: base | tuned, under a line with the index, the scores and the prompt."""
+    font = ImageFont.load_default(size=15)
+    width, text_height = 2 * GRID_CELL, 68
+    grid = Image.new("RGB", (width, 30 + max(1, len(rows)) * (text_height + GRID_CELL)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((6, 6), f"{title} ({scorer}): base (left) | tuned (right)", fill="black", font=font)
+    if not rows:
+        draw.text((6, 40), "none", fill="black", font=font)
+    for number, row in enumerate(rows):
+        top = 30 + number * (text_height + GRID_CELL)
+        header = (f"#{row['index']}  base {row['base']:.4g}  tuned {row['tuned']:.4g}  "
+                  f"({row['tuned'] - row['base']:+.4g})")
+        prompt = textwrap.shorten(row["prompt"], width=2 * 85, placeholder=" ...")
+        draw.multiline_text((6, top + 4), "\n".join([header, *textwrap.wrap(prompt, width=85)]), fill="black",
+                            font=font, spacing=2)
+        for column, path in enumerate((row["base_path"], row["tuned_path"])):
+            image = Image.open(path).convert("RGB").resize((GRID_CELL, GRID_CELL))
+            grid.paste(image, (column * GRID_CELL, top + text_height))
+    return grid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. main: prompts -> images -> scores -> report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    """Generates, scores and reports; returns the results dict that is also written to results.json."""
+    prompts = load_prompts(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    output_dir = Path(args.output_dir)
+    print(f"Evaluating {args.tuned} ({args.tuned_kind}) against {args.base_model} on {len(prompts)} prompts, "
+          f"device {device}, {dtype}.")
+
+    # The same prompts and seeds for both models; the base model first, then the tuned one in its place.
+    sampling = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                    resolution=args.resolution, batch_size=args.batch_size)
+    pipeline = load_pipeline(args.base_model, dtype, device, args.revision, args.variant)
+    base_paths = generate(pipeline, prompts, args.seed, output_dir / "images" / "base", **sampling)
+    if args.tuned_kind == "pipeline":  # a pipeline of its own: drop the base one first
+        del pipeline
+        free_memory()
+        pipeline = load_pipeline(args.tuned, dtype, device)
+    else:
+        load_tuned_weights(pipeline, args, dtype, device)
+    tuned_paths = generate(pipeline, prompts, args.seed, output_dir / "images" / "tuned", **sampling)
+    del pipeline
+    free_memory()
+
+    scores = {}
+    for name in args.scorers:
+        scorer = load_scorer(name, args, device, dtype)
+        scores[name] = {"base": score_images(scorer, base_paths, prompts, args.batch_size),
+                        "tuned": score_images(scorer, tuned_paths, prompts, args.batch_size)}
+        del scorer
+        free_memory()
+
+    summary = {}
+    for name, s in scores.items():
+        summary[name] = {"base_mean": sum(s["base"]) / len(prompts), "tuned_mean": sum(s["tuned"]) / len(prompts),
+                         **win_rate_with_ci(s["base"], s["tuned"])}
+    results = {
+        "base_model": args.base_model,
+        "tuned": args.tuned,
+        "tuned_kind": args.tuned_kind,
+        "num_prompts": len(prompts),
+        "settings": {k: getattr(args, k) for k in ("seed", "num_inference_steps", "guidance_scale", "resolution",
+                                                   "mixed_precision", "prompts_file", "prompts_dataset",
+                                                   "prompts_split", "prompts_column")},
+        "win_rate_definition": "fraction of prompts where tuned scores higher than base, exact ties count half; "
+                               "95% Wilson score interval",
+        "scorers": summary,
+        "per_prompt": [{"index": i, "prompt": prompt, "base_image": str(base_paths[i]),
+                        "tuned_image": str(tuned_paths[i]),
+                        "scores": {name: {"base": s["base"][i], "tuned": s["tuned"][i]} for name, s in scores.items()}}
+                       for i, prompt in enumerate(prompts)],
+    }
+    with open(output_dir / "results.json", "w") as file:
+        json.dump(results, file, indent=2)
+
+    # The prompts where the first scorer moved most, in each direction.
+    first = args.scorers[0]
+    rows = [{"index": i, "prompt": prompts[i], "base": scores[first]["base"][i], "tuned": scores[first]["tuned"][i],
+             "base_path": base_paths[i], "tuned_path": tuned_paths[i]} for i in range(len(prompts))]
+    rows.sort(key=lambda row: row["tuned"] - row["base"], reverse=True)
+    wins = [row for row in rows if row["tuned"] > row["base"]][: args.num_grid_prompts]
+    losses = [row for row in reversed(rows) if row["tuned"] < row["base"]][: args.num_grid_prompts]
+    comparison_grid(wins, first, "Biggest wins of the tuned model").save(output_dir / "biggest_wins.png")
+    comparison_grid(losses, first, "Biggest losses of the tuned model").save(output_dir / "biggest_losses.png")
+
+    print(f"\n{len(prompts)} prompts; win rate = tuned beats base on a prompt (ties count half), 95% Wilson interval\n")
+    print(summary_table(summary))
+    print(f"\nWrote {output_dir / 'results.json'}, {output_dir / 'biggest_wins.png'}, "
+          f"{output_dir / 'biggest_losses.png'} and the images under {output_dir / 'images'}")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except InputError as error:
+        sys.exit(f"error: {error}")

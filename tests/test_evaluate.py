@@ -1,0 +1,170 @@
+"""examples/evaluate_dpo.py: base and tuned images from the same seeds, scored, with win rates, grids and reruns."""
+
+import importlib.util
+import json
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+import evaluate_dpo
+from conftest import RESOLUTION, run_trainer, tiny_assets
+
+PROMPTS = list(tiny_assets.CAPTION_POOL)  # 6 prompts the tiny tokenizer knows
+
+
+def evaluate(argv):
+    return evaluate_dpo.main(evaluate_dpo.parse_args(argv))
+
+
+@pytest.fixture
+def eval_args(tiny_model, tiny_clip_scorer, tmp_path):
+    """Returns a function building an evaluation command line on the tiny assets."""
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS) + "\n\n")  # a trailing blank line is skipped
+
+    def build(tuned, output_dir, *extra):
+        return ["--base_model", tiny_model, "--tuned", str(tuned), "--prompts_file", str(prompts_file),
+                "--num_inference_steps", "3", "--resolution", str(RESOLUTION), "--batch_size", "4",
+                "--pickscore_model", tiny_clip_scorer, "--pickscore_processor", tiny_clip_scorer,
+                "--output_dir", str(output_dir), "--num_grid_prompts", "3", *extra]
+
+    return build
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_lora_evaluation_end_to_end_and_rerun_gives_the_same_base_images(dpo, cli_args, eval_args, tmp_path):
+    run_trainer(dpo, cli_args(learning_rate=0.1, max_train_steps=3))  # a deliberately large step: the LoRA must show
+    results = evaluate(eval_args(tmp_path / "out", tmp_path / "eval"))
+
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["tuned_kind"] == "lora" and saved["num_prompts"] == len(PROMPTS)
+    pickscore = saved["scorers"]["pickscore"]
+    assert np.isfinite(pickscore["base_mean"]) and np.isfinite(pickscore["tuned_mean"])
+    assert 0 <= pickscore["ci_low"] <= pickscore["win_rate"] <= pickscore["ci_high"] <= 1
+    assert pickscore["wins"] + pickscore["ties"] + pickscore["losses"] == pickscore["n"] == len(PROMPTS)
+    per_prompt = saved["per_prompt"]
+    assert [row["prompt"] for row in per_prompt] == PROMPTS
+    base_mean = np.mean([row["scores"]["pickscore"]["base"] for row in per_prompt])
+    assert base_mean == pytest.approx(pickscore["base_mean"])
+    assert saved == json.loads(json.dumps(results))
+
+    images = tmp_path / "eval" / "images"
+    for model in ("base", "tuned"):
+        assert sorted(p.name for p in (images / model).iterdir()) == [f"{i:04d}.png" for i in range(len(PROMPTS))]
+        assert Image.open(images / model / "0000.png").size == (RESOLUTION, RESOLUTION)
+    # same seeds, different weights: the LoRA changed what was drawn
+    assert any((pixels(images / "base" / p.name) != pixels(p)).any() for p in (images / "tuned").iterdir())
+    for grid in ("biggest_wins.png", "biggest_losses.png"):
+        assert Image.open(tmp_path / "eval" / grid).size[0] == 2 * evaluate_dpo.GRID_CELL
+
+    evaluate(eval_args(tmp_path / "out", tmp_path / "rerun"))
+    for i in range(len(PROMPTS)):
+        np.testing.assert_array_equal(pixels(images / "base" / f"{i:04d}.png"),
+                                      pixels(tmp_path / "rerun" / "images" / "base" / f"{i:04d}.png"))
+
+
+def test_full_fine_tune_as_a_pipeline_folder_or_a_unet_checkpoint_with_prompts_from_a_dataset(dpo, cli_args, eval_args, pickapic_data, tmp_path):
+    run_trainer(dpo, cli_args(train_mode="full", learning_rate=1e-2, max_train_steps=2, checkpointing_steps=2))
+    captions = datasets.load_dataset(pickapic_data, split="train")["caption"]
+    tuned_images = {}
+    for tuned, kind in (("out", "pipeline"), ("out/checkpoint-2", "unet")):
+        argv = eval_args(tmp_path / tuned, tmp_path / f"eval-{kind}")
+        at = argv.index("--prompts_file")
+        argv[at : at + 2] = ["--prompts_dataset", pickapic_data, "--num_prompts", "3"]  # default column and split
+        results = evaluate(argv)
+        assert results["tuned_kind"] == kind and results["num_prompts"] == 3
+        assert [row["prompt"] for row in results["per_prompt"]] == captions[:3]
+        tuned_images[kind] = [pixels(row["tuned_image"]) for row in results["per_prompt"]]
+    # the final pipeline and the step-2 checkpoint hold the same UNet
+    for pipeline_image, checkpoint_image in zip(tuned_images["pipeline"], tuned_images["unet"]):
+        np.testing.assert_array_equal(pipeline_image, checkpoint_image)
+
+
+def test_win_rate_with_ci():
+    all_wins = evaluate_dpo.win_rate_with_ci([0.0] * 20, [1.0] * 20)
+    assert all_wins["win_rate"] == 1 and all_wins["ci_high"] == 1 and all_wins["ci_low"] > 0.5
+    assert all_wins["wins"] == 20 and all_wins["ties"] == all_wins["losses"] == 0
+
+    # 2 wins, 2 ties, 1 loss: (2 + 2 / 2) / 5
+    mixed = evaluate_dpo.win_rate_with_ci([0, 0, 1, 1, 1], [1, 1, 1, 1, 0])
+    assert mixed["win_rate"] == pytest.approx(0.6) and (mixed["wins"], mixed["ties"], mixed["losses"]) == (2, 2, 1)
+    assert mixed["ci_low"] < 0.6 < mixed["ci_high"]
+
+    all_ties = evaluate_dpo.win_rate_with_ci([3.0] * 10, [3.0] * 10)
+    assert all_ties["win_rate"] == 0.5 and all_ties["ci_low"] < 0.5 < all_ties["ci_high"]
+    # Wilson's interval is symmetric around 1/2 for a rate of 1/2, and narrows as n grows
+    assert all_ties["ci_low"] == pytest.approx(1 - all_ties["ci_high"])
+    many_ties = evaluate_dpo.win_rate_with_ci([3.0] * 1000, [3.0] * 1000)
+    assert many_ties["ci_high"] - many_ties["ci_low"] < all_ties["ci_high"] - all_ties["ci_low"]
+
+
+def test_a_grid_with_no_rows_says_so_instead_of_failing():
+    grid = evaluate_dpo.comparison_grid([], "pickscore", "Biggest wins of the tuned model")
+    assert grid.size[0] == 2 * evaluate_dpo.GRID_CELL
+
+
+@pytest.mark.parametrize("case,message", [
+    ("empty_tuned", "holds neither pytorch_lora_weights.safetensors (LoRA) nor model_index.json"),
+    ("missing_tuned", "no such folder"),
+    ("unknown_scorer", "--scorers: unknown ['pickscor']"),
+    ("resolution", "--resolution must be a positive multiple of 8"),
+    ("missing_package", "--scorers hpsv2 needs `pip install hpsv2`"),
+    ("num_prompts", "--num_prompts must be at least 1"),
+    ("earlier_evaluation", "already holds an evaluation; choose a new --output_dir"),
+])
+def test_bad_flags_fail_in_one_line_before_anything_loads(eval_args, tmp_path, capsys, case, message):
+    (tmp_path / "empty").mkdir()
+    tuned = tmp_path / ("missing" if case == "missing_tuned" else "empty")
+    if case == "missing_package" and importlib.util.find_spec("hpsv2") is not None:
+        pytest.skip("hpsv2 is installed here")
+    extra = {"unknown_scorer": ["--scorers", "pickscore,pickscor"], "resolution": ["--resolution", "30"],
+             "missing_package": ["--scorers", "pickscore,hpsv2"], "num_prompts": ["--num_prompts", "0"]}.get(case, [])
+    if case == "earlier_evaluation":
+        (tmp_path / "eval").mkdir()
+        (tmp_path / "eval" / "results.json").write_text("{}")
+    if case not in ("empty_tuned", "missing_tuned"):
+        (tmp_path / "empty" / "pytorch_lora_weights.safetensors").touch()  # a LoRA folder, as far as detection goes
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_dpo.parse_args(eval_args(tuned, tmp_path / "eval", *extra))
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert message in line
+
+
+@pytest.mark.parametrize("source,message", [
+    ("blank_file", "no prompts in"),
+    ("wrong_column", "has no column 'prompt' (it has ['caption', 'jpg_0', 'jpg_1', 'label_0']); name it with"),
+    ("wrong_split", "split 'validation_unique': "),
+])
+def test_unusable_prompts_are_one_clear_error_before_any_model_loads(eval_args, pickapic_data, tmp_path, source,
+                                                                     message):
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").touch()  # not a loadable LoRA: nothing may load it
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    argv = eval_args(tmp_path / "lora", tmp_path / "eval")
+    at = argv.index("--prompts_file")
+    argv[at : at + 2] = {
+        "blank_file": ["--prompts_file", str(tmp_path / "blank.txt")],
+        "wrong_column": ["--prompts_dataset", pickapic_data, "--prompts_column", "prompt"],
+        "wrong_split": ["--prompts_dataset", pickapic_data, "--prompts_split", "validation_unique"],
+    }[source]
+    with pytest.raises(evaluate_dpo.InputError) as error:
+        evaluate(argv)
+    assert message in str(error.value)
+    assert not (tmp_path / "eval").exists()  # nothing was generated
+
+
+@pytest.mark.parametrize("dpo", ["sdxl"], indirect=True)
+def test_sdxl_lora_from_the_sdxl_trainer(dpo, cli_args, eval_args, tiny_sdxl_model, tmp_path):
+    run_trainer(dpo, cli_args(learning_rate=0.1, max_train_steps=2))
+    argv = eval_args(tmp_path / "out", tmp_path / "eval", "--num_prompts", "2")
+    argv[argv.index("--base_model") + 1] = tiny_sdxl_model
+    results = evaluate(argv)
+    assert results["tuned_kind"] == "lora" and results["num_prompts"] == 2
+    changed = [(pixels(row["base_image"]) != pixels(row["tuned_image"])).any() for row in results["per_prompt"]]
+    assert any(changed) and Image.open(results["per_prompt"][0]["base_image"]).size == (RESOLUTION, RESOLUTION)
