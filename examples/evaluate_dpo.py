@@ -8,6 +8,12 @@ results.json, the printed table, and grids of the biggest wins and losses.
 
     python examples/evaluate_dpo.py --base_model stable-diffusion-v1-5/stable-diffusion-v1-5 --tuned sd15-dpo-lora \
         --prompts_dataset yuvalkirstain/pickapic_v2 --prompts_split validation_unique --mixed_precision fp16
+
+`--mode implicit_accuracy` instead measures the paper's implicit-reward accuracy of the tuned model on a split of
+preference pairs, with the trainer's own held-out evaluation (no images are generated):
+
+    python examples/evaluate_dpo.py --mode implicit_accuracy --base_model stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --tuned sd15-dpo-lora --preference_dataset yuvalkirstain/pickapic_v2 --preference_split validation
 """
 
 import argparse
@@ -56,6 +62,13 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def parse_args(input_args=None):
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--mode",
+        default="generate",
+        choices=["generate", "implicit_accuracy"],
+        help="generate: images from both models, scored by reward models; implicit_accuracy: the paper's "
+        "implicit-reward accuracy on preference pairs (see the preference-pairs flags).",
+    )
     models = parser.add_argument_group("models")
     models.add_argument("--base_model", required=True, help="Hub id or local folder of the base diffusers pipeline.")
     models.add_argument("--revision", default=None, help="Revision of --base_model.")
@@ -68,7 +81,7 @@ def parse_args(input_args=None):
     )
 
     prompts = parser.add_argument_group("prompts (one source)")
-    source = prompts.add_mutually_exclusive_group(required=True)
+    source = prompts.add_mutually_exclusive_group()
     source.add_argument("--prompts_file", help="Text file, one prompt per line (blank lines are skipped).")
     source.add_argument("--prompts_dataset", help="Hub id, local folder or .parquet file of a dataset of prompts.")
     prompts.add_argument("--prompts_split", default="train", help="Split of --prompts_dataset.")
@@ -97,6 +110,16 @@ def parse_args(input_args=None):
     scoring.add_argument("--aesthetic_model", default="shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE",
                          help="LAION aesthetic predictor (simple-aesthetics-predictor format).")
 
+    pairs = parser.add_argument_group("preference pairs (--mode implicit_accuracy)")
+    pairs.add_argument("--preference_dataset", help="Hub id, local folder or .parquet file in Pick-a-Pic format.")
+    pairs.add_argument("--preference_split", default="validation", help="Split of --preference_dataset.")
+    pairs.add_argument("--num_pairs", type=int, default=None, help="A seeded random subset of this many pairs.")
+    pairs.add_argument("--validation_timesteps", type=int, default=10,
+                       help="Fixed (timestep, noise) draws per pair; errors are averaged over them (paper: 10).")
+    pairs.add_argument("--beta_dpo", type=float, default=None,
+                       help="Only changes the reported loss and margin (default: the trainer's, 2000 / 5000 SDXL).")
+    pairs.add_argument("--precompute_cache_dir", default=None, help="Where the trainer caches latents of the pairs.")
+
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="dpo-eval")
     output.add_argument("--num_grid_prompts", type=int, default=8,
@@ -112,6 +135,15 @@ def parse_args(input_args=None):
 
 def validate_args(args):
     """Rejects bad input before any model or data is loaded."""
+    if args.mode == "implicit_accuracy":
+        if args.preference_dataset is None:
+            raise InputError("--mode implicit_accuracy needs --preference_dataset")
+        args.tuned_kind = tuned_kind(args.tuned)
+        if os.path.exists(os.path.join(args.output_dir, "implicit_accuracy.json")):
+            raise InputError(f"--output_dir {args.output_dir} already holds an evaluation; choose a new --output_dir")
+        return
+    if args.prompts_file is None and args.prompts_dataset is None:
+        raise InputError("one of the arguments --prompts_file --prompts_dataset is required")
     args.scorers = [name.strip() for name in args.scorers.split(",") if name.strip()]
     unknown = [name for name in args.scorers if name not in SCORERS]
     if unknown or not args.scorers:
@@ -409,8 +441,70 @@ def comparison_grid(rows, scorer, title):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def implicit_accuracy(args):
+    """The paper's implicit-reward accuracy of the tuned model (reference: the base model) on preference pairs,
+    computed by the trainer's own code: its data loading and latent cache, its LoRA/UNet loading and
+    evaluate_held_out (fixed noise and timesteps per pair, exact ties counting half). Writes implicit_accuracy.json."""
+    from accelerate import Accelerator
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train_diffusion_dpo
+    import train_diffusion_dpo_sdxl
+
+    is_sdxl = "XL" in DiffusionPipeline.load_config(args.base_model, revision=args.revision)["_class_name"]
+    trainer = train_diffusion_dpo_sdxl if is_sdxl else train_diffusion_dpo
+    lora = args.tuned_kind == "lora"
+    flags = {"pretrained_model_name_or_path": args.base_model, "revision": args.revision, "variant": args.variant,
+             "dataset_name": args.preference_dataset, "dataset_split_name": args.preference_split,
+             "validation_timesteps": args.validation_timesteps, "beta_dpo": args.beta_dpo, "resolution": args.resolution,
+             "precompute_cache_dir": args.precompute_cache_dir, "seed": args.seed, "report_to": "none",
+             "train_mode": "lora" if lora else "full", "train_batch_size": args.batch_size, "no_hflip": True,
+             "rank": lora_rank(args.tuned) if lora else None, "output_dir": os.path.join(args.output_dir, "unused")}
+    trainer_args = trainer.parse_args([item for name, value in flags.items() if value not in (None, False)
+                                       for item in ((f"--{name}",) if value is True else (f"--{name}", str(value)))])
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+
+    dataset = trainer.load_preference_pairs(trainer_args, args.preference_split)
+    if args.num_pairs is not None:
+        dataset = dataset.shuffle(seed=args.seed).select(range(min(args.num_pairs, len(dataset))))
+    (cache,) = trainer.load_or_precompute(trainer_args, [dataset], accelerator, weight_dtype)
+    pairs = trainer.CachedPreferencePairs(cache)
+    scheduler = trainer.DDPMScheduler.from_pretrained(args.base_model, subfolder="scheduler", revision=args.revision)
+    if lora:  # the base UNet with the tuned adapter; the reference is the same UNet with the adapter off
+        unet, reference = trainer.build_unets(trainer_args, accelerator.device, weight_dtype)
+        trainer.load_lora_into(unet, args.tuned)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(args.tuned, subfolder="unet").to(accelerator.device)
+        reference = trainer.load_unet(trainer_args, weight_dtype).to(accelerator.device)
+    unet = accelerator.prepare_model(unet, evaluation_mode=True)  # mixed precision: autocast, as in training
+    metrics, _ = trainer.evaluate_held_out(accelerator, unet, reference, pairs, scheduler, trainer_args)
+    results = {"base_model": args.base_model, "tuned": args.tuned, "tuned_kind": args.tuned_kind,
+               "preference_dataset": args.preference_dataset, "preference_split": args.preference_split,
+               "num_pairs": len(pairs), "validation_timesteps": args.validation_timesteps, "seed": args.seed,
+               **{name.removeprefix("eval/"): value for name, value in metrics.items()}}
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "implicit_accuracy.json"), "w") as file:
+        json.dump(results, file, indent=2)
+    print(f"Implicit-reward accuracy of {args.tuned} on {len(pairs)} pairs of {args.preference_dataset} "
+          f"({args.preference_split}): {results['implicit_acc']:.4f} (reward margin {results['reward_margin']:.4g}, "
+          f"loss {results['loss']:.4f})")
+    return results
+
+
+def lora_rank(folder):
+    """The rank of a saved LoRA, read off its weight shapes."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, LORA_WEIGHT_NAME), framework="pt") as weights:
+        name = next(k for k in weights.keys() if "lora_A" in k or "lora.down" in k)
+        return weights.get_slice(name).get_shape()[0]
+
+
 def main(args):
     """Generates, scores and reports; returns the results dict that is also written to results.json."""
+    if args.mode == "implicit_accuracy":
+        return implicit_accuracy(args)
     prompts = load_prompts(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)

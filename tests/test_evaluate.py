@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import evaluate_dpo
-from conftest import RESOLUTION, run_trainer, tiny_assets
+from conftest import RESOLUTION, both_trainers, run_trainer, tiny_assets
 
 PROMPTS = list(tiny_assets.CAPTION_POOL)  # 6 prompts the tiny tokenizer knows
 
@@ -168,3 +168,23 @@ def test_sdxl_lora_from_the_sdxl_trainer(dpo, cli_args, eval_args, tiny_sdxl_mod
     assert results["tuned_kind"] == "lora" and results["num_prompts"] == 2
     changed = [(pixels(row["base_image"]) != pixels(row["tuned_image"])).any() for row in results["per_prompt"]]
     assert any(changed) and Image.open(results["per_prompt"][0]["base_image"]).size == (RESOLUTION, RESOLUTION)
+
+
+@both_trainers
+@pytest.mark.parametrize("train_mode", ["lora", "full"])
+def test_implicit_accuracy_mode_reproduces_the_trainers_held_out_numbers(dpo, cli_args, tiny_pipeline, pickapic_data,
+                                                                         tmp_path, train_mode):
+    # The trainer holds out 4 pairs of the train split (seeded) and evaluates them at the end; the evaluation
+    # script, pointed at the same 4 pairs of that split with the same seed, must report the same numbers.
+    trained = run_trainer(dpo, cli_args(train_mode=train_mode, num_validation_pairs=4, learning_rate=1e-2,
+                                        max_train_steps=2, validation_timesteps=3))
+    results = evaluate(["--mode", "implicit_accuracy", "--base_model", tiny_pipeline, "--tuned", str(tmp_path / "out"),
+                        "--preference_dataset", pickapic_data, "--preference_split", "train", "--num_pairs", "4",
+                        "--validation_timesteps", "3", "--resolution", str(RESOLUTION),
+                        "--output_dir", str(tmp_path / "eval")])
+    expected = trained["evaluations"][-1]
+    assert results["num_pairs"] == 4
+    for name in ("implicit_acc", "reward_margin", "loss", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l"):
+        assert results[name] == pytest.approx(expected[f"eval/{name}"], rel=1e-4, abs=1e-6), name
+    assert json.loads((tmp_path / "eval" / "implicit_accuracy.json").read_text())["implicit_acc"] == \
+        results["implicit_acc"]
