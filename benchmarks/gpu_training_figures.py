@@ -1,8 +1,10 @@
-"""Measures the SD1.5 trainer on random-weight models: precompute throughput, steady-state step time, peak memory.
+"""Measures a trainer on random-weight models: time to the first step (precompute), steady-state step time, peak
+memory, with a cold and then a warm latent cache.
 
     python benchmarks/gpu_training_figures.py --preset sd15 --resolution 512 --n_pairs 256 -- --mixed_precision fp16
+    python benchmarks/gpu_training_figures.py --sdxl --preset sdxl --resolution 1024 -- --mixed_precision bf16
 
-Everything after `--` is passed to train_diffusion_dpo.py. The first steps (CUDA warm-up, allocator growth) are
+Everything after `--` is passed to the trainer. The first steps (CUDA warm-up, allocator growth) are
 excluded from the step time. Prints one line of figures per run.
 """
 
@@ -19,10 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
 import tiny_assets  # noqa: E402
-import train_diffusion_dpo as dpo  # noqa: E402
+import train_diffusion_dpo  # noqa: E402
+import train_diffusion_dpo_sdxl  # noqa: E402
 
 
-def measure(model_dir, data_dir, work_dir, cache_dir, resolution, steps, warmup, trainer_flags):
+def measure(dpo, model_dir, data_dir, work_dir, cache_dir, resolution, steps, warmup, trainer_flags):
     step_times = []
     original_compute_loss = dpo.compute_loss
 
@@ -56,7 +59,8 @@ def measure(model_dir, data_dir, work_dir, cache_dir, resolution, steps, warmup,
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny", choices=sorted(tiny_assets.PRESETS))
+    parser.add_argument("--sdxl", action="store_true", help="measure train_diffusion_dpo_sdxl.py (SDXL_PRESETS)")
+    parser.add_argument("--preset", default="tiny", help="a key of tiny_assets.PRESETS, or SDXL_PRESETS with --sdxl")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--n_pairs", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
@@ -65,18 +69,21 @@ def main():
     trainer_flags = [f for f in trainer_flags if f != "--"]
 
     work = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
-    model_dir = tiny_assets.build_tiny_sd_pipeline(str(work / "model"), preset=args.preset)
+    dpo = train_diffusion_dpo_sdxl if args.sdxl else train_diffusion_dpo
+    build = tiny_assets.build_tiny_sdxl_pipeline if args.sdxl else tiny_assets.build_tiny_sd_pipeline
+    model_dir = build(str(work / "model"), preset=args.preset)
     data_dir = tiny_assets.build_pickapic_dataset(str(work / "data"), n_pairs=args.n_pairs, n_ties=0,
                                                   image_size=args.resolution)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
-    print(f"device: {device}; preset {args.preset}; {args.resolution}px; {args.n_pairs} pairs; flags {trainer_flags}")
+    print(f"device: {device}; {dpo.__name__}; preset {args.preset}; {args.resolution}px; {args.n_pairs} pairs; "
+          f"flags {trainer_flags}")
 
     from accelerate.state import AcceleratorState, GradientState
 
     for run in ("cold cache", "warm cache"):  # the second run reuses the first one's precomputed latents
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-        figures = measure(model_dir, data_dir, work / run.replace(" ", "-"), work / "cache", args.resolution,
+        figures = measure(dpo, model_dir, data_dir, work / run.replace(" ", "-"), work / "cache", args.resolution,
                           args.steps, args.warmup, trainer_flags)
         print(f"{run}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()), flush=True)
 
