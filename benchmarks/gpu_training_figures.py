@@ -65,15 +65,18 @@ def main():
     parser.add_argument("--n_pairs", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--work_dir", default=None, help="reuse the model and data built here by an earlier run")
     args, trainer_flags = parser.parse_known_args()
     trainer_flags = [f for f in trainer_flags if f != "--"]
 
-    work = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="dpo-bench-"))
+    runs = work / f"runs-{time.time_ns()}"
     dpo = train_diffusion_dpo_sdxl if args.sdxl else train_diffusion_dpo
     build = tiny_assets.build_tiny_sdxl_pipeline if args.sdxl else tiny_assets.build_tiny_sd_pipeline
-    model_dir = build(str(work / "model"), preset=args.preset)
-    data_dir = tiny_assets.build_pickapic_dataset(str(work / "data"), n_pairs=args.n_pairs, n_ties=0,
-                                                  image_size=args.resolution)
+    model_dir, data_dir = str(work / "model"), str(work / "data")
+    if not os.path.exists(os.path.join(model_dir, "model_index.json")):
+        build(model_dir, preset=args.preset)
+        tiny_assets.build_pickapic_dataset(data_dir, n_pairs=args.n_pairs, n_ties=0, image_size=args.resolution)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
     print(f"device: {device}; {dpo.__name__}; preset {args.preset}; {args.resolution}px; {args.n_pairs} pairs; "
           f"flags {trainer_flags}")
@@ -83,7 +86,7 @@ def main():
     for run in ("cold cache", "warm cache"):  # the second run reuses the first one's precomputed latents
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-        figures = measure(dpo, model_dir, data_dir, work / run.replace(" ", "-"), work / "cache", args.resolution,
+        figures = measure(dpo, model_dir, data_dir, runs / run.replace(" ", "-"), runs / "cache", args.resolution,
                           args.steps, args.warmup, trainer_flags)
         print(f"{run}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()), flush=True)
 
