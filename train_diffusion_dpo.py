@@ -391,16 +391,14 @@ def holds_earlier_run(output_dir):
 def load_preference_pairs(args, split):
     """Loads one split with the needed columns and drops ties and invalid labels (images stay undecoded)."""
     name = args.dataset_name
+    if os.path.isfile(name) and split != args.dataset_split_name:
+        raise InputError(f"'{name}' is a single file, so it has no split '{split}'; hold pairs out of it with "
+                         "--num_validation_pairs instead")
     try:
         if os.path.isfile(name):
-            if split != args.dataset_split_name:
-                raise InputError(f"'{name}' is a single file, so it has no split '{split}'; hold pairs out of it with "
-                                 "--num_validation_pairs instead")
             dataset = datasets.load_dataset("parquet", data_files=name, split="train", cache_dir=args.cache_dir)
         else:
             dataset = datasets.load_dataset(name, args.dataset_config_name, split=split, cache_dir=args.cache_dir)
-    except InputError:
-        raise
     except Exception as error:  # the datasets library raises many types; all mean "cannot load this"
         reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
         raise InputError(f"cannot load dataset '{name}' split '{split}': {reason}. Note: {DATASET_ALTERNATIVES}") \
