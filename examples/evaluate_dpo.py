@@ -16,7 +16,6 @@ preference pairs, with the trainer's own held-out evaluation (no images are gene
         --tuned sd15-dpo-lora --preference_dataset yuvalkirstain/pickapic_v2 --preference_split validation
 """
 
-import argparse
 import gc
 import importlib
 import json
@@ -34,7 +33,12 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, CLIPImageProcessor, CLIPModel
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what train_diffusion_dpo.py writes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the trainers: their loaders and held-out evaluation
+import train_diffusion_dpo  # noqa: E402
+import train_diffusion_dpo_sdxl  # noqa: E402
+from train_diffusion_dpo import LORA_WEIGHT_NAME, InputError, OneLineErrorParser  # noqa: E402
+
+INPUT_ERRORS = (InputError, train_diffusion_dpo_sdxl.InputError)  # each trainer is self-contained: two classes
 # scorer name -> (module it needs, pip package); pickscore and clip need only transformers
 OPTIONAL_SCORERS = {
     "hpsv2": ("hpsv2", "hpsv2"),
@@ -44,15 +48,6 @@ OPTIONAL_SCORERS = {
 SCORERS = ("pickscore", "clip", *OPTIONAL_SCORERS)
 Z_95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
 GRID_CELL = 384  # side of one image in the wins/losses grids, in pixels
-
-
-class InputError(ValueError):
-    """Bad input from the user: reported as one line, never as a traceback."""
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -447,10 +442,6 @@ def implicit_accuracy(args):
     evaluate_held_out (fixed noise and timesteps per pair, exact ties counting half). Writes implicit_accuracy.json."""
     from accelerate import Accelerator
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import train_diffusion_dpo
-    import train_diffusion_dpo_sdxl
-
     is_sdxl = "XL" in DiffusionPipeline.load_config(args.base_model, revision=args.revision)["_class_name"]
     trainer = train_diffusion_dpo_sdxl if is_sdxl else train_diffusion_dpo
     lora = args.tuned_kind == "lora"
@@ -578,5 +569,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except InputError as error:
+    except INPUT_ERRORS as error:
         sys.exit(f"error: {error}")
