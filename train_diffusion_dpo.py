@@ -77,6 +77,15 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def parse_and_validate(self, input_args, validate):
+        """Parses, then runs `validate` (which raises InputError), so every bad input reads the same way."""
+        args = self.parse_args(input_args)
+        try:
+            validate(args)
+        except InputError as error:
+            self.error(str(error))
+        return args
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Arguments
@@ -292,12 +301,7 @@ def parse_args(input_args=None):
     hub.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: output_dir's name).")
     hub.add_argument("--hub_token", type=str, default=None, help="Token for the Hub (prefer `hf auth login`).")
 
-    args = parser.parse_args(input_args)
-    try:
-        validate_args(args)
-    except InputError as error:
-        parser.error(str(error))
-    return args
+    return parser.parse_and_validate(input_args, validate_args)
 
 
 def validate_args(args):

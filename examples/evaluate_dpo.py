@@ -120,12 +120,7 @@ def parse_args(input_args=None):
     output.add_argument("--num_grid_prompts", type=int, default=8,
                         help="Rows of biggest_wins.png and biggest_losses.png.")
 
-    args = parser.parse_args(input_args)
-    try:
-        validate_args(args)
-    except InputError as error:
-        parser.error(str(error))
-    return args
+    return parser.parse_and_validate(input_args, validate_args)
 
 
 def validate_args(args):
