@@ -906,7 +906,7 @@ def held_out_errors(model, pairs, indices, noise_scheduler, args, batch_size):
             noisy_latents, target = noisy_latents_and_target(latents, noise, timesteps, noise_scheduler)
             total += denoising_errors(model, noisy_latents, timesteps, conditioning, target)
         errors.append((total / args.validation_timesteps).view(2, -1))
-    return torch.cat(errors, dim=1)
+    return torch.cat(errors, dim=1) if errors else torch.empty(2, 0, device=model.device)  # a rank may get no pairs
 
 
 def evaluate_held_out(accelerator, unet, reference, pairs, noise_scheduler, args, reference_errors=None):
@@ -923,8 +923,9 @@ def evaluate_held_out(accelerator, unet, reference, pairs, noise_scheduler, args
         with reference_model(model, reference) as ref:
             reference_errors = held_out_errors(ref, pairs, indices, noise_scheduler, args, batch_size)
     # every process gets every pair's errors (a few floats per pair), in rank order
-    gathered = [torch.tensor(e) for e in gather_object([torch.cat([model_errors, reference_errors]).T.tolist()])]
-    model_err_w, model_err_l, ref_err_w, ref_err_l = torch.cat(gathered).T if gathered else [torch.empty(0)] * 4
+    rows = [row for rank_rows in gather_object([torch.cat([model_errors, reference_errors]).T.tolist()])
+            for row in rank_rows]
+    model_err_w, model_err_l, ref_err_w, ref_err_l = torch.tensor(rows).reshape(-1, 4).T
     loss, metrics = dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type)
     inside = implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo)
     metrics["implicit_acc"] = ((inside > 0).float() + 0.5 * (inside == 0).float()).mean()

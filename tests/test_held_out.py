@@ -73,3 +73,14 @@ def test_a_single_parquet_file_has_no_validation_split(dpo, cli_args, pickapic_d
     (file,) = Path(pickapic_data).glob("*.parquet")
     with pytest.raises(dpo.InputError, match="single file, so it has no split 'validation'"):
         run_trainer(dpo, cli_args(dataset_name=file, validation_split_name="validation"))
+
+
+def test_a_process_with_no_held_out_pairs_contributes_nothing(dpo, cli_args, tmp_path):
+    # with more processes than held-out pairs some ranks get none; their (empty) errors must still gather
+    run_trainer(dpo, cli_args(num_validation_pairs=4, max_train_steps=1))
+    args = dpo.parse_args(cli_args(output_dir=tmp_path / "again"))
+    (cache,) = [p for p in (tmp_path / "cache").iterdir() if dpo.np.load(p / "valid.npy").size == 4]
+    unet, _ = dpo.build_unets(args, torch.device("cpu"), torch.float32)
+    scheduler = dpo.DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+    errors = dpo.held_out_errors(unet, dpo.CachedPreferencePairs(cache), [], scheduler, args, batch_size=4)
+    assert errors.shape == (2, 0)
