@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from diffusers.training_utils import cast_training_params, free_memory
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft, make_image_grid
 from diffusers.utils.hub_utils import populate_model_card
 from diffusers.utils.import_utils import is_xformers_available
+from filelock import FileLock
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -66,7 +68,7 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a bowl of ramen on a wooden table, studio photograph",
 ]
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -185,6 +187,10 @@ def parse_args(input_args=None):
     cache.add_argument(
         "--vae_encode_batch_size", type=int, default=16, help="Images per VAE forward while precomputing latents."
     )
+    cache.add_argument(
+        "--precompute_commit_seconds", type=float, default=60,
+        help="While precomputing, save progress this often: an interrupted precompute resumes from the last save.",
+    )
 
     held_out = parser.add_argument_group("held-out preference validation")
     held_out.add_argument(
@@ -291,6 +297,10 @@ def parse_args(input_args=None):
     )
     perf.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     perf.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    perf.add_argument("--torch_compile", action="store_true",
+                      help="torch.compile the UNet's repeated transformer blocks (regional compilation: most of the "
+                           "speed-up of compiling the whole UNet, a fraction of the compile time).")
+    perf.add_argument("--channels_last", action="store_true", help="Keep the UNet's weights in channels-last order.")
 
     ckpt = parser.add_argument_group("checkpointing")
     ckpt.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
@@ -638,110 +648,179 @@ def load_vae(args, dtype):
                                          variant=args.variant, cache_dir=args.cache_dir, torch_dtype=dtype)
 
 
+def load_vae_config(args):
+    if args.pretrained_vae_model_name_or_path is not None:
+        return AutoencoderKL.load_config(args.pretrained_vae_model_name_or_path, revision=args.revision,
+                                         cache_dir=args.cache_dir)
+    return AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision,
+                                     cache_dir=args.cache_dir)
+
+
 def vae_dtype(args, weight_dtype):
     """The SDXL VAE overflows in fp16, so it encodes in fp32 unless a half-precision-safe VAE is given."""
     return weight_dtype if args.pretrained_vae_model_name_or_path is not None else torch.float32
 
 
-def precompute(args, jobs, accelerator, encode_dtype):
-    """Encodes every image once with the VAE and every unique caption once with the text encoder.
+def drawn_orientations(n_pairs, n_orientations, seed, epoch):
+    """The orientation (0: as stored, 1: mirrored) each pair is read in during `epoch`, a function of (seed, epoch)
+    alone. The sampler reads it and the precompute encodes exactly these latents, so a one-epoch run encodes every
+    image once even with flipping on."""
+    return np.random.default_rng([seed, epoch, 1]).integers(0, n_orientations, n_pairs)
 
-    `jobs` is a list of (dataset, cache_path, cache_fields); each encoder is loaded once for all of them. Each cache
-    is written under a temporary name that is renamed when complete (an interrupted run never leaves a cache that
-    looks valid):
-      pair_latents.npy   (pairs, orientations, 2 = winner/loser, C, h, w) float16, scaled by the VAE's factor
-      valid.npy          (pairs,) bool: False where an image could not be decoded (the pair is skipped)
-      time_ids.npy       (pairs, orientations, 2, 6) float32: SDXL micro-conditioning of every image
+
+def latents_read(n_pairs, args, epochs=None):
+    """(pairs, orientations) bool: the latents a run reads in `epochs` training epochs; None: a held-out set (read
+    as stored, orientation 0)."""
+    needed = np.zeros((n_pairs, 1 if args.no_hflip else 2), dtype=bool)
+    if epochs is None:
+        needed[:, 0] = True
+    for epoch in range(epochs or 0):
+        needed[np.arange(n_pairs), drawn_orientations(n_pairs, needed.shape[1], args.seed, epoch)] = True
+    return needed
+
+
+def save_atomically(path, array):
+    partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}.npy")
+    np.save(partial, array)
+    os.replace(partial, path)
+
+
+def create_cache(args, dataset, cache_path, cache_fields, text_encoders, tokenizers, latent_shape):
+    """A new cache folder with its text part and empty latent storage, written under a temporary name and renamed
+    when complete (an interrupted run never leaves a folder that looks valid)."""
+    partial = cache_path.with_name(f".{cache_path.name}.partial-{uuid.uuid4().hex[:8]}")
+    partial.mkdir(parents=True)
+    captions = ["" if c is None else str(c) for c in dataset.with_format(None)[args.caption_column]]
+    unique_captions = [""] + sorted(set(captions) - {""})  # row 0: the empty caption (prompt dropout)
+    row_of = {caption: row for row, caption in enumerate(unique_captions)}
+    np.save(partial / "caption_index.npy", np.array([row_of[c] for c in captions], dtype=np.int32))
+    prompt_embeds, pooled_prompt_embeds = encode_captions(unique_captions, text_encoders, tokenizers)
+    np.save(partial / "prompt_embeds.npy", prompt_embeds.to(torch.float16).numpy())
+    np.save(partial / "pooled_prompt_embeds.npy", pooled_prompt_embeds.to(torch.float16).numpy())
+    logger.info(f"Encoded {len(unique_captions) - 1} unique captions for {len(captions)} pairs "
+                f"({captions.count('')} empty).")
+    n_orientations = 1 if args.no_hflip else 2
+    # allocated, not written: the file stays sparse on disk until latents are encoded into it
+    np.lib.format.open_memmap(partial / "pair_latents.npy", mode="w+", dtype=np.float16,
+                              shape=(len(captions), n_orientations, 2, *latent_shape))
+    np.lib.format.open_memmap(partial / "time_ids.npy", mode="w+", dtype=np.float32,
+                              shape=(len(captions), n_orientations, 2, 6))
+    np.save(partial / "encoded.npy", np.zeros((len(captions), n_orientations), dtype=bool))
+    np.save(partial / "undecodable.npy", np.zeros(len(captions), dtype=bool))
+    (partial / "cache_info.json").write_text(json.dumps(
+        {**cache_fields, "pairs": len(captions), "unique_captions": len(unique_captions) - 1}, indent=2))
+    os.replace(partial, cache_path)
+
+
+def precompute(args, jobs, accelerator, encode_dtype):
+    """Encodes what the run will read and the cache lacks: each unique caption once with the text encoders, and the
+    latents in `needed` with the VAE. `jobs` is a list of (dataset, cache_path, cache_fields, needed); each encoder is
+    loaded at most once, and only if it has work. A cache folder holds:
       caption_index.npy  (pairs,) int32 row of prompt_embeds; row 0 is the empty caption (prompt dropout)
       prompt_embeds.npy  (unique captions + 1, tokens, dim) float16, both encoders' hidden states concatenated
       pooled_prompt_embeds.npy  (unique captions + 1, dim) float16
+      pair_latents.npy   (pairs, orientations, 2 = winner/loser, C, h, w) float16, scaled by the VAE's factor
+      time_ids.npy       (pairs, orientations, 2, 6) float32: SDXL micro-conditioning of every encoded image
+      encoded.npy        (pairs, orientations) bool: which latents pair_latents.npy holds
+      undecodable.npy    (pairs,) bool: pairs with an image that could not be decoded (skipped)
+    Latents are committed every --precompute_commit_seconds: flushed to disk first, then the masks replaced
+    atomically, so an interrupted precompute loses at most that much work and the next run resumes it.
     """
     device = accelerator.device
-    tmp_paths = [path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}") for _, path, _ in jobs]
-
-    # Text: one embedding per unique caption (Pick-a-Pic: ~59k unique captions for ~851k pairs).
-    text_encoders, tokenizers = load_text_encoders_and_tokenizers(args, device, encode_dtype)
-    unique_counts = []
-    for (dataset, _, _), tmp_path in zip(jobs, tmp_paths):
-        tmp_path.mkdir(parents=True)
-        captions = ["" if c is None else str(c) for c in dataset.with_format(None)[args.caption_column]]
-        unique_captions = [""] + sorted(set(captions) - {""})
-        row_of = {caption: row for row, caption in enumerate(unique_captions)}
-        np.save(tmp_path / "caption_index.npy", np.array([row_of[c] for c in captions], dtype=np.int32))
-        prompt_embeds, pooled_prompt_embeds = encode_captions(unique_captions, text_encoders, tokenizers)
-        np.save(tmp_path / "prompt_embeds.npy", prompt_embeds.to(torch.float16).numpy())
-        np.save(tmp_path / "pooled_prompt_embeds.npy", pooled_prompt_embeds.to(torch.float16).numpy())
-        unique_counts.append(len(unique_captions) - 1)
-        logger.info(f"Encoded {len(unique_captions) - 1} unique captions for {len(captions)} pairs "
-                    f"({captions.count('')} empty).")
-    del text_encoders
-    free_memory()
-
-    # Images: both images of every pair, in both orientations when flipping, batched through the VAE.
+    new_caches = [job for job in jobs if not job[1].exists()]
+    if new_caches:
+        vae_config = load_vae_config(args)
+        latent_size = args.resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
+        text_encoders, tokenizers = load_text_encoders_and_tokenizers(args, device, encode_dtype)
+        for dataset, cache_path, cache_fields, _ in new_caches:
+            logger.info(f"Creating the latent and text-embedding cache {cache_path}")
+            create_cache(args, dataset, cache_path, cache_fields, text_encoders, tokenizers,
+                         (vae_config["latent_channels"], latent_size, latent_size))
+        del text_encoders
+        free_memory()
     encode_dtype = vae_dtype(args, encode_dtype)
-    vae = load_vae(args, encode_dtype).to(device).eval().requires_grad_(False)
-    latent_size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
-    for (dataset, cache_path, cache_fields), tmp_path, n_unique in zip(jobs, tmp_paths, unique_counts):
-        pixels = PairPixels(dataset, args)
-        pair_latents = np.lib.format.open_memmap(
-            tmp_path / "pair_latents.npy", mode="w+", dtype=np.float16,
-            shape=(len(pixels), pixels.num_orientations, 2, vae.config.latent_channels, latent_size, latent_size),
-        )
-        time_ids = np.zeros((len(pixels), pixels.num_orientations, 2, 6), dtype=np.float32)
-        valid = np.zeros(len(pixels), dtype=bool)
-        pairs_per_batch = max(1, args.vae_encode_batch_size // (2 * pixels.num_orientations))
-        loader = torch.utils.data.DataLoader(pixels, batch_size=pairs_per_batch,
-                                             num_workers=args.dataloader_num_workers)
+
+    vae = None
+    for dataset, cache_path, _, needed in jobs:
+        encoded, undecodable = np.load(cache_path / "encoded.npy"), np.load(cache_path / "undecodable.npy")
+        todo = needed & ~encoded & ~undecodable[:, None]
+        pending = np.flatnonzero(todo.any(axis=1))
+        logger.info(f"Cache {cache_path.name}: {int(encoded.sum())} pair latents present, {int(todo.sum())} to encode")
+        if len(pending) == 0:
+            continue
+        if vae is None:
+            vae = load_vae(args, encode_dtype).to(device).eval().requires_grad_(False)
+        pair_latents = np.load(cache_path / "pair_latents.npy", mmap_mode="r+")
+        time_ids = np.load(cache_path / "time_ids.npy", mmap_mode="r+")
+
+        def commit():  # latents reach the disk before the masks that say they are there
+            pair_latents.flush()
+            time_ids.flush()
+            save_atomically(cache_path / "encoded.npy", encoded)
+            save_atomically(cache_path / "undecodable.npy", undecodable)
+
+        # JPEG decoding and resizing run in loader workers, overlapping the VAE
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(PairPixels(dataset, args), pending),
+            batch_size=max(1, args.vae_encode_batch_size // 2), num_workers=max(1, args.dataloader_num_workers))
+        last_commit = time.monotonic()
         for batch in tqdm(loader, desc="Encoding images", disable=not accelerator.is_local_main_process):
-            ok = batch["ok"]
+            ok = batch["ok"].numpy()
+            undecodable[batch["index"][~ok].numpy()] = True
             if not ok.any():
                 continue
-            images = batch["pixels"][ok]
+            indices = batch["index"].numpy()[ok]
+            wanted = todo[indices]  # (pairs, orientations): the orientations to encode for each pair
+            images = batch["pixels"][torch.from_numpy(ok)][torch.from_numpy(wanted)]  # (n, 2, 3, H, W)
             with torch.inference_mode():
-                latents = vae.encode(images.flatten(0, 2).to(device, encode_dtype)).latent_dist.mean
-            latents = (latents.float() * vae.config.scaling_factor).view(*images.shape[:3], *latents.shape[1:])
-            indices = batch["index"][ok].numpy()
-            pair_latents[indices] = latents.cpu().to(torch.float16).numpy()
-            time_ids[indices] = batch["time_ids"][ok].numpy()
-            valid[indices] = True
-        pair_latents.flush()
-        del pair_latents
-        np.save(tmp_path / "valid.npy", valid)
-        np.save(tmp_path / "time_ids.npy", time_ids)
-        n_skipped = int((~valid).sum())
-        (tmp_path / "cache_info.json").write_text(json.dumps(
-            {**cache_fields, "pairs": len(valid), "skipped_pairs": n_skipped, "unique_captions": n_unique}, indent=2))
-        if n_skipped:
-            logger.warning(f"Skipped {n_skipped} of {len(valid)} pairs with an undecodable image.")
-        if cache_path.exists():  # another run finished the same cache first; keep theirs
-            shutil.rmtree(tmp_path)
-        else:
-            os.replace(tmp_path, cache_path)
+                latents = torch.cat([vae.encode(chunk.to(device, encode_dtype)).latent_dist.mean
+                                     for chunk in images.flatten(0, 1).split(args.vae_encode_batch_size)])
+            latents = (latents.float() * vae.config.scaling_factor).view(*images.shape[:2], *latents.shape[1:])
+            rows, orientations = np.nonzero(wanted)  # the same row-major order as the boolean indexing above
+            pair_latents[indices[rows], orientations] = latents.cpu().to(torch.float16).numpy()
+            time_ids[indices[rows], orientations] = batch["time_ids"][torch.from_numpy(ok)][torch.from_numpy(wanted)]
+            encoded[indices[rows], orientations] = True
+            if time.monotonic() - last_commit > args.precompute_commit_seconds:
+                commit()
+                last_commit = time.monotonic()
+        commit()
+        del pair_latents, time_ids
+        if undecodable.any():
+            logger.warning(f"Skipping {int(undecodable.sum())} of {len(undecodable)} pairs with an undecodable image.")
     del vae
     free_memory()
 
 
-def load_or_precompute(args, pair_datasets, accelerator, encode_dtype):
-    """Returns one cache folder per dataset, computing missing ones on the main process first."""
-    jobs = [(dataset, *precompute_cache_path(args, dataset, encode_dtype)) for dataset in pair_datasets]
-    with accelerator.main_process_first():
-        if accelerator.is_main_process:
-            missing = [job for job in jobs if not job[1].exists()]
-            for _, path, _ in jobs:
-                logger.info(f"{'Precomputing' if not path.exists() else 'Reusing'} latents and text embeddings "
-                            f"in {path}")
-            if missing:
-                precompute(args, missing, accelerator, encode_dtype)
-    return [path for _, path, _ in jobs]
+def load_or_precompute(args, jobs, accelerator, encode_dtype):
+    """`jobs`: (dataset, epochs) pairs, epochs None for a held-out set. Returns (cache folder, latents read) per job.
+
+    The local main process of each machine fills what is missing while the others wait; a file lock makes runs that
+    share a cache folder (other machines on a shared disk, other jobs) wait for each other instead of both encoding.
+    """
+    full_jobs = [(dataset, *precompute_cache_path(args, dataset, encode_dtype),
+                  latents_read(len(dataset), args, epochs)) for dataset, epochs in jobs]
+    with accelerator.local_main_process_first():
+        if accelerator.is_local_main_process:
+            root = full_jobs[0][1].parent
+            root.mkdir(parents=True, exist_ok=True)
+            with FileLock(root / ".precompute.lock"):
+                precompute(args, full_jobs, accelerator, encode_dtype)
+    return [(cache_path, needed) for _, cache_path, _, needed in full_jobs]
 
 
 class CachedPreferencePairs(torch.utils.data.Dataset):
-    """Reads precomputed pairs from the memory-mapped cache; keys are (pair index, orientation, drop caption)."""
+    """Reads precomputed pairs from the memory-mapped cache; keys are (pair index, orientation, drop caption).
 
-    def __init__(self, cache_path):
+    The pairs are those with every latent in `needed` encoded (None: any) and both images decodable.
+    """
+
+    def __init__(self, cache_path, needed=None):
         self.cache_path = Path(cache_path)
-        self.valid_indices = np.flatnonzero(np.load(self.cache_path / "valid.npy"))
-        self.num_orientations = np.load(self.cache_path / "pair_latents.npy", mmap_mode="r").shape[1]
+        self.encoded = np.load(self.cache_path / "encoded.npy")
+        usable = ~np.load(self.cache_path / "undecodable.npy")
+        usable &= self.encoded.any(axis=1) if needed is None else (self.encoded | ~needed).all(axis=1)
+        self.valid_indices = np.flatnonzero(usable)
+        self.num_pairs, self.num_orientations = self.encoded.shape
         self._arrays = None  # opened lazily, once per DataLoader worker
 
     def __len__(self):
@@ -753,6 +832,8 @@ class CachedPreferencePairs(torch.utils.data.Dataset):
                             for name in ("pair_latents", "caption_index", "prompt_embeds", "pooled_prompt_embeds",
                                          "time_ids")}
         index, orientation, drop_caption = key
+        if not self.encoded[index, orientation]:  # never read the zeros of a latent that was not encoded
+            raise RuntimeError(f"pair {index} orientation {orientation} is not in the cache {self.cache_path}")
         caption_row = 0 if drop_caption else int(self._arrays["caption_index"][index])
         return {
             "pair_latents": torch.from_numpy(np.array(self._arrays["pair_latents"][index, orientation])),
@@ -784,10 +865,23 @@ class PairSampler(torch.utils.data.Sampler):
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.pairs))
-        orientations = rng.integers(0, self.pairs.num_orientations, len(order))
         drop_caption = rng.random(len(order)) < self.proportion_empty_prompts
+        orientations = drawn_orientations(self.pairs.num_pairs, self.pairs.num_orientations, self.seed, self.epoch)
         for position, pair in enumerate(order):
-            yield int(self.pairs.valid_indices[pair]), int(orientations[position]), bool(drop_caption[position])
+            index = int(self.pairs.valid_indices[pair])
+            yield index, int(orientations[index]), bool(drop_caption[position])
+
+
+def steps_per_epoch(args, n_pairs, num_processes):
+    """Optimizer steps in one epoch over `n_pairs` pairs, batched as accelerate's prepared loader batches them."""
+    return math.ceil(math.ceil(n_pairs / args.train_batch_size / num_processes) / args.gradient_accumulation_steps)
+
+
+def planned_epochs(args, n_pairs, num_processes):
+    """Epochs a run over `n_pairs` pairs covers (the count the training loop arrives at)."""
+    if args.max_train_steps is None:
+        return args.num_train_epochs
+    return math.ceil(args.max_train_steps / steps_per_epoch(args, n_pairs, num_processes))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -820,6 +914,11 @@ def build_unets(args, device, weight_dtype):
             model.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    for model in filter(None, (unet, reference)):
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if args.torch_compile:
+            model.compile_repeated_blocks()  # in place: parameter names, hooks and saving are unchanged
     return unet, reference
 
 
@@ -1206,12 +1305,20 @@ def main(args):
         repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
                               token=args.hub_token).repo_id
 
-    # Data: pairs, then latents and text embeddings from the cache (computed once).
+    # Data: pairs, then latents and text embeddings from the cache (encoded once, and only what this run reads).
     train_dataset, validation_dataset = training_and_validation_pairs(args)
-    cache_paths = load_or_precompute(args, [d for d in (train_dataset, validation_dataset) if d is not None],
-                                     accelerator, weight_dtype)
-    pairs = CachedPreferencePairs(cache_paths[0])
-    validation_pairs = CachedPreferencePairs(cache_paths[1]) if validation_dataset is not None else None
+
+    def cached_pairs(n_train_pairs):
+        jobs = [(train_dataset, planned_epochs(args, n_train_pairs, accelerator.num_processes))]
+        jobs += [(validation_dataset, None)] if validation_dataset is not None else []
+        return [CachedPreferencePairs(path, needed)
+                for path, needed in load_or_precompute(args, jobs, accelerator, weight_dtype)]
+
+    pairs, *held_out = cached_pairs(len(train_dataset))
+    if planned_epochs(args, len(pairs), accelerator.num_processes) > planned_epochs(
+            args, len(train_dataset), accelerator.num_processes):
+        pairs, *held_out = cached_pairs(len(pairs))  # skipped pairs shorten the epochs: more of them are needed
+    validation_pairs = held_out[0] if held_out else None
     if len(pairs) == 0:
         raise InputError(f"no pair of dataset '{args.dataset_name}' has two decodable images")
     sampler = PairSampler(pairs, args.seed, args.proportion_empty_prompts)
@@ -1240,18 +1347,18 @@ def main(args):
         optimizer = transformers.Adafactor(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay,
                                            scale_parameter=False, relative_step=False, warmup_init=False)
     else:
-        optimizer_class = torch.optim.AdamW
+        optimizer_class, optimizer_options = torch.optim.AdamW, {}
         if args.use_8bit_adam:
             import bitsandbytes
 
             optimizer_class = bitsandbytes.optim.AdamW8bit
+        else:  # one fused kernel for the whole update instead of a few per parameter tensor
+            optimizer_options["fused"] = accelerator.device.type in ("cuda", "cpu")
         optimizer = optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                    weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                                    weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **optimizer_options)
 
-    updates_per_epoch = math.ceil(math.ceil(len(pairs) / args.train_batch_size / accelerator.num_processes)
-                                  / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * updates_per_epoch
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch(args, len(pairs), accelerator.num_processes)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes,

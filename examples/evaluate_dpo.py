@@ -454,8 +454,8 @@ def implicit_accuracy(args):
     dataset = trainer.load_preference_pairs(trainer_args, args.preference_split)
     if args.num_pairs is not None:
         dataset = dataset.shuffle(seed=args.seed).select(range(min(args.num_pairs, len(dataset))))
-    (cache,) = trainer.load_or_precompute(trainer_args, [dataset], accelerator, weight_dtype)
-    pairs = trainer.CachedPreferencePairs(cache)
+    ((cache, needed),) = trainer.load_or_precompute(trainer_args, [(dataset, None)], accelerator, weight_dtype)
+    pairs = trainer.CachedPreferencePairs(cache, needed)
     scheduler = trainer.DDPMScheduler.from_pretrained(args.base_model, subfolder="scheduler", revision=args.revision)
     if lora:  # the base UNet with the tuned adapter; the reference is the same UNet with the adapter off
         unet, reference = trainer.build_unets(trainer_args, accelerator.device, weight_dtype)

@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="dpo-tests-hf-home-")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -147,6 +148,12 @@ def unet_output(unet):
                                       "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])}
     with torch.no_grad():
         return unet(sample, torch.tensor([500]), text, **extra).sample
+
+
+def cache_folders(cache_root, n_pairs=None):
+    """The latent caches under a --precompute_cache_dir (not its lock file), optionally only those of n_pairs pairs."""
+    folders = sorted(p for p in Path(cache_root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [p for p in folders if n_pairs is None or len(np.load(p / "encoded.npy")) == n_pairs]
 
 
 def lora_weights(output_dir):

@@ -5,7 +5,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from conftest import N_PAIRS, assert_same_tensors, both_trainers, lora_weights, run_trainer, tiny_assets
+from conftest import (N_PAIRS, assert_same_tensors, both_trainers, cache_folders, lora_weights, run_trainer,
+                      tiny_assets)
 
 
 @both_trainers
@@ -35,39 +36,63 @@ def test_max_train_samples_takes_a_subset(dpo, cli_args):
 @both_trainers
 def test_cache_holds_one_embedding_per_unique_caption_and_skips_broken_pairs(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(max_train_steps=1))
-    (cache,) = (tmp_path / "cache").iterdir()
+    (cache,) = cache_folders(tmp_path / "cache")
     info = json.loads((cache / "cache_info.json").read_text())
-    assert info["skipped_pairs"] == 1 and info["pairs"] == N_PAIRS + 1
+    assert info["pairs"] == N_PAIRS + 1 and np.load(cache / "undecodable.npy").sum() == 1
     captions = dpo.load_preference_pairs(dpo.parse_args(cli_args(output_dir=tmp_path / "new")), "train")["caption"]
     prompt_embeds = np.load(cache / "prompt_embeds.npy")
     assert prompt_embeds.shape[0] == len(set(captions)) + 1 == info["unique_captions"] + 1  # + the empty caption
     latents = np.load(cache / "pair_latents.npy", mmap_mode="r")
     assert latents.shape[1:3] == (2, 2)  # two orientations (hflip on by default), winner and loser
     assert latents.dtype == np.float16
+    # a one-epoch run reads each pair in one orientation, so only that one was encoded: each image once
+    encoded = np.load(cache / "encoded.npy")
+    assert sorted(encoded.sum(axis=1)) == [0] + [1] * N_PAIRS and 0 < encoded[:, 1].sum() < N_PAIRS
 
 
-def test_second_run_reuses_the_cache_and_changed_settings_invalidate_it(dpo, cli_args, tmp_path, monkeypatch):
-    calls = []
-    original = dpo.precompute
-    monkeypatch.setattr(dpo, "precompute", lambda *a, **k: (calls.append(1), original(*a, **k)))
+def cache_state(cache):
+    return {name: np.load(cache / f"{name}.npy") for name in ("encoded", "undecodable", "pair_latents")}
 
+
+def test_later_runs_encode_only_what_is_missing(dpo, cli_args, tmp_path, monkeypatch):
     run_trainer(dpo, cli_args(output_dir=tmp_path / "a"))
-    run_trainer(dpo, cli_args(output_dir=tmp_path / "b"))
-    assert len(calls) == 1  # the second run encoded nothing
-    assert_same_tensors(lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b"))  # and trained the same
+    (cache,) = cache_folders(tmp_path / "cache")
+    first = cache_state(cache)
 
-    run_trainer(dpo, cli_args(output_dir=tmp_path / "c", resolution=16))
-    run_trainer(dpo, cli_args(output_dir=tmp_path / "d", no_hflip=True))
-    assert len(calls) == 3
-    caches = sorted(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
-    assert len(caches) == 3
-    shapes = {np.load(c / "pair_latents.npy", mmap_mode="r").shape[1:] for c in caches}
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("an encoder was loaded although the cache holds everything this run reads")
+
+    with monkeypatch.context() as patch:  # an identical run loads no encoder and rewrites nothing
+        patch.setattr(dpo, "load_text_encoder_and_tokenizer", must_not_load)
+        patch.setattr(dpo.diffusers.AutoencoderKL, "from_pretrained", must_not_load)
+        run_trainer(dpo, cli_args(output_dir=tmp_path / "b"))
+    assert_same_tensors(lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b"))  # and trains the same
+    assert all(np.array_equal(first[k], v) for k, v in cache_state(cache).items())
+
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "c", max_train_steps=20))  # 4 epochs: both orientations
+    more = cache_state(cache)
+    assert more["encoded"].sum() > first["encoded"].sum() and (more["encoded"] | ~first["encoded"]).all()
+    np.testing.assert_array_equal(more["pair_latents"][first["encoded"]], first["pair_latents"][first["encoded"]])
+
+    # lost progress (an interrupted precompute) is redone, and gives the same latents
+    lost = more["encoded"].copy()
+    lost[::2] = False
+    np.save(cache / "encoded.npy", lost)
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "d", max_train_steps=20))
+    again = cache_state(cache)
+    np.testing.assert_array_equal(again["encoded"], more["encoded"])
+    np.testing.assert_allclose(again["pair_latents"][more["encoded"]].astype(np.float32),
+                               more["pair_latents"][more["encoded"]].astype(np.float32), atol=1e-3)
+
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "e", resolution=16))  # changed settings: new caches
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "f", no_hflip=True))
+    shapes = {np.load(c / "pair_latents.npy", mmap_mode="r").shape[1:] for c in cache_folders(tmp_path / "cache")}
     assert shapes == {(2, 2, 4, 16, 16), (2, 2, 4, 8, 8), (1, 2, 4, 16, 16)}
 
 
 def test_sampler_is_a_function_of_seed_and_epoch(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(max_train_steps=1))
-    (cache,) = (tmp_path / "cache").iterdir()
+    (cache,) = cache_folders(tmp_path / "cache")
     pairs = dpo.CachedPreferencePairs(cache)
     epoch_0 = list(dpo.PairSampler(pairs, seed=0, proportion_empty_prompts=0.5))
     again = dpo.PairSampler(pairs, seed=0, proportion_empty_prompts=0.5)

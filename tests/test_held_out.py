@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import N_PAIRS, both_trainers, run_trainer
+from conftest import N_PAIRS, both_trainers, cache_folders, run_trainer
 
 EVAL_KEYS = {"eval/loss", "eval/implicit_acc", "eval/reward_margin", "eval/model_mse_w", "eval/model_mse_l",
              "eval/ref_mse_w", "eval/ref_mse_l"}
@@ -40,8 +40,7 @@ def test_held_out_metrics_start_at_chance_and_move_with_training(dpo, cli_args, 
 def test_the_same_weights_give_the_same_numbers(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(num_validation_pairs=4, max_train_steps=1))
     args = dpo.parse_args(cli_args(num_validation_pairs=4, output_dir=tmp_path / "again"))
-    (validation_cache,) = [p for p in (tmp_path / "cache").iterdir()
-                           if dpo.np.load(p / "valid.npy").size == 4]
+    (validation_cache,) = cache_folders(tmp_path / "cache", n_pairs=4)
     pairs = dpo.CachedPreferencePairs(validation_cache)
     unet, reference = dpo.build_unets(args, torch.device("cpu"), torch.float32)
     with torch.no_grad():
@@ -79,7 +78,7 @@ def test_a_process_with_no_held_out_pairs_contributes_nothing(dpo, cli_args, tmp
     # with more processes than held-out pairs some ranks get none; their (empty) errors must still gather
     run_trainer(dpo, cli_args(num_validation_pairs=4, max_train_steps=1))
     args = dpo.parse_args(cli_args(output_dir=tmp_path / "again"))
-    (cache,) = [p for p in (tmp_path / "cache").iterdir() if dpo.np.load(p / "valid.npy").size == 4]
+    (cache,) = cache_folders(tmp_path / "cache", n_pairs=4)
     unet, _ = dpo.build_unets(args, torch.device("cpu"), torch.float32)
     scheduler = dpo.DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
     errors = dpo.held_out_errors(unet, dpo.CachedPreferencePairs(cache), [], scheduler, args, batch_size=4)

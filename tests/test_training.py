@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import both_trainers, lora_weights, run_cli, run_trainer
+from conftest import both_trainers, cache_folders, lora_weights, run_cli, run_trainer
 
 LN2 = math.log(2)
 
@@ -28,7 +28,7 @@ def test_v_prediction_model_trains_from_ln2(dpo, cli_args, tiny_vpred_model):
 def first_batch(dpo, args, tmp_path):
     """Precomputes the cache through a 1-step run and returns the first training batch of 4 pairs."""
     run_trainer(dpo, args + ["--max_train_steps", "1"])
-    (cache,) = (tmp_path / "cache").iterdir()
+    (cache,) = cache_folders(tmp_path / "cache")
     pairs = dpo.CachedPreferencePairs(cache)
     loader = torch.utils.data.DataLoader(pairs, batch_size=4, sampler=dpo.PairSampler(pairs, 0, 0.0))
     return next(iter(loader))

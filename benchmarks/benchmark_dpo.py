@@ -1,0 +1,305 @@
+"""What a Diffusion-DPO step costs: against plain fine-tuning (SFT) in this process, and against the diffusers
+research scripts in separate processes.
+
+A DPO step runs the trained UNet forward and backward on 2B latents (B winners, B losers) and the reference forward
+on the same 2B latents: about 4 forward-units against 3 for an SFT step on 2B latents, so DPO/SFT = 4/3 is the floor.
+
+    python benchmarks/benchmark_dpo.py --preset mini                      # CPU: LoRA and full, DPO vs SFT
+    python benchmarks/benchmark_dpo.py --preset sd15 --resolution 512 --train_batch_size 8 -- --mixed_precision fp16
+    python benchmarks/benchmark_dpo.py --sdxl --preset sdxl --resolution 1024 --train_batch_size 2 \\
+        --modes lora -- --mixed_precision bf16 --gradient_checkpointing
+    python benchmarks/benchmark_dpo.py --preset mini --compare_with PATH/TO/diffusers/examples/research_projects/\\
+        diffusion_dpo/train_diffusion_dpo.py
+
+Ratio table (default): for each --modes entry, the real trainer (`main(args)`) runs twice on the same model, data
+and cache: DPO at --train_batch_size B, then the trainer's --sft at batch 2B, i.e. the same 2B images through the
+trained UNet with no reference. Step time is the steady state between the --warmup-th and the last step. The first
+run also measures precompute from a cold cache: captions/s (tokenizer + text encoder, from the first call to the
+last) and images/s (everything after: VAE load, JPEG decode and resize in the loader, VAE encode, cache write).
+Peak memory is CUDA max allocated on a GPU, and on a CPU the process's resident set sampled every 5 ms during the
+run (so it includes what earlier runs left allocated; the first mode's figure is the cleanest).
+
+Comparison (--compare_with SCRIPT): ours and SCRIPT as separate processes with the same flags (model, data,
+resolution, batch, LoRA rank, learning rate, seed): one epoch end to end twice (ours: cold then warm cache), then a
+longer run; steady-state s/step = (long - second epoch) / extra steps. Peak memory: each process's max RSS (from
+wait4), and with a GPU, the largest use nvidia-smi reported for it (sampled every 0.2 s). On a 2-core machine
+leave the machine otherwise idle; OMP_NUM_THREADS is passed through unchanged.
+
+Everything after `--` goes to both trainers (ours only, in the ratio table). Models and data are built once in
+--work_dir (random weights of the preset's real shapes) and reused.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+
+import tiny_assets  # noqa: E402
+import train_diffusion_dpo  # noqa: E402
+import train_diffusion_dpo_sdxl  # noqa: E402
+
+
+class PeakMemory:
+    """Peak memory during a `with` block: CUDA max allocated, or resident set sampled from /proc on a CPU."""
+
+    def __enter__(self):
+        self.peak = 0
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self.running = True
+        self.sampler = threading.Thread(target=self._sample, daemon=True)
+        self.sampler.start()
+        return self
+
+    def _sample(self):
+        page = os.sysconf("SC_PAGE_SIZE")
+        while self.running:
+            with open("/proc/self/statm") as statm:
+                self.peak = max(self.peak, int(statm.read().split()[1]) * page)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.running = False
+            self.sampler.join()
+
+    @property
+    def gib(self):
+        return self.peak / 2**30
+
+
+class Timers:
+    """Wraps trainer functions (looked up in the module's globals at call time) to record when they are called."""
+
+    def __init__(self, module, names):
+        self.module, self.names = module, names
+        self.calls = {name: [] for name in names}
+
+    def __enter__(self):
+        self.originals = {name: getattr(self.module, name) for name in self.names}
+        for name, original in self.originals.items():
+            setattr(self.module, name, self._timed(name, original))
+        return self
+
+    def _timed(self, name, original):
+        def timed(*args, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            result = original(*args, **kwargs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.calls[name].append((start, time.perf_counter()))
+            return result
+
+        return timed
+
+    def __exit__(self, *exc):
+        for name, original in self.originals.items():
+            setattr(self.module, name, original)
+
+
+def run_trainer(dpo, argv):
+    """One `main(args)` of a trainer in this process: (result, timers, peak memory, wall seconds)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    args = dpo.parse_args(argv)
+    with Timers(dpo, ["precompute", "encode_captions", "compute_loss"]) as timers, PeakMemory() as memory:
+        start = time.perf_counter()
+        result = dpo.main(args)
+        wall = time.perf_counter() - start
+    return result, timers, memory, wall
+
+
+def steady_step_seconds(compute_loss_calls, warmup):
+    """Seconds per optimizer step between the start of step `warmup` and the start of the last step."""
+    starts = [start for start, _ in compute_loss_calls][warmup:]
+    if len(starts) < 2:
+        raise SystemExit(f"error: --steps must exceed --warmup + 1 (got {len(compute_loss_calls)} steps)")
+    return (starts[-1] - starts[0]) / (len(starts) - 1)
+
+
+def precompute_figures(timers, cache_root):
+    """(images/s, captions/s) of a cold-cache precompute, from the timed calls and the cache's own record."""
+    (start, end), = timers.calls["precompute"]
+    text_end = max(end_ for _, end_ in timers.calls["encode_captions"])
+    info = [json.loads(p.read_text()) for p in Path(cache_root).glob("*/cache_info.json")]
+    n_images = sum(i["pairs"] * 2 * (2 if i["hflip"] else 1) for i in info)
+    n_captions = sum(i["unique_captions"] + 1 for i in info)  # + the empty caption
+    return n_images / (end - text_end), n_captions / (text_end - start), n_images, n_captions
+
+
+def ratio_table(args, dpo, model_dir, data_dir, run_dir, trainer_flags):
+    common = ["--pretrained_model_name_or_path", model_dir, "--dataset_name", data_dir,
+              "--resolution", str(args.resolution), "--precompute_cache_dir", str(run_dir / "cache"),
+              "--max_train_steps", str(args.steps), "--report_to", "none", "--checkpointing_steps", "1000000",
+              "--seed", "0", *trainer_flags]
+    rows = []
+    for mode in args.modes:
+        for kind, batch in (("DPO", args.train_batch_size), ("SFT", 2 * args.train_batch_size)):
+            argv = [*common, "--train_mode", mode, "--train_batch_size", str(batch),
+                    "--output_dir", str(run_dir / f"{mode}-{kind}")] + (["--sft"] if kind == "SFT" else [])
+            result, timers, memory, wall = run_trainer(dpo, argv)
+            step = steady_step_seconds(timers.calls["compute_loss"], args.warmup)
+            row = {"mode": mode, "kind": kind, "batch": batch, "step_s": step, "pairs_per_s": batch / step,
+                   "peak_gib": memory.gib, "first_loss": result["history"][0]["loss"], "wall_s": wall}
+            if timers.calls["precompute"]:
+                row["precompute"] = precompute_figures(timers, run_dir / "cache")
+            rows.append(row)
+            print(f"  {mode} {kind}: {step:.4f} s/step, first loss {row['first_loss']:.4f}", flush=True)
+
+    print("\n| mode | DPO s/step (B=%d) | SFT s/step (2B images) | DPO/SFT | DPO pairs/s | peak DPO | peak SFT |"
+          % args.train_batch_size)
+    print("|---|---|---|---|---|---|---|")
+    for dpo_row, sft_row in zip(rows[::2], rows[1::2]):
+        print(f"| {dpo_row['mode']} | {dpo_row['step_s']:.4f} | {sft_row['step_s']:.4f} | "
+              f"{dpo_row['step_s'] / sft_row['step_s']:.3f} | {dpo_row['pairs_per_s']:.2f} | "
+              f"{dpo_row['peak_gib']:.2f} GiB | {sft_row['peak_gib']:.2f} GiB |")
+    images_per_s, captions_per_s, n_images, n_captions = rows[0]["precompute"]
+    print(f"\nprecompute (cold cache): {images_per_s:.1f} images/s ({n_images} images), "
+          f"{captions_per_s:.1f} captions/s ({n_captions} unique captions); "
+          f"DPO first-step loss {rows[0]['first_loss']:.4f} (ln 2 = 0.6931)")
+
+
+def run_process(command, log_path):
+    """Runs a command to completion: (wall seconds, peak RSS GiB of it and its waited-for children, peak GPU GiB)."""
+    with open(log_path, "w") as log:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        gpu_peak = [0.0]
+        sampler = None
+        if shutil.which("nvidia-smi") and torch.cuda.is_available():
+            sampler = threading.Thread(target=_sample_gpu_memory, args=(process, gpu_peak), daemon=True)
+            sampler.start()
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if sampler is not None:
+            sampler.join()
+    if process.returncode != 0:
+        raise SystemExit(f"error: {command[1]} failed (exit {process.returncode}); see {log_path}")
+    return wall, usage.ru_maxrss / 2**20, gpu_peak[0]
+
+
+def _sample_gpu_memory(process, peak):
+    """Largest GPU memory (GiB) nvidia-smi reports for the process or its children while it runs."""
+    while process.poll() is None:
+        children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        pids = {str(process.pid), *children}
+        query = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                               capture_output=True, text=True).stdout
+        used = [int(mib) for pid, mib in (line.split(", ") for line in query.splitlines() if ", " in line)
+                if pid in pids]
+        peak[0] = max(peak[0], sum(used) / 1024)
+        time.sleep(0.2)
+
+
+def comparison(args, model_dir, data_dir, run_dir, trainer_flags):
+    n_pairs = args.n_pairs
+    epoch_steps = -(-n_pairs // args.train_batch_size)
+    long_steps = epoch_steps + args.extra_steps
+    common = ["--pretrained_model_name_or_path", model_dir, "--dataset_name", data_dir,
+              "--resolution", str(args.resolution), "--train_batch_size", str(args.train_batch_size),
+              "--rank", str(args.rank), "--learning_rate", "1e-5", "--seed", "0", "--report_to", "tensorboard",
+              "--checkpointing_steps", "1000000", "--dataloader_num_workers", str(args.dataloader_num_workers),
+              *trainer_flags]
+    ours = ROOT / ("train_diffusion_dpo_sdxl.py" if args.sdxl else "train_diffusion_dpo.py")
+    scripts = {"ours": [str(ours), "--precompute_cache_dir", str(run_dir / "cache")],
+               "diffusers": [args.compare_with, *args.baseline_flags]}
+    if args.sdxl:
+        scripts["diffusers"] += ["--pretrained_vae_model_name_or_path", model_dir]
+    figures = {}
+    run_dir.mkdir(parents=True)
+    for name, script in scripts.items():
+        runs = {}
+        for run, steps in (("epoch 1", epoch_steps), ("epoch 2", epoch_steps), ("long", long_steps)):
+            out = run_dir / f"{name}-{run.replace(' ', '')}"
+            command = [sys.executable, script[0], *script[1:], *common, "--max_train_steps", str(steps),
+                       "--output_dir", str(out)]
+            runs[run] = run_process(command, run_dir / f"{name}-{run.replace(' ', '')}.log")
+            print(f"  {name} {run} ({steps} steps): {runs[run][0]:.1f} s, peak RSS {runs[run][1]:.2f} GiB", flush=True)
+        step_s = (runs["long"][0] - runs["epoch 2"][0]) / (long_steps - epoch_steps)
+        figures[name] = {"epoch1_s": runs["epoch 1"][0], "epoch2_s": runs["epoch 2"][0], "step_s": step_s,
+                         "rss_gib": max(r[1] for r in runs.values()), "gpu_gib": max(r[2] for r in runs.values())}
+    ours_f, theirs = figures["ours"], figures["diffusers"]
+    print(f"\n{n_pairs} pairs, batch {args.train_batch_size}, rank {args.rank}, {args.resolution}px, "
+          f"epoch = {epoch_steps} steps, long run = {long_steps} steps")
+    print("| | ours | diffusers research script | ours vs theirs |")
+    print("|---|---|---|---|")
+    print(f"| steady-state steps/s | {1 / ours_f['step_s']:.2f} | {1 / theirs['step_s']:.2f} | "
+          f"{theirs['step_s'] / ours_f['step_s']:.2f}x |")
+    print(f"| one epoch, first run (ours: cold cache) | {ours_f['epoch1_s']:.1f} s | {theirs['epoch1_s']:.1f} s | "
+          f"{ours_f['epoch1_s'] / theirs['epoch1_s']:.2f}x the time |")
+    print(f"| one epoch, second run (ours: warm cache) | {ours_f['epoch2_s']:.1f} s | {theirs['epoch2_s']:.1f} s | "
+          f"{ours_f['epoch2_s'] / theirs['epoch2_s']:.2f}x the time |")
+    print(f"| peak RSS | {ours_f['rss_gib']:.2f} GiB | {theirs['rss_gib']:.2f} GiB | "
+          f"{ours_f['rss_gib'] / theirs['rss_gib']:.2f}x |")
+    if theirs["gpu_gib"]:
+        print(f"| peak GPU memory (nvidia-smi) | {ours_f['gpu_gib']:.2f} GiB | {theirs['gpu_gib']:.2f} GiB | "
+              f"{ours_f['gpu_gib'] / theirs['gpu_gib']:.2f}x |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sdxl", action="store_true", help="benchmark train_diffusion_dpo_sdxl.py (SDXL presets)")
+    parser.add_argument("--preset", default="mini", help="tiny, mini, sd15 (sdxl with --sdxl): tiny_assets presets")
+    parser.add_argument("--resolution", type=int, default=None, help="default: 32 for tiny, 256 for mini, else 512")
+    parser.add_argument("--n_pairs", type=int, default=32)
+    parser.add_argument("--train_batch_size", type=int, default=2, help="B: pairs per DPO step (SFT gets 2B)")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per ratio-table run")
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the steady-state time")
+    parser.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    parser.add_argument("--compare_with", default=None, help="path of the diffusers research script to compare")
+    parser.add_argument("--baseline_flags", nargs="*", default=[], help="extra flags for the compared script only")
+    parser.add_argument("--extra_steps", type=int, default=16, help="comparison: steps the long run adds")
+    parser.add_argument("--rank", type=int, default=8, help="comparison: LoRA rank of both scripts")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="comparison: for both scripts")
+    parser.add_argument("--work_dir", default=None, help="builds models and data here once, reused later")
+    args, trainer_flags = parser.parse_known_args()
+    trainer_flags = [f for f in trainer_flags if f != "--"]
+    presets = tiny_assets.SDXL_PRESETS if args.sdxl else tiny_assets.PRESETS
+    if args.preset not in presets:
+        parser.error(f"--preset must be one of {sorted(presets)}")
+    if args.resolution is None:
+        args.resolution = {"tiny": 32, "mini": 256}.get(args.preset, 1024 if args.sdxl else 512)
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="dpo-bench-"))
+    tag = f"{'sdxl' if args.sdxl else 'sd'}-{args.preset}"
+    model_dir, data_dir = work / f"model-{tag}", work / f"data-{args.n_pairs}-{args.resolution}px"
+    if not (model_dir / "model_index.json").exists():
+        build = tiny_assets.build_tiny_sdxl_pipeline if args.sdxl else tiny_assets.build_tiny_sd_pipeline
+        build(str(model_dir), preset=args.preset)
+    if not data_dir.exists():
+        tiny_assets.build_pickapic_dataset(str(data_dir), n_pairs=args.n_pairs, n_ties=0, image_size=args.resolution)
+    run_dir = work / f"runs-{time.strftime('%Y%m%d-%H%M%S')}"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
+    threads = torch.get_num_threads()
+    print(f"{device}, torch {torch.__version__} ({threads} threads); {tag}; {args.resolution}px; {args.n_pairs} pairs; "
+          f"trainer flags {trainer_flags}", flush=True)
+    if args.compare_with:
+        comparison(args, str(model_dir), str(data_dir), run_dir, trainer_flags)
+    else:
+        dpo = train_diffusion_dpo_sdxl if args.sdxl else train_diffusion_dpo
+        ratio_table(args, dpo, str(model_dir), str(data_dir), run_dir, trainer_flags)
+
+
+if __name__ == "__main__":
+    main()
