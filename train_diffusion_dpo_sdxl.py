@@ -185,7 +185,7 @@ def parse_args(input_args=None):
         "encoder.",
     )
     cache.add_argument(
-        "--vae_encode_batch_size", type=int, default=16, help="Images per VAE forward while precomputing latents."
+        "--vae_encode_batch_size", type=int, default=8, help="Images per VAE forward while precomputing latents."
     )
     cache.add_argument(
         "--precompute_commit_seconds", type=float, default=60,

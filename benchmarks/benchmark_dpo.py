@@ -20,10 +20,11 @@ Peak memory is CUDA max allocated on a GPU, and on a CPU the process's resident 
 run (so it includes what earlier runs left allocated; the first mode's figure is the cleanest).
 
 Comparison (--compare_with SCRIPT): ours and SCRIPT as separate processes with the same flags (model, data,
-resolution, batch, LoRA rank, learning rate, seed): one epoch end to end twice (ours: cold then warm cache), then a
-longer run; steady-state s/step = (long - second epoch) / extra steps. Peak memory: each process's max RSS (from
-wait4), and with a GPU, the largest use nvidia-smi reported for it (sampled every 0.2 s). On a 2-core machine
-leave the machine otherwise idle; OMP_NUM_THREADS is passed through unchanged.
+resolution, batch, LoRA rank, learning rate, seed): one epoch with everything cold (fresh datasets cache; ours also
+precomputes), then warm one-epoch and half-epoch runs; steady-state s/step = (epoch - half epoch) / steps between
+them. Peak memory: each process's max RSS (from wait4), and with a GPU, the largest use nvidia-smi reported for it
+(sampled every 0.2 s). Needs what SCRIPT imports (torchvision, wandb). On a shared 2-core machine keep it otherwise
+idle; OMP_NUM_THREADS is passed through unchanged.
 
 Everything after `--` goes to both trainers (ours only, in the ratio table). Models and data are built once in
 --work_dir (random weights of the preset's real shapes) and reused.
@@ -40,6 +41,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,13 +140,46 @@ def steady_step_seconds(compute_loss_calls, warmup):
 
 
 def precompute_figures(timers, cache_root):
-    """(images/s, captions/s) of a cold-cache precompute, from the timed calls and the cache's own record."""
+    """(images/s, captions/s, images, captions) of a cold-cache precompute, from the timed calls and the cache."""
     (start, end), = timers.calls["precompute"]
     text_end = max(end_ for _, end_ in timers.calls["encode_captions"])
-    info = [json.loads(p.read_text()) for p in Path(cache_root).glob("*/cache_info.json")]
-    n_images = sum(i["pairs"] * 2 * (2 if i["hflip"] else 1) for i in info)
-    n_captions = sum(i["unique_captions"] + 1 for i in info)  # + the empty caption
+    caches = [p.parent for p in Path(cache_root).glob("*/cache_info.json")]
+    n_images = sum(2 * int(np.load(c / "encoded.npy").sum()) for c in caches)  # winner and loser of each latent
+    n_captions = sum(json.loads((c / "cache_info.json").read_text())["unique_captions"] + 1 for c in caches)
     return n_images / (end - text_end), n_captions / (text_end - start), n_images, n_captions
+
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) for model FLOP utilisation; others: pass --peak_tflops.
+PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
+
+
+def model_gflops(model_dir, resolution, sdxl):
+    """(UNet forward GFLOP per latent, VAE encoder GFLOP per image), counted on meta tensors (nothing is computed)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model_dir, subfolder="vae"))
+        size = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+        inputs = dict(sample=torch.randn(1, 4, size, size), timestep=torch.tensor([500]),
+                      encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim))
+        if sdxl:
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)}
+        image = torch.randn(1, 3, resolution, resolution)
+    with FlopCounterMode(display=False) as unet_flops:
+        unet(**inputs)
+    with FlopCounterMode(display=False) as vae_flops:
+        vae.encode(image)
+    return unet_flops.get_total_flops() / 1e9, vae_flops.get_total_flops() / 1e9
+
+
+def step_tflops(unet_gflops, mode, kind, batch):
+    """Model FLOPs of one step, per latent: forward 1, backward 2 (LoRA: 1, no weight gradients), reference 1 (DPO)."""
+    latents = 2 * batch if kind == "DPO" else batch
+    per_latent = (1 + (1 if mode == "lora" else 2) + (1 if kind == "DPO" else 0)) * unet_gflops
+    return latents * per_latent / 1e3
 
 
 def ratio_table(args, dpo, model_dir, data_dir, run_dir, trainer_flags):
@@ -161,29 +196,35 @@ def ratio_table(args, dpo, model_dir, data_dir, run_dir, trainer_flags):
             step = steady_step_seconds(timers.calls["compute_loss"], args.warmup)
             row = {"mode": mode, "kind": kind, "batch": batch, "step_s": step, "pairs_per_s": batch / step,
                    "peak_gib": memory.gib, "first_loss": result["history"][0]["loss"], "wall_s": wall}
-            if timers.calls["precompute"]:
+            if not rows:  # the first run found the cache empty
                 row["precompute"] = precompute_figures(timers, run_dir / "cache")
             rows.append(row)
             print(f"  {mode} {kind}: {step:.4f} s/step, first loss {row['first_loss']:.4f}", flush=True)
 
-    print("\n| mode | DPO s/step (B=%d) | SFT s/step (2B images) | DPO/SFT | DPO pairs/s | peak DPO | peak SFT |"
-          % args.train_batch_size)
-    print("|---|---|---|---|---|---|---|")
+    unet_gflops, vae_gflops = model_gflops(model_dir, args.resolution, args.sdxl)
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device_name()), None)
+    print(f"\nUNet forward {unet_gflops:.1f} GFLOP per latent, VAE encoder {vae_gflops:.1f} GFLOP per image "
+          f"(VAE/UNet {vae_gflops / unet_gflops:.2f}; SD 1.5 at 512 px: 1.39)")
+    print(f"| mode | DPO s/step (B={args.train_batch_size}) | SFT s/step (2B images) | DPO/SFT | DPO pairs/s | "
+          f"DPO TFLOP/s{' (MFU)' if peak else ''} | peak memory DPO | SFT |")
+    print("|---|---|---|---|---|---|---|---|")
     for dpo_row, sft_row in zip(rows[::2], rows[1::2]):
+        achieved = step_tflops(unet_gflops, dpo_row["mode"], "DPO", args.train_batch_size) / dpo_row["step_s"]
+        utilisation = f" ({achieved / peak:.1%})" if peak else ""
         print(f"| {dpo_row['mode']} | {dpo_row['step_s']:.4f} | {sft_row['step_s']:.4f} | "
               f"{dpo_row['step_s'] / sft_row['step_s']:.3f} | {dpo_row['pairs_per_s']:.2f} | "
-              f"{dpo_row['peak_gib']:.2f} GiB | {sft_row['peak_gib']:.2f} GiB |")
+              f"{achieved:.3g}{utilisation} | {dpo_row['peak_gib']:.2f} GiB | {sft_row['peak_gib']:.2f} GiB |")
     images_per_s, captions_per_s, n_images, n_captions = rows[0]["precompute"]
     print(f"\nprecompute (cold cache): {images_per_s:.1f} images/s ({n_images} images), "
           f"{captions_per_s:.1f} captions/s ({n_captions} unique captions); "
           f"DPO first-step loss {rows[0]['first_loss']:.4f} (ln 2 = 0.6931)")
 
 
-def run_process(command, log_path):
+def run_process(command, log_path, env):
     """Runs a command to completion: (wall seconds, peak RSS GiB of it and its waited-for children, peak GPU GiB)."""
     with open(log_path, "w") as log:
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         gpu_peak = [0.0]
         sampler = None
         if shutil.which("nvidia-smi") and torch.cuda.is_available():
@@ -213,65 +254,82 @@ def _sample_gpu_memory(process, peak):
 
 
 def comparison(args, model_dir, data_dir, run_dir, trainer_flags):
-    n_pairs = args.n_pairs
-    epoch_steps = -(-n_pairs // args.train_batch_size)
-    long_steps = epoch_steps + args.extra_steps
+    """Ours and the diffusers research script, each in its own processes, on the same model, data and flags.
+
+    Per script: one epoch with everything cold (a fresh datasets cache, and for ours a fresh latent cache), then
+    --repeats warm one-epoch runs and --repeats warm half-epoch runs (fastest of each kept). Steady-state s/step =
+    (epoch - half epoch) / (steps in half an epoch): start-up, loading and saving cancel out, and both runs stay in
+    the first epoch, whose latents the cold run precomputed.
+    """
+    epoch_steps = -(-args.n_pairs // args.train_batch_size)
+    half_steps = epoch_steps // 2
     common = ["--pretrained_model_name_or_path", model_dir, "--dataset_name", data_dir,
               "--resolution", str(args.resolution), "--train_batch_size", str(args.train_batch_size),
               "--rank", str(args.rank), "--learning_rate", "1e-5", "--seed", "0", "--report_to", "tensorboard",
               "--checkpointing_steps", "1000000", "--dataloader_num_workers", str(args.dataloader_num_workers),
               *trainer_flags]
     ours = ROOT / ("train_diffusion_dpo_sdxl.py" if args.sdxl else "train_diffusion_dpo.py")
-    scripts = {"ours": [str(ours), "--precompute_cache_dir", str(run_dir / "cache")],
+    scripts = {"ours": [str(ours), "--precompute_cache_dir", str(run_dir / "latent-cache")],
                "diffusers": [args.compare_with, *args.baseline_flags]}
-    if args.sdxl:
-        scripts["diffusers"] += ["--pretrained_vae_model_name_or_path", model_dir]
-    figures = {}
     run_dir.mkdir(parents=True)
+    figures = {}
     for name, script in scripts.items():
-        runs = {}
-        for run, steps in (("epoch 1", epoch_steps), ("epoch 2", epoch_steps), ("long", long_steps)):
-            out = run_dir / f"{name}-{run.replace(' ', '')}"
+        env = {**os.environ, "HF_DATASETS_CACHE": str(run_dir / f"{name}-datasets-cache"), "WANDB_MODE": "disabled"}
+        runs = {"cold epoch": [], "epoch": [], "half epoch": []}
+        plan = [("cold epoch", epoch_steps)] + [("epoch", epoch_steps), ("half epoch", half_steps)] * args.repeats
+        for number, (run, steps) in enumerate(plan):
+            tag = f"{name}-{number}-{run.replace(' ', '-')}"
             command = [sys.executable, script[0], *script[1:], *common, "--max_train_steps", str(steps),
-                       "--output_dir", str(out)]
-            runs[run] = run_process(command, run_dir / f"{name}-{run.replace(' ', '')}.log")
-            print(f"  {name} {run} ({steps} steps): {runs[run][0]:.1f} s, peak RSS {runs[run][1]:.2f} GiB", flush=True)
-        step_s = (runs["long"][0] - runs["epoch 2"][0]) / (long_steps - epoch_steps)
-        figures[name] = {"epoch1_s": runs["epoch 1"][0], "epoch2_s": runs["epoch 2"][0], "step_s": step_s,
-                         "rss_gib": max(r[1] for r in runs.values()), "gpu_gib": max(r[2] for r in runs.values())}
+                       "--output_dir", str(run_dir / tag)]
+            runs[run].append(run_process(command, run_dir / f"{tag}.log", env))
+            wall, rss, _ = runs[run][-1]
+            print(f"  {name} {run} ({steps} steps): {wall:.1f} s, peak RSS {rss:.2f} GiB", flush=True)
+        epoch, half = min(r[0] for r in runs["epoch"]), min(r[0] for r in runs["half epoch"])
+        every_run = [r for rs in runs.values() for r in rs]
+        figures[name] = {"cold_s": runs["cold epoch"][0][0], "epoch_s": epoch,
+                         "step_s": (epoch - half) / (epoch_steps - half_steps),
+                         "rss_gib": max(r[1] for r in every_run), "gpu_gib": max(r[2] for r in every_run)}
     ours_f, theirs = figures["ours"], figures["diffusers"]
-    print(f"\n{n_pairs} pairs, batch {args.train_batch_size}, rank {args.rank}, {args.resolution}px, "
-          f"epoch = {epoch_steps} steps, long run = {long_steps} steps")
-    print("| | ours | diffusers research script | ours vs theirs |")
+    print(f"\n{args.n_pairs} pairs, batch {args.train_batch_size}, LoRA rank {args.rank}, {args.resolution}px, "
+          f"one epoch = {epoch_steps} steps, flags {trainer_flags}")
+    print("| | ours | diffusers research script | ours / theirs |")
     print("|---|---|---|---|")
-    print(f"| steady-state steps/s | {1 / ours_f['step_s']:.2f} | {1 / theirs['step_s']:.2f} | "
-          f"{theirs['step_s'] / ours_f['step_s']:.2f}x |")
-    print(f"| one epoch, first run (ours: cold cache) | {ours_f['epoch1_s']:.1f} s | {theirs['epoch1_s']:.1f} s | "
-          f"{ours_f['epoch1_s'] / theirs['epoch1_s']:.2f}x the time |")
-    print(f"| one epoch, second run (ours: warm cache) | {ours_f['epoch2_s']:.1f} s | {theirs['epoch2_s']:.1f} s | "
-          f"{ours_f['epoch2_s'] / theirs['epoch2_s']:.2f}x the time |")
-    print(f"| peak RSS | {ours_f['rss_gib']:.2f} GiB | {theirs['rss_gib']:.2f} GiB | "
+    print(f"| steady-state steps/s | {1 / ours_f['step_s']:.3f} | {1 / theirs['step_s']:.3f} | "
+          f"{theirs['step_s'] / ours_f['step_s']:.2f}x the speed |")
+    print(f"| one epoch, all cold (ours precomputes) | {ours_f['cold_s']:.1f} s | {theirs['cold_s']:.1f} s | "
+          f"{ours_f['cold_s'] / theirs['cold_s']:.2f}x the time |")
+    print(f"| one epoch again (ours: cache reused) | {ours_f['epoch_s']:.1f} s | {theirs['epoch_s']:.1f} s | "
+          f"{ours_f['epoch_s'] / theirs['epoch_s']:.2f}x the time |")
+    print(f"| peak RSS, any run | {ours_f['rss_gib']:.2f} GiB | {theirs['rss_gib']:.2f} GiB | "
           f"{ours_f['rss_gib'] / theirs['rss_gib']:.2f}x |")
     if theirs["gpu_gib"]:
         print(f"| peak GPU memory (nvidia-smi) | {ours_f['gpu_gib']:.2f} GiB | {theirs['gpu_gib']:.2f} GiB | "
               f"{ours_f['gpu_gib'] / theirs['gpu_gib']:.2f}x |")
 
 
+def device_name():
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sdxl", action="store_true", help="benchmark train_diffusion_dpo_sdxl.py (SDXL presets)")
     parser.add_argument("--preset", default="mini", help="tiny, mini, sd15 (sdxl with --sdxl): tiny_assets presets")
-    parser.add_argument("--resolution", type=int, default=None, help="default: 32 for tiny, 256 for mini, else 512")
-    parser.add_argument("--n_pairs", type=int, default=32)
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="default: 32 for tiny; 384 for mini, where its VAE/UNet FLOP ratio (1.47) is near SD 1.5's "
+                             "at 512 px (1.39); 512 for sd15, 1024 for sdxl")
+    parser.add_argument("--n_pairs", type=int, default=64)
     parser.add_argument("--train_batch_size", type=int, default=2, help="B: pairs per DPO step (SFT gets 2B)")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per ratio-table run")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the steady-state time")
     parser.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
     parser.add_argument("--compare_with", default=None, help="path of the diffusers research script to compare")
     parser.add_argument("--baseline_flags", nargs="*", default=[], help="extra flags for the compared script only")
-    parser.add_argument("--extra_steps", type=int, default=16, help="comparison: steps the long run adds")
+    parser.add_argument("--repeats", type=int, default=2, help="comparison: warm runs of each length (fastest kept)")
     parser.add_argument("--rank", type=int, default=8, help="comparison: LoRA rank of both scripts")
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="comparison: for both scripts")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, for MFU (default: known "
+                        "GPUs' dense bf16 peak)")
     parser.add_argument("--work_dir", default=None, help="builds models and data here once, reused later")
     args, trainer_flags = parser.parse_known_args()
     trainer_flags = [f for f in trainer_flags if f != "--"]
@@ -279,7 +337,7 @@ def main():
     if args.preset not in presets:
         parser.error(f"--preset must be one of {sorted(presets)}")
     if args.resolution is None:
-        args.resolution = {"tiny": 32, "mini": 256}.get(args.preset, 1024 if args.sdxl else 512)
+        args.resolution = {"tiny": 32, "mini": 384}.get(args.preset, 1024 if args.sdxl else 512)
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="dpo-bench-"))
     tag = f"{'sdxl' if args.sdxl else 'sd'}-{args.preset}"
@@ -290,7 +348,7 @@ def main():
     if not data_dir.exists():
         tiny_assets.build_pickapic_dataset(str(data_dir), n_pairs=args.n_pairs, n_ties=0, image_size=args.resolution)
     run_dir = work / f"runs-{time.strftime('%Y%m%d-%H%M%S')}"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
+    device = device_name()
     threads = torch.get_num_threads()
     print(f"{device}, torch {torch.__version__} ({threads} threads); {tag}; {args.resolution}px; {args.n_pairs} pairs; "
           f"trainer flags {trainer_flags}", flush=True)

@@ -94,11 +94,13 @@ PRESETS = {
     },
     # SD 1.5's layout (4 levels, 2 layers per block, cross-attention in the first three, an 8x VAE, a 12-layer text
     # encoder's shape scaled down) at a tenth of its width: a laptop CPU runs a step in about a second at 256 px.
+    # Two heads instead of eight keep attention heads 16-64 wide (SD 1.5: 40-160); 4-wide heads would make CPU
+    # attention kernels, not the model, the cost.
     "mini": {
         "unet": dict(sample_size=32, block_out_channels=(32, 64, 128, 128), layers_per_block=2,
                      down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=64,
-                     attention_head_dim=8),
+                     attention_head_dim=2),
         "vae": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, sample_size=256),
         "text": dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=4,
                      projection_dim=64),
