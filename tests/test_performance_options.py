@@ -1,0 +1,36 @@
+"""Speed options change how fast a step runs, never what it computes; the benchmark script keeps working."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, assert_same_tensors, lora_weights, run_trainer
+
+LN2 = math.log(2)
+
+
+@pytest.mark.parametrize("option", ["torch_compile", "channels_last"])
+def test_speed_options_train_the_same_lora(dpo, cli_args, tmp_path, option):
+    plain = run_trainer(dpo, cli_args(output_dir=tmp_path / "plain", max_train_steps=3))
+    faster = run_trainer(dpo, cli_args(output_dir=tmp_path / option, max_train_steps=3, **{option: True}))
+    assert faster["history"][0]["loss"] == pytest.approx(LN2, abs=1e-4)  # the adapter-off reference still works
+    for before, after in zip(plain["history"], faster["history"]):  # other kernels round differently; beta scales
+        assert after["loss"] == pytest.approx(before["loss"], abs=1e-3)  # that into the loss
+    assert_same_tensors(lora_weights(tmp_path / "plain"), lora_weights(tmp_path / option), atol=1e-5)
+
+
+def test_benchmark_prints_dpo_and_sft_step_times(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "benchmark_dpo.py"), "--preset", "tiny", "--n_pairs", "8",
+               "--steps", "4", "--warmup", "1", "--work_dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in result.stdout.splitlines()
+            if line.startswith("| lora") or line.startswith("| full")}
+    assert set(rows) == {"lora", "full"}
+    for row in rows.values():
+        dpo_step, sft_step, ratio = (float(row[i]) for i in (2, 3, 4))
+        assert ratio == pytest.approx(dpo_step / sft_step, rel=0.01)
+    assert "DPO first-step loss 0.6931" in result.stdout
+    assert "images/s" in result.stdout and "captions/s" in result.stdout
