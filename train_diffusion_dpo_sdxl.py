@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.optimization import SchedulerType, get_scheduler
@@ -67,6 +67,8 @@ DEFAULT_VALIDATION_PROMPTS = [
     "an astronaut riding a horse on the moon, digital art",
     "a bowl of ramen on a wooden table, studio photograph",
 ]
+# subfolders of a pipeline folder the trainer reads
+MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 CACHE_FORMAT_VERSION = 2
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -75,6 +77,10 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 class InputError(ValueError):
     """Bad input from the user: reported as one line, never as a traceback."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot usefully go on (e.g. only non-finite steps): reported as one line."""
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -285,6 +291,10 @@ def parse_args(input_args=None):
     optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
     optim.add_argument("--adam_epsilon", type=float, default=1e-8)
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    optim.add_argument(
+        "--max_consecutive_skipped_steps", type=int, default=20,
+        help="A step with a non-finite loss or gradient is skipped (weights untouched); stop after this many in a row.",
+    )
 
     perf = parser.add_argument_group("performance")
     perf.add_argument("--dataloader_num_workers", type=int, default=0, help="Worker processes for data loading.")
@@ -332,6 +342,17 @@ def parse_args(input_args=None):
 
 def validate_args(args):
     """Rejects bad flag combinations before anything heavy is loaded."""
+    model = args.pretrained_model_name_or_path
+    if os.path.isdir(model):
+        parts = list(MODEL_PARTS)
+        if args.pretrained_vae_model_name_or_path is not None:
+            parts.remove("vae")
+        missing = [part for part in parts if not os.path.isdir(os.path.join(model, part))]
+        if missing:
+            raise InputError(f"model folder '{model}' lacks {missing}: expected a diffusers pipeline folder with "
+                             f"{', '.join(parts)}")
+    elif model.startswith((".", "/", "~")) or os.path.exists(model):
+        raise InputError(f"--pretrained_model_name_or_path {model}: no such model folder")
     if args.resolution < 8 or args.resolution % 8 != 0:
         raise InputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.max_train_steps is not None and args.max_train_steps < 1:
@@ -340,7 +361,7 @@ def validate_args(args):
         raise InputError("--proportion_empty_prompts must lie in [0, 1]")
     for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank", "checkpointing_steps",
                  "validation_steps", "vae_encode_batch_size", "num_validation_inference_steps", "lr_num_cycles",
-                 "validation_timesteps"):
+                 "validation_timesteps", "max_consecutive_skipped_steps"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1")
     for name in ("dataloader_num_workers", "lr_warmup_steps", "num_validation_pairs"):
@@ -1177,7 +1198,9 @@ def save_checkpoint(accelerator, args, global_step):
         if args.checkpoints_total_limit is not None:
             for old in complete_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
                 logger.info(f"Removing old checkpoint {old}")
-                shutil.rmtree(old)
+                doomed = os.path.join(args.output_dir, f".{os.path.basename(old)}.deleting")
+                os.replace(old, doomed)  # renamed first: a half-deleted folder never looks like a checkpoint
+                shutil.rmtree(doomed)
         logger.info(f"Saved checkpoint {final}")
     accelerator.wait_for_everyone()
 
@@ -1290,6 +1313,11 @@ def main(args):
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:  # each process would train alone and overwrite the others' output
+        raise InputError(f"launched as {launched} processes, but each runs alone: on a machine without GPUs launch with "
+                         "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...` (gloo), otherwise check that every "
+                         "process sees a GPU")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     for library in (datasets, transformers, diffusers):
@@ -1324,6 +1352,11 @@ def main(args):
     validation_pairs = held_out[0] if held_out else None
     if len(pairs) == 0:
         raise InputError(f"no pair of dataset '{args.dataset_name}' has two decodable images")
+    if len(pairs) < args.train_batch_size * accelerator.num_processes:
+        raise InputError(f"--train_batch_size {args.train_batch_size} needs at least "
+                         f"{args.train_batch_size * accelerator.num_processes} usable pairs"
+                         f"{f' on {accelerator.num_processes} processes' if accelerator.num_processes > 1 else ''}; "
+                         f"the data has {len(pairs)}")
     sampler = PairSampler(pairs, args.seed, args.proportion_empty_prompts)
     train_dataloader = torch.utils.data.DataLoader(
         pairs, batch_size=args.train_batch_size, sampler=sampler, num_workers=args.dataloader_num_workers,
@@ -1393,6 +1426,7 @@ def main(args):
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
     history, evaluations = [], []
+    skipped_steps = consecutive_skips = 0  # optimizer steps skipped for a non-finite loss or gradient
     reference_errors = None
 
     def evaluate():  # held-out preference metrics, logged as eval/...
@@ -1424,10 +1458,15 @@ def main(args):
             with accelerator.accumulate(unet):
                 loss, metrics = compute_loss(batch, unet, reference, noise_scheduler, args, generator)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
+                finite = True
+                if accelerator.sync_gradients:  # gradients are all-reduced by now: every process decides the same
+                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm or math.inf)
+                    # a NaN/inf loss gives NaN gradients; DeepSpeed clips and skips overflows itself
+                    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+                        finite = bool(torch.isfinite(grad_norm))
+                if finite or accelerator.scaler is not None:  # fp16: the grad scaler skips and lowers its scale
+                    optimizer.step()
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             for name, value in {"loss": loss.detach(), **metrics}.items():
                 sums[name] = sums.get(name, 0.0) + value
@@ -1435,10 +1474,22 @@ def main(args):
                 continue
 
             global_step += 1
+            if finite and not accelerator.optimizer_step_was_skipped:
+                consecutive_skips = 0
+            else:  # the weights keep their last finite values; the step still consumed its data
+                skipped_steps, consecutive_skips = skipped_steps + 1, consecutive_skips + 1
+                logger.warning(f"Step {global_step}: non-finite loss or gradient, optimizer step skipped "
+                               f"({skipped_steps} so far, {consecutive_skips} in a row).")
+                if consecutive_skips >= args.max_consecutive_skipped_steps:
+                    raise TrainingStopped(
+                        f"stopped at step {global_step}: {consecutive_skips} steps in a row had a non-finite loss or "
+                        f"gradient (the weights are those of step {global_step - consecutive_skips}; checkpoints are "
+                        "intact); lower --learning_rate, prefer bf16 to fp16, or check the data")
             micro_batches = (batch_index % args.gradient_accumulation_steps) + 1
             names = list(sums)
             means = accelerator.reduce(torch.stack([sums[n] for n in names]) / micro_batches, reduction="mean")
-            logs = {**dict(zip(names, means.tolist())), "lr": lr_scheduler.get_last_lr()[0]}
+            logs = {**dict(zip(names, means.tolist())), "lr": lr_scheduler.get_last_lr()[0],
+                    "skipped_steps": skipped_steps}
             sums = {}
             history.append({"step": global_step, **logs})
             accelerator.log(logs, step=global_step)
@@ -1459,6 +1510,14 @@ def main(args):
         evaluate()
     # Save the result: LoRA weights in diffusers format, or a complete pipeline folder.
     accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:  # only the main process saves: make sure it holds what every process trained
+        with torch.no_grad():
+            checksum = [sum(p.double().sum().item() for p in params), sum(p.double().square().sum().item() for p in params)]
+        checksums = gather_object([checksum])
+        if all(c == checksums[0] for c in checksums):
+            logger.info(f"Trained weights identical on all {accelerator.num_processes} processes.")
+        else:
+            logger.warning(f"Trained weights differ between processes (checksums {checksums}); saving the main one's.")
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(unet)
         if args.run_validation and global_step % args.validation_steps != 0:
@@ -1474,6 +1533,7 @@ def main(args):
         if args.push_to_hub:
             push_to_hub(args, repo_id)
         logger.info(f"Saved the trained {'LoRA' if args.train_mode == 'lora' else 'pipeline'} to {args.output_dir}")
+    accelerator.wait_for_everyone()  # the others wait for the main process to finish saving before the group ends
     accelerator.end_training()
     return {"global_step": global_step, "history": history, "evaluations": evaluations}
 
@@ -1481,5 +1541,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except InputError as error:
+    except (InputError, TrainingStopped) as error:
         sys.exit(f"error: {error}")

@@ -1,10 +1,18 @@
 """Bad input fails fast with one clear line (or is a counted skip, see test_data_and_cache.py)."""
 
 import importlib.util
+import io
+import json
+import math
+import random
+import shutil
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from conftest import both_trainers, run_cli, run_trainer, tiny_assets
+from conftest import both_trainers, cache_folders, run_cli, run_trainer, tiny_assets
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -78,3 +86,63 @@ def test_the_command_line_prints_one_line_and_no_traceback(dpo, cli_args):
     assert completed.returncode == 1
     assert "Traceback" not in completed.stderr
     assert completed.stderr.strip().splitlines()[-1].startswith("error: dataset")
+
+
+def image_bytes(image, format="JPEG"):
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+@both_trainers
+def test_odd_images_captions_and_labels_are_converted_skipped_or_dropped(dpo, cli_args, tmp_path):
+    rng = random.Random(0)
+    warm = lambda: tiny_assets.make_shape_image(True, rng, 40)  # noqa: E731
+    cool = lambda: tiny_assets.make_shape_image(False, rng, 40)  # noqa: E731
+    good = image_bytes(warm())
+    # (caption, winner bytes, loser bytes, label_0); label 1: the first image is preferred
+    rows = [
+        ("plain pair", good, image_bytes(cool()), 1.0),
+        ("rgba and grayscale", image_bytes(warm().convert("RGBA"), "PNG"), image_bytes(cool().convert("L")), 1.0),
+        ("cmyk", image_bytes(warm().convert("CMYK")), image_bytes(cool().convert("CMYK")), 1.0),
+        ("truncated jpeg", good[: len(good) * 2 // 3], image_bytes(cool()), 1.0),
+        ("not an image", b"<html>404</html>", image_bytes(cool()), 1.0),
+        (None, image_bytes(cool()), image_bytes(warm()), 0.0),
+        ("", image_bytes(warm()), image_bytes(cool()), 1.0),
+        ("label 2", good, good, 2.0),
+        ("label -1", good, good, -1.0),
+        ("label nan", good, good, float("nan")),
+    ]
+    data = tmp_path / "odd"
+    data.mkdir()
+    columns = list(zip(*rows))
+    pq.write_table(pa.table({"caption": pa.array(columns[0], pa.string()), "jpg_0": pa.array(columns[1], pa.binary()),
+                             "jpg_1": pa.array(columns[2], pa.binary()), "label_0": pa.array(columns[3], pa.float64())}),
+                   data / "train-00000-of-00001.parquet")
+
+    result = run_trainer(dpo, cli_args(dataset_name=str(data), max_train_steps=2))
+    assert all(math.isfinite(h["loss"]) for h in result["history"])
+    (cache,) = cache_folders(tmp_path / "cache")
+    info = json.loads((cache / "cache_info.json").read_text())
+    assert info["pairs"] == 7  # the three labels outside {0, 0.5, 1} were dropped
+    undecodable = np.load(cache / "undecodable.npy")
+    assert undecodable.tolist() == [False, False, False, True, True, False, False]  # counted skips
+    assert np.load(cache / "encoded.npy")[:3].any(axis=1).all()  # RGBA, L and CMYK were converted to RGB
+    caption_index = np.load(cache / "caption_index.npy")
+    assert caption_index[5] == caption_index[6] == 0  # None and "" both read the empty caption's embedding
+
+
+def test_a_model_folder_missing_a_part_is_named(dpo, cli_args, tiny_model, tmp_path, capsys):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model, broken, ignore=shutil.ignore_patterns("vae"))
+    with pytest.raises(SystemExit):
+        dpo.parse_args(cli_args(pretrained_model_name_or_path=broken))
+    assert f"model folder '{broken}' lacks ['vae']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dpo.parse_args(cli_args(pretrained_model_name_or_path=tmp_path / "no-such-model"))
+    assert "no such model folder" in capsys.readouterr().err
+
+
+def test_a_batch_larger_than_the_data_is_refused(dpo, cli_args):
+    with pytest.raises(dpo.InputError, match="--train_batch_size 16 needs at least 16 usable pairs; the data has 8"):
+        run_trainer(dpo, cli_args(train_batch_size=16))

@@ -1,0 +1,143 @@
+"""Faults a long run meets: a process killed at any moment, non-finite numbers, a wrong launch."""
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, assert_same_tensors, both_trainers, cache_folders, lora_weights, run_cli, run_trainer
+
+LN2 = math.log(2)
+
+
+def poison_pair(cache, index):
+    """Writes inf into one pair's cached latents, as an fp16 VAE overflow would."""
+    latents = np.load(cache / "pair_latents.npy", mmap_mode="r+")
+    latents[index] = np.inf
+    latents.flush()
+
+
+def test_a_non_finite_step_is_skipped_and_leaves_the_weights_untouched(dpo, cli_args, tmp_path):
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "clean", max_train_steps=1))  # builds the cache
+    (cache,) = cache_folders(tmp_path / "cache")
+    pairs = dpo.CachedPreferencePairs(cache)
+    order = list(dpo.PairSampler(pairs, seed=0, proportion_empty_prompts=0.0))
+    poison_pair(cache, order[2][0])  # a pair of the second batch (batches of 2)
+
+    one = run_trainer(dpo, cli_args(output_dir=tmp_path / "one", max_train_steps=1, learning_rate=1e-3))
+    two = run_trainer(dpo, cli_args(output_dir=tmp_path / "two", max_train_steps=2, learning_rate=1e-3))
+    assert not math.isfinite(two["history"][1]["loss"])
+    assert [h["skipped_steps"] for h in two["history"]] == [0, 1]
+    assert_same_tensors(lora_weights(tmp_path / "one"), lora_weights(tmp_path / "two"), atol=0)  # step 2 changed nothing
+
+    three = run_trainer(dpo, cli_args(output_dir=tmp_path / "three", max_train_steps=3, learning_rate=1e-3))
+    assert math.isfinite(three["history"][2]["loss"]) and three["history"][2]["skipped_steps"] == 1
+    weights = lora_weights(tmp_path / "three")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert any(not torch.equal(weights[k], lora_weights(tmp_path / "two")[k]) for k in weights)  # training went on
+
+
+def test_only_non_finite_steps_stop_the_run_with_a_clear_message(dpo, cli_args, tmp_path):
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "clean", max_train_steps=1))
+    (cache,) = cache_folders(tmp_path / "cache")
+    for index in range(len(np.load(cache / "encoded.npy"))):
+        poison_pair(cache, index)
+    with pytest.raises(dpo.TrainingStopped, match="3 steps in a row had a non-finite loss or gradient"):
+        run_trainer(dpo, cli_args(output_dir=tmp_path / "run", max_train_steps=5, max_consecutive_skipped_steps=3))
+
+
+def launch(dpo, argv, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, dpo.__file__, *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def kill_when(process, condition, timeout=300):
+    """SIGKILLs the process as soon as condition() holds (checked every millisecond); False if it ended first."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if condition():
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.001)
+    process.wait()
+    return False
+
+
+def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(dpo, cli_args, tmp_path):
+    common = dict(max_train_steps=7, checkpointing_steps=1, checkpoints_total_limit=2, learning_rate=1e-3,
+                  lr_scheduler="cosine", proportion_empty_prompts=0.3)
+    straight = launch(dpo, cli_args(output_dir=tmp_path / "straight", **common))
+    assert straight.wait() == 0, straight.stderr.read()[-3000:]
+    checkpoint_files = sorted(p.name for p in (tmp_path / "straight" / "checkpoint-7").iterdir())
+
+    rng = random.Random(0)
+    write_from, done_at = rng.randint(2, 5), rng.randint(1, 5)
+    fresh_cache = tmp_path / "fresh-cache"
+
+    def writing_checkpoint(out):  # a checkpoint write of step write_from or later is under way
+        return any(int(p.name.split("-")[1].split(".")[0]) >= write_from for p in out.glob(".checkpoint-*.partial"))
+
+    # where each trial's first process dies: precomputing into an empty cache, writing a checkpoint, between steps
+    trials = [
+        ("precompute", fresh_cache, lambda out: any(fresh_cache.glob("*/encoded.npy"))),
+        ("checkpoint write", tmp_path / "cache", writing_checkpoint),
+        ("between steps", tmp_path / "cache", lambda out: (out / f"checkpoint-{done_at}").exists()),
+    ]
+    for trial, (moment, cache, reached) in enumerate(trials):
+        for attempt in range(3):  # a checkpoint write lasts milliseconds: polling may miss one, so try again
+            out = tmp_path / f"killed-{trial}-{attempt}"
+            argv = cli_args(output_dir=out, precompute_cache_dir=cache, **common)
+            if kill_when(launch(dpo, argv), lambda: reached(out)):
+                break
+        else:
+            pytest.fail(f"every run ended before the kill point ({moment})")
+        if moment == "checkpoint write":
+            assert list(out.glob(".checkpoint-*.partial"))  # it died mid-write
+        # a checkpoint's name is only ever on a complete checkpoint, and rotation kept at most the newest two
+        complete = dpo.complete_checkpoints(str(out))
+        assert len(complete) <= 2
+        for checkpoint in complete:
+            assert sorted(p.name for p in Path(checkpoint).iterdir()) == checkpoint_files, moment
+        resumed = launch(dpo, argv + ["--resume_from_checkpoint", "latest"])
+        assert resumed.wait() == 0, f"{moment}: {resumed.stderr.read()[-3000:]}"
+        assert_same_tensors(lora_weights(out), lora_weights(tmp_path / "straight"))
+        assert [p.name for p in out.glob("checkpoint-*")] and len(dpo.complete_checkpoints(str(out))) == 2
+
+
+LAUNCH_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+@both_trainers
+def test_two_cpu_processes_train_one_model_and_write_it_once(dpo, cli_args, tmp_path):
+    argv = cli_args(max_train_steps=3, checkpointing_steps=1, num_validation_pairs=2, report_to="tensorboard")
+    result = run_cli(dpo, argv, launcher=LAUNCH_TWO + ["--main_process_port", "29531"], env={"ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stderr
+    assert "Num processes: 2" in log
+    assert "Trained weights identical on all 2 processes." in log
+    assert log.count("Creating the latent and text-embedding cache") == 2  # training and held-out sets, once each
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    # tensorboard event files are named events.out.tfevents.<time>.<host>.<pid>.<n>: one process wrote them all
+    assert len({p.name.split(".")[-2] for p in out.rglob("events.out.tfevents.*")}) == 1
+    assert lora_weights(out)
+
+
+def test_two_cpu_processes_without_accelerate_use_cpu_are_refused(dpo, cli_args, tmp_path):
+    result = run_cli(dpo, cli_args(max_train_steps=1), launcher=LAUNCH_TWO + ["--main_process_port", "29533"],
+                     env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode != 0
+    assert "error: launched as 2 processes, but each runs alone" in result.stderr
+    assert "ACCELERATE_USE_CPU=1" in result.stderr
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
