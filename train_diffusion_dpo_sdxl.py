@@ -1147,7 +1147,11 @@ def save_lora(unet, directory):
 def load_lora_into(unet, directory):
     state_dict, _ = StableDiffusionXLPipeline.lora_state_dict(directory, weight_name=LORA_WEIGHT_NAME)
     state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state_dict), adapter_name="default")
+    try:
+        result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state_dict), adapter_name="default")
+    except RuntimeError as error:  # shapes differ: another --rank or another model
+        raise InputError(f"checkpoint {directory} does not match this model's LoRA layers "
+                         f"({str(error).splitlines()[-1].strip()})") from None
     if getattr(result, "unexpected_keys", None):
         raise InputError(f"checkpoint {directory} does not match this model's LoRA layers")
 

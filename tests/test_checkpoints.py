@@ -56,3 +56,20 @@ def test_a_lora_checkpoint_is_refused_by_a_full_run(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(max_train_steps=1, checkpointing_steps=1))
     with pytest.raises(dpo.InputError, match="not written by a --train_mode full run"):
         run_trainer(dpo, cli_args(max_train_steps=2, train_mode="full", resume_from_checkpoint="latest"))
+
+
+def test_a_checkpoint_of_another_lora_or_model_is_refused(dpo, cli_args, tiny_model, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    run_trainer(dpo, cli_args(max_train_steps=1, checkpointing_steps=1, rank=4))
+    with pytest.raises(dpo.InputError, match="does not match this model's LoRA layers"):
+        run_trainer(dpo, cli_args(max_train_steps=2, rank=8, resume_from_checkpoint="latest"))
+    # the same LoRA rank on a model with other layer sizes
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model, other)
+    unet = UNet2DConditionModel.from_pretrained(other / "unet")
+    wider = UNet2DConditionModel.from_config({**unet.config, "block_out_channels": [32, 96]})
+    wider.save_pretrained(other / "unet")
+    with pytest.raises(dpo.InputError, match="does not match this model's LoRA layers"):
+        run_trainer(dpo, cli_args(max_train_steps=2, rank=4, resume_from_checkpoint="latest",
+                                  pretrained_model_name_or_path=other, precompute_cache_dir=tmp_path / "cache2"))
