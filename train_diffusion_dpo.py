@@ -63,7 +63,8 @@ DEFAULT_VALIDATION_PROMPTS = [
     "an astronaut riding a horse on the moon, digital art",
     "a bowl of ramen on a wooden table, studio photograph",
 ]
-MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # subfolders of a pipeline folder the trainer reads
+# subfolders of a pipeline folder the trainer reads
+MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 CACHE_FORMAT_VERSION = 2
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -293,7 +294,9 @@ def parse_args(input_args=None):
     perf.add_argument("--torch_compile", action="store_true",
                       help="torch.compile the UNet's repeated transformer blocks (regional compilation: most of the "
                            "speed-up of compiling the whole UNet, a fraction of the compile time).")
-    perf.add_argument("--channels_last", action="store_true", help="Keep the UNet's weights in channels-last order.")
+    perf.add_argument("--channels_last", action="store_true",
+                      help="Channels-last memory format for the UNet, and for the VAE while precomputing (on a CPU the "
+                           "VAE always encodes channels-last: measured 1.4x faster).")
 
     ckpt = parser.add_argument_group("checkpointing")
     ckpt.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
@@ -333,7 +336,8 @@ def validate_args(args):
             raise InputError(f"model folder '{model}' lacks {missing}: expected a diffusers pipeline folder with "
                              f"{', '.join(parts)}")
     elif model.startswith((".", "/", "~")) or os.path.exists(model):
-        raise InputError(f"--pretrained_model_name_or_path {model}: no such model folder")
+        raise InputError(f"--pretrained_model_name_or_path {model}: no such model folder (a diffusers pipeline "
+                         "folder or a Hub id)")
     if args.resolution < 8 or args.resolution % 8 != 0:
         raise InputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.max_train_steps is not None and args.max_train_steps < 1:
@@ -726,8 +730,9 @@ def precompute(args, jobs, accelerator, encode_dtype):
             wanted = todo[indices]  # (pairs, orientations): the orientations to encode for each pair
             images = batch["pixels"][torch.from_numpy(ok)][torch.from_numpy(wanted)]  # (n, 2, 3, H, W)
             with torch.inference_mode():
+                chunks = images.flatten(0, 1).split(args.vae_encode_batch_size)
                 latents = torch.cat([vae.encode(chunk.to(device, encode_dtype, memory_format=memory_format))
-                                     .latent_dist.mean for chunk in images.flatten(0, 1).split(args.vae_encode_batch_size)])
+                                     .latent_dist.mean for chunk in chunks])
             latents = (latents.float() * vae.config.scaling_factor).view(*images.shape[:2], *latents.shape[1:])
             rows, orientations = np.nonzero(wanted)  # the same row-major order as the boolean indexing above
             pair_latents[indices[rows], orientations] = latents.cpu().to(torch.float16).numpy()
@@ -1428,7 +1433,8 @@ def main(args):
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:  # only the main process saves: make sure it holds what every process trained
         with torch.no_grad():
-            checksum = [sum(p.double().sum().item() for p in params), sum(p.double().square().sum().item() for p in params)]
+            checksum = [sum(p.double().sum().item() for p in params),
+                        sum(p.double().square().sum().item() for p in params)]
         checksums = gather_object([checksum])
         if all(c == checksums[0] for c in checksums):
             logger.info(f"Trained weights identical on all {accelerator.num_processes} processes.")

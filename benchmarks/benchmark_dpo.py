@@ -204,7 +204,7 @@ def ratio_table(args, dpo, model_dir, data_dir, run_dir, trainer_flags):
     unet_gflops, vae_gflops = model_gflops(model_dir, args.resolution, args.sdxl)
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device_name()), None)
     print(f"\nUNet forward {unet_gflops:.1f} GFLOP per latent, VAE encoder {vae_gflops:.1f} GFLOP per image "
-          f"(VAE/UNet {vae_gflops / unet_gflops:.2f}; SD 1.5 at 512 px: 1.39)")
+          f"(VAE/UNet {vae_gflops / unet_gflops:.2f}; {'SDXL at 1024 px: 0.72' if args.sdxl else 'SD 1.5 at 512 px: 1.39'})")
     print(f"| mode | DPO s/step (B={args.train_batch_size}) | SFT s/step (2B images) | DPO/SFT | DPO pairs/s | "
           f"DPO TFLOP/s{' (MFU)' if peak else ''} | peak memory DPO | SFT |")
     print("|---|---|---|---|---|---|---|---|")
