@@ -1457,6 +1457,10 @@ def main(args):
         logger.info(f"Saved the trained {'LoRA' if args.train_mode == 'lora' else 'pipeline'} to {args.output_dir}")
     accelerator.wait_for_everyone()  # the others wait for the main process to finish saving before the group ends
     accelerator.end_training()
+    if accelerator.num_processes > 1:
+        # gloo's worker thread frees the last collectives' tensors, which needs the GIL; if the process group is torn
+        # down (when the DDP model is freed) before it has, the exit deadlocks. Seen on CPU; a second avoids it.
+        time.sleep(1)
     return {"global_step": global_step, "history": history, "evaluations": evaluations}
 
 

@@ -15,9 +15,6 @@ import torch
 
 from conftest import ROOT, assert_same_tensors, both_trainers, cache_folders, lora_weights, run_cli, run_trainer
 
-LN2 = math.log(2)
-
-
 def poison_pair(cache, index):
     """Writes inf into one pair's cached latents, as an fp16 VAE overflow would."""
     latents = np.load(cache / "pair_latents.npy", mmap_mode="r+")
@@ -32,7 +29,7 @@ def test_a_non_finite_step_is_skipped_and_leaves_the_weights_untouched(dpo, cli_
     order = list(dpo.PairSampler(pairs, seed=0, proportion_empty_prompts=0.0))
     poison_pair(cache, order[2][0])  # a pair of the second batch (batches of 2)
 
-    one = run_trainer(dpo, cli_args(output_dir=tmp_path / "one", max_train_steps=1, learning_rate=1e-3))
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "one", max_train_steps=1, learning_rate=1e-3))
     two = run_trainer(dpo, cli_args(output_dir=tmp_path / "two", max_train_steps=2, learning_rate=1e-3))
     assert not math.isfinite(two["history"][1]["loss"])
     assert [h["skipped_steps"] for h in two["history"]] == [0, 1]
@@ -54,10 +51,15 @@ def test_only_non_finite_steps_stop_the_run_with_a_clear_message(dpo, cli_args, 
         run_trainer(dpo, cli_args(output_dir=tmp_path / "run", max_train_steps=5, max_consecutive_skipped_steps=3))
 
 
-def launch(dpo, argv, env=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, dpo.__file__, *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+def launch(dpo, argv, log):
+    """Starts a trainer process writing its output to `log` (a pipe nobody reads could fill up and block it)."""
+    with open(log, "w") as output:
+        return subprocess.Popen([sys.executable, dpo.__file__, *argv], stdout=output, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+
+
+def finished(process, log):
+    assert process.wait() == 0, Path(log).read_text()[-3000:]
 
 
 def kill_when(process, condition, timeout=300):
@@ -76,8 +78,8 @@ def kill_when(process, condition, timeout=300):
 def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(dpo, cli_args, tmp_path):
     common = dict(max_train_steps=7, checkpointing_steps=1, checkpoints_total_limit=2, learning_rate=1e-3,
                   lr_scheduler="cosine", proportion_empty_prompts=0.3)
-    straight = launch(dpo, cli_args(output_dir=tmp_path / "straight", **common))
-    assert straight.wait() == 0, straight.stderr.read()[-3000:]
+    finished(launch(dpo, cli_args(output_dir=tmp_path / "straight", **common), tmp_path / "straight.log"),
+             tmp_path / "straight.log")
     checkpoint_files = sorted(p.name for p in (tmp_path / "straight" / "checkpoint-7").iterdir())
 
     rng = random.Random(0)
@@ -97,7 +99,7 @@ def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(dpo, 
         for attempt in range(3):  # a checkpoint write lasts milliseconds: polling may miss one, so try again
             out = tmp_path / f"killed-{trial}-{attempt}"
             argv = cli_args(output_dir=out, precompute_cache_dir=cache, **common)
-            if kill_when(launch(dpo, argv), lambda: reached(out)):
+            if kill_when(launch(dpo, argv, tmp_path / f"killed-{trial}-{attempt}.log"), lambda: reached(out)):
                 break
         else:
             pytest.fail(f"every run ended before the kill point ({moment})")
@@ -108,8 +110,8 @@ def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(dpo, 
         assert len(complete) <= 2
         for checkpoint in complete:
             assert sorted(p.name for p in Path(checkpoint).iterdir()) == checkpoint_files, moment
-        resumed = launch(dpo, argv + ["--resume_from_checkpoint", "latest"])
-        assert resumed.wait() == 0, f"{moment}: {resumed.stderr.read()[-3000:]}"
+        log = tmp_path / f"resumed-{trial}.log"
+        finished(launch(dpo, argv + ["--resume_from_checkpoint", "latest"], log), log)
         assert_same_tensors(lora_weights(out), lora_weights(tmp_path / "straight"))
         assert [p.name for p in out.glob("checkpoint-*")] and len(dpo.complete_checkpoints(str(out))) == 2
 
