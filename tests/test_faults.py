@@ -3,6 +3,7 @@
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -76,35 +77,45 @@ def kill_when(process, condition, timeout=300):
 
 
 def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(dpo, cli_args, tmp_path):
+    # precompute: one pair per VAE batch, progress committed after every batch
     common = dict(max_train_steps=7, checkpointing_steps=1, checkpoints_total_limit=2, learning_rate=1e-3,
-                  lr_scheduler="cosine", proportion_empty_prompts=0.3)
+                  lr_scheduler="cosine", proportion_empty_prompts=0.3, vae_encode_batch_size=2,
+                  precompute_commit_seconds=0)
     finished(launch(dpo, cli_args(output_dir=tmp_path / "straight", **common), tmp_path / "straight.log"),
              tmp_path / "straight.log")
     checkpoint_files = sorted(p.name for p in (tmp_path / "straight" / "checkpoint-7").iterdir())
 
     rng = random.Random(0)
     write_from, done_at = rng.randint(2, 5), rng.randint(1, 5)
-    fresh_cache = tmp_path / "fresh-cache"
 
-    def writing_checkpoint(out):  # a checkpoint write of step write_from or later is under way
+    def latents_encoded(cache):  # committed (pair, orientation) latents of the training cache (the larger one)
+        return max([int(np.load(p).sum()) for p in Path(cache).glob("*/encoded.npy")], default=0)
+
+    def to_encode(log):  # what the killed run set out to encode: "... 0 pair latents present, N to encode"
+        return int(re.search(r": 0 pair latents present, (\d+) to encode", Path(log).read_text()).group(1))
+
+    def writing_checkpoint(out, cache):  # a checkpoint write of step write_from or later is under way
         return any(int(p.name.split("-")[1].split(".")[0]) >= write_from for p in out.glob(".checkpoint-*.partial"))
 
-    # where each trial's first process dies: precomputing into an empty cache, writing a checkpoint, between steps
+    # where each trial's first process dies: while precomputing into an empty cache (after some latents were
+    # committed), while writing a checkpoint, between steps
     trials = [
-        ("precompute", fresh_cache, lambda out: any(fresh_cache.glob("*/encoded.npy"))),
-        ("checkpoint write", tmp_path / "cache", writing_checkpoint),
-        ("between steps", tmp_path / "cache", lambda out: (out / f"checkpoint-{done_at}").exists()),
+        ("precompute", lambda out, cache: latents_encoded(cache) > 0,
+         lambda out, cache: latents_encoded(cache) < to_encode(out.with_suffix(".log"))),
+        ("checkpoint write", writing_checkpoint, lambda out, cache: any(out.glob(".checkpoint-*.partial"))),
+        ("between steps", lambda out, cache: (out / f"checkpoint-{done_at}").exists(), lambda out, cache: True),
     ]
-    for trial, (moment, cache, reached) in enumerate(trials):
-        for attempt in range(3):  # a checkpoint write lasts milliseconds: polling may miss one, so try again
+    for trial, (moment, reached, died_there) in enumerate(trials):
+        for attempt in range(3):  # the moment lasts milliseconds: polling may miss it, so try again
             out = tmp_path / f"killed-{trial}-{attempt}"
+            cache = tmp_path / (f"fresh-cache-{attempt}" if moment == "precompute" else "cache")
             argv = cli_args(output_dir=out, precompute_cache_dir=cache, **common)
-            if kill_when(launch(dpo, argv, tmp_path / f"killed-{trial}-{attempt}.log"), lambda: reached(out)):
+            process = launch(dpo, argv, out.with_suffix(".log"))
+            if kill_when(process, lambda: reached(out, cache)) and died_there(out, cache):
                 break
         else:
-            pytest.fail(f"every run ended before the kill point ({moment})")
-        if moment == "checkpoint write":
-            assert list(out.glob(".checkpoint-*.partial"))  # it died mid-write
+            pytest.fail(f"no run was killed at the intended moment ({moment})")
+        committed = latents_encoded(cache)
         # a checkpoint's name is only ever on a complete checkpoint, and rotation kept at most the newest two
         complete = dpo.complete_checkpoints(str(out))
         assert len(complete) <= 2
@@ -112,6 +123,9 @@ def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(dpo, 
             assert sorted(p.name for p in Path(checkpoint).iterdir()) == checkpoint_files, moment
         log = tmp_path / f"resumed-{trial}.log"
         finished(launch(dpo, argv + ["--resume_from_checkpoint", "latest"], log), log)
+        if moment == "precompute":  # the resumed precompute kept what the killed one had committed
+            left = re.search(rf": {committed} pair latents present, (\d+) to encode", log.read_text())
+            assert left and int(left.group(1)) <= to_encode(out.with_suffix(".log")) - committed
         assert_same_tensors(lora_weights(out), lora_weights(tmp_path / "straight"))
         assert [p.name for p in out.glob("checkpoint-*")] and len(dpo.complete_checkpoints(str(out))) == 2
 
