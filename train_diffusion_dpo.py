@@ -28,6 +28,8 @@ from pathlib import Path
 import datasets
 import diffusers
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 import transformers
@@ -424,48 +426,131 @@ def holds_earlier_run(output_dir):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_preference_pairs(args, split):
-    """Loads one split with the needed columns and drops ties and invalid labels (images stay undecoded)."""
+def stream_split(args, split, columns=None):
+    """`split` of --dataset_name as a datasets stream (nothing is downloaded up front; rows are read as they are
+    iterated), and what identifies its data. With `columns`, parquet sources (Pick-a-Pic's among them) read only
+    those columns' bytes: the captions and labels of 851k pairs without a JPEG."""
     name = args.dataset_name
     if os.path.isfile(name) and split != args.dataset_split_name:
         raise InputError(f"'{name}' is a single file, so it has no split '{split}'; hold pairs out of it with "
                          "--num_validation_pairs instead")
+    location = dict(path="parquet", data_files=name) if os.path.isfile(name) else dict(path=name,
+                                                                                      name=args.dataset_config_name)
     try:
-        if os.path.isfile(name):
-            dataset = datasets.load_dataset("parquet", data_files=name, split="train", cache_dir=args.cache_dir)
-        else:
-            dataset = datasets.load_dataset(name, args.dataset_config_name, split=split, cache_dir=args.cache_dir)
+        builder = datasets.load_dataset_builder(**location, cache_dir=args.cache_dir)
+        if columns is not None and hasattr(builder.config, "columns"):
+            builder = datasets.load_dataset_builder(**location, cache_dir=args.cache_dir, columns=columns)
+        stream = builder.as_streaming_dataset(split=split)
     except Exception as error:  # the datasets library raises many types; all mean "cannot load this"
         reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
         raise InputError(f"cannot load dataset '{name}' split '{split}': {reason}. Note: {DATASET_ALTERNATIVES}") \
             from None
+    data_files = (getattr(builder.config, "data_files", None) or {}).get(split)
+    identity = {"dataset": os.path.abspath(name) if os.path.exists(name) else name, "config": builder.config.name,
+                "split": split}
+    if data_files is not None:  # Hub files are pinned to a commit, local ones carry their modification time
+        identity.update(files=list(data_files), origin=[list(origin) for origin in data_files.origin_metadata])
+    if columns is not None:
+        stream = stream.select_columns(columns)
+        for column in columns:  # images as raw bytes even in an Image column, so a broken file is a counted skip
+            if isinstance(stream.features[column], datasets.Image):
+                stream = stream.cast_column(column, datasets.Image(decode=False))
+    return stream, identity
 
+
+def cache_root(args):
+    return Path(args.precompute_cache_dir or os.path.join(args.cache_dir or datasets.config.HF_DATASETS_CACHE,
+                                                          "diffusion_dpo"))
+
+
+def labels_and_captions(args, split, identity, num_shards):
+    """Every row's label and caption, read shard by shard (so each shard's first row is known), and kept beside the
+    latent caches: a later run, or another process of this one, starts without reading the data again."""
+    columns = [args.label_column, args.caption_column]
+    key = hashlib.sha256(json.dumps([identity, columns], sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_root(args) / f"pairs-{key}.parquet"
+    if not path.exists():
+        stream, _ = stream_split(args, split, columns)
+        shard_starts, batches = [0], []
+        schema = pa.schema([("label", pa.float64()), ("caption", pa.string())])
+        for shard in tqdm(range(num_shards), desc="Reading labels and captions", disable=num_shards < 2):
+            rows = 0
+            for batch in stream.shard(num_shards, shard, contiguous=True).with_format("arrow").iter(10_000):
+                batches.append(batch.select(columns).rename_columns(schema.names).cast(schema))
+                rows += len(batch)
+            shard_starts.append(shard_starts[-1] + rows)
+        table = pa.concat_tables(batches) if batches else schema.empty_table()
+        table = table.replace_schema_metadata({"shard_starts": json.dumps(shard_starts)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+        pq.write_table(table, partial)
+        os.replace(partial, path)
+    table = pq.read_table(path)
+    shard_starts = np.asarray(json.loads(table.schema.metadata[b"shard_starts"]), dtype=np.int64)
+    return table.column("label").to_numpy(zero_copy_only=False), table.column("caption").to_pylist(), shard_starts
+
+
+class PreferencePairs:
+    """The decided pairs of one split, or a subset of them: each pair's row in the split, caption and which image
+    won, from one pass over the label and caption columns. Images stay in the source until precompute streams them.
+    """
+
+    def __init__(self, identity, rows, captions, second_is_winner, shard_starts):
+        self.identity = identity  # what identifies the split's data (see stream_split)
+        self.rows = rows
+        self.captions = captions
+        self.second_is_winner = second_is_winner  # label 0: the second image is preferred (pairs get stored winner first)
+        self.shard_starts = shard_starts  # the first row of each source shard (file), then the number of rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def subset(self, positions):
+        positions = np.asarray(positions, dtype=np.int64)
+        return PreferencePairs(self.identity, self.rows[positions], [self.captions[i] for i in positions],
+                               self.second_is_winner[positions], self.shard_starts)
+
+    def sample(self, n, seed):
+        """Positions of n pairs drawn at random from as few source shards as hold them (shards in a seeded random
+        order): a subset of a large dataset then streams a fraction of its files, not all of them."""
+        rng = np.random.default_rng(seed)
+        shard_rank = np.argsort(rng.permutation(len(self.shard_starts) - 1))
+        shard_of_pair = np.searchsorted(self.shard_starts, self.rows, side="right") - 1
+        order = np.lexsort((rng.random(len(self)), shard_rank[shard_of_pair]))
+        return np.sort(order[:n])
+
+    @property
+    def fingerprint(self):
+        digest = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode())
+        digest.update(self.rows.astype(np.int64).tobytes())
+        return digest.hexdigest()[:20]
+
+
+def load_preference_pairs(args, split):
+    """The decided pairs of one split: ties and invalid labels dropped, images not read yet."""
+    stream, identity = stream_split(args, split)
     columns = [args.image_0_column, args.image_1_column, args.label_column, args.caption_column]
-    missing = [c for c in columns if c not in dataset.column_names]
+    present = stream.column_names or list(next(iter(stream), {}).keys())
+    missing = [c for c in columns if c not in present]
     if missing:
         raise InputError(
-            f"dataset '{name}' lacks column(s) {missing} (it has {dataset.column_names}); name yours with "
+            f"dataset '{args.dataset_name}' lacks column(s) {missing} (it has {present}); name yours with "
             "--image_0_column/--image_1_column/--label_column/--caption_column"
         )
-    dataset = dataset.select_columns(columns)
-    # Read images as raw bytes even when the column is an Image feature, so a broken file is a counted skip.
-    for column in columns[:2]:
-        if isinstance(dataset.features[column], datasets.Image):
-            dataset = dataset.cast_column(column, datasets.Image(decode=False))
-
-    labels = np.asarray(dataset.with_format("numpy")[args.label_column], dtype=np.float64)
+    labels, captions, shard_starts = labels_and_captions(args, split, identity, stream.num_shards)
     is_tie = labels == 0.5
     is_decided = (labels == 0.0) | (labels == 1.0)
     n_invalid = int((~is_tie & ~is_decided).sum())
     logger.info(f"Split '{split}': dropped {int(is_tie.sum())} tied pairs and {n_invalid} pairs with labels outside "
                 "{0, 0.5, 1}.")
-    dataset = dataset.select(np.flatnonzero(is_decided))
-    if len(dataset) == 0:
+    rows = np.flatnonzero(is_decided)
+    if len(rows) == 0:
         raise InputError(
-            f"dataset '{name}' split '{split}' has no preference pairs left after dropping "
+            f"dataset '{args.dataset_name}' split '{split}' has no preference pairs left after dropping "
             f"{int(is_tie.sum())} ties and {n_invalid} invalid labels"
         )
-    return dataset
+    return PreferencePairs(identity, rows, ["" if captions[r] is None else captions[r] for r in rows],
+                           labels[rows] == 0.0, shard_starts)
 
 
 def training_and_validation_pairs(args):
@@ -476,17 +561,16 @@ def training_and_validation_pairs(args):
     if args.validation_split_name is not None:
         validation = load_preference_pairs(args, args.validation_split_name)
         if args.num_validation_pairs:
-            validation = validation.shuffle(seed=args.seed).select(range(min(args.num_validation_pairs,
-                                                                             len(validation))))
+            validation = validation.subset(validation.sample(args.num_validation_pairs, args.seed))
     elif args.num_validation_pairs:
         if args.num_validation_pairs >= len(train):
             raise InputError(f"--num_validation_pairs {args.num_validation_pairs} leaves no training pairs "
                              f"(the split has {len(train)})")
-        shuffled = train.shuffle(seed=args.seed)
-        validation = shuffled.select(range(args.num_validation_pairs))
-        train = shuffled.select(range(args.num_validation_pairs, len(shuffled)))
+        held_out = train.sample(args.num_validation_pairs, args.seed)
+        validation = train.subset(held_out)
+        train = train.subset(np.setdiff1d(np.arange(len(train)), held_out))
     if args.max_train_samples is not None:
-        train = train.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train))))
+        train = train.subset(train.sample(args.max_train_samples, args.seed))
     logger.info(f"Training on {len(train)} preference pairs"
                 + (f", validating on {len(validation)} held-out pairs." if validation is not None else "."))
     return train, validation
@@ -519,7 +603,7 @@ def model_identity(args):
     return identity
 
 
-def precompute_cache_path(args, dataset, encode_dtype):
+def precompute_cache_path(args, pairs, encode_dtype):
     fields = {
         "format": CACHE_FORMAT_VERSION,
         "model": model_identity(args),
@@ -527,13 +611,11 @@ def precompute_cache_path(args, dataset, encode_dtype):
         "resolution": args.resolution,
         "crop": f"random(seed={args.seed})" if args.random_crop else "center",
         "hflip": not args.no_hflip,
-        "dataset": dataset._fingerprint,  # changes with the data, the split, the subset and the order
+        "pairs": pairs.fingerprint,  # changes with the data, the split, the subset and the order
         "columns": [args.image_0_column, args.image_1_column, args.label_column, args.caption_column],
     }
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
-    root = args.precompute_cache_dir or os.path.join(args.cache_dir or datasets.config.HF_DATASETS_CACHE,
-                                                     "diffusion_dpo")
-    return Path(root, key), fields
+    return cache_root(args) / key, fields
 
 
 def decode_image(value):
@@ -556,38 +638,57 @@ def resize_and_crop(image, resolution, crop_rng):
     return image.crop((left, top, left + resolution, top + resolution))
 
 
-class PairPixels(torch.utils.data.Dataset):
-    """Decodes and crops both images of a pair (in DataLoader workers), winner first, plus their flipped copies."""
+class PairPixels(torch.utils.data.IterableDataset):
+    """Streams the source shards that hold pending pairs (each DataLoader worker its own shards) and yields those
+    pairs decoded and cropped, winner first, plus their mirrored copies. `jobs`: (PreferencePairs, positions of the
+    pairs to yield, None for all); items carry their job's number and the pair's position in it."""
 
-    def __init__(self, dataset, args):
-        self.dataset = dataset
-        self.second_is_winner = np.asarray(dataset.with_format("numpy")[args.label_column]) == 0.0  # label 0 swaps
-        self.columns = (args.image_0_column, args.image_1_column)
+    def __init__(self, args, jobs):
+        self.args = args
         self.resolution = args.resolution
         self.random_crop = args.random_crop
         self.hflip = not args.no_hflip
         self.seed = args.seed
         self.image_processor = VaeImageProcessor(do_resize=False)
         self.num_orientations = 2 if self.hflip else 1
+        self.jobs = jobs
+        self.tasks = {}  # (split, shard) -> {row in the split: [(job, position), ...]}
+        self.shard_starts = {pairs.identity["split"]: pairs.shard_starts for pairs, _ in jobs}
+        for job, (pairs, positions) in enumerate(jobs):
+            positions = np.arange(len(pairs)) if positions is None else positions
+            shards = np.searchsorted(pairs.shard_starts, pairs.rows[positions], side="right") - 1
+            for position, shard in zip(positions.tolist(), shards.tolist()):
+                rows = self.tasks.setdefault((pairs.identity["split"], shard), {})
+                rows.setdefault(int(pairs.rows[position]), []).append((job, position))
 
-    def __len__(self):
-        return len(self.dataset)
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        tasks = sorted(self.tasks)[worker.id :: worker.num_workers] if worker is not None else sorted(self.tasks)
+        streams = {}
+        for split, shard in tasks:
+            if split not in streams:
+                streams[split] = stream_split(self.args, split, [self.args.image_0_column, self.args.image_1_column])[0]
+            stream, wanted = streams[split], self.tasks[(split, shard)]
+            first_row = int(self.shard_starts[split][shard])
+            for row, example in enumerate(stream.shard(stream.num_shards, shard, contiguous=True), start=first_row):
+                for job, position in wanted.get(row, ()):
+                    yield self.decode(job, position, example)
 
-    def __getitem__(self, index):
+    def decode(self, job, position, example):
         shape = (self.num_orientations, 2, 3, self.resolution, self.resolution)
+        item = {"job": job, "index": position, "ok": False, "pixels": torch.zeros(shape)}
         try:
-            row = self.dataset[index]
-            images = [decode_image(row[column]) for column in self.columns]
+            images = [decode_image(example[column]) for column in (self.args.image_0_column, self.args.image_1_column)]
         except Exception as error:  # PIL raises OSError, ValueError, SyntaxError... for broken files
-            logger.warning(f"Skipping pair {index}: undecodable image ({type(error).__name__}: {error})",
+            logger.warning(f"Skipping pair {position}: undecodable image ({type(error).__name__}: {error})",
                            main_process_only=False)
-            return {"index": index, "ok": False, "pixels": torch.zeros(shape)}
-        if self.second_is_winner[index]:
+            return item
+        if self.jobs[job][0].second_is_winner[position]:
             images.reverse()
-        crop_rng = np.random.default_rng([self.seed, index]) if self.random_crop else None
+        crop_rng = np.random.default_rng([self.seed, position]) if self.random_crop else None
         pixels = self.image_processor.preprocess([resize_and_crop(im, self.resolution, crop_rng) for im in images])
         orientations = [pixels, pixels.flip(-1)] if self.hflip else [pixels]
-        return {"index": index, "ok": True, "pixels": torch.stack(orientations)}
+        return {**item, "ok": True, "pixels": torch.stack(orientations)}
 
 
 def load_text_encoder_and_tokenizer(args, device, dtype):
@@ -642,12 +743,12 @@ def save_atomically(path, array):
     os.replace(partial, path)
 
 
-def create_cache(args, dataset, cache_path, cache_fields, text_encoder, tokenizer, latent_shape):
+def create_cache(args, pairs, cache_path, cache_fields, text_encoder, tokenizer, latent_shape):
     """A new cache folder with its text part and empty latent storage, written under a temporary name and renamed
     when complete (an interrupted run never leaves a folder that looks valid)."""
     partial = cache_path.with_name(f".{cache_path.name}.partial-{uuid.uuid4().hex[:8]}")
     partial.mkdir(parents=True)
-    captions = ["" if c is None else str(c) for c in dataset.with_format(None)[args.caption_column]]
+    captions = [str(caption) for caption in pairs.captions]
     unique_captions = [""] + sorted(set(captions) - {""})  # row 0: the empty caption (prompt dropout)
     row_of = {caption: row for row, caption in enumerate(unique_captions)}
     np.save(partial / "caption_index.npy", np.array([row_of[c] for c in captions], dtype=np.int32))
@@ -668,7 +769,7 @@ def create_cache(args, dataset, cache_path, cache_fields, text_encoder, tokenize
 
 def precompute(args, jobs, accelerator, encode_dtype):
     """Encodes what the run will read and the cache lacks: each unique caption once with the text encoder, and the
-    latents in `needed` with the VAE. `jobs` is a list of (dataset, cache_path, cache_fields, needed); each encoder is
+    latents in `needed` with the VAE. `jobs` is a list of (PreferencePairs, cache_path, cache_fields, needed); each encoder is
     loaded at most once, and only if it has work. A cache folder holds:
       caption_index.npy  (pairs,) int32 row of prompt_embeds; row 0 is the empty caption (prompt dropout)
       prompt_embeds.npy  (unique captions + 1, tokens, dim) float16
@@ -688,9 +789,9 @@ def precompute(args, jobs, accelerator, encode_dtype):
         vae_config = AutoencoderKL.load_config(**vae_source)
         latent_size = args.resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
         text_encoder, tokenizer = load_text_encoder_and_tokenizer(args, device, encode_dtype)
-        for dataset, cache_path, cache_fields, _ in new_caches:
+        for pairs, cache_path, cache_fields, _ in new_caches:
             logger.info(f"Creating the latent and text-embedding cache {cache_path}")
-            create_cache(args, dataset, cache_path, cache_fields, text_encoder, tokenizer,
+            create_cache(args, pairs, cache_path, cache_fields, text_encoder, tokenizer,
                          (vae_config["latent_channels"], latent_size, latent_size))
         del text_encoder
         free_memory()
@@ -698,67 +799,78 @@ def precompute(args, jobs, accelerator, encode_dtype):
     vae = None
     # channels-last convolutions encode 1.4x faster on CPU (measured); on GPUs only with --channels_last
     memory_format = torch.channels_last if args.channels_last or device.type == "cpu" else torch.contiguous_format
-    for dataset, cache_path, _, needed in jobs:
+    caches = []  # per job: its masks, what to encode, and its latent storage once opened
+    for pairs, cache_path, _, needed in jobs:
         encoded, undecodable = np.load(cache_path / "encoded.npy"), np.load(cache_path / "undecodable.npy")
         todo = needed & ~encoded & ~undecodable[:, None]
-        pending = np.flatnonzero(todo.any(axis=1))
         logger.info(f"Cache {cache_path.name}: {int(encoded.sum())} pair latents present, {int(todo.sum())} to encode")
-        if len(pending) == 0:
+        caches.append({"path": cache_path, "encoded": encoded, "undecodable": undecodable, "todo": todo})
+    if not any(cache["todo"].any() for cache in caches):
+        return
+    vae = AutoencoderKL.from_pretrained(**vae_source, variant=args.variant, torch_dtype=encode_dtype)
+    vae = vae.to(device).eval().requires_grad_(False).to(memory_format=memory_format)
+    for cache in caches:
+        cache["pair_latents"] = np.load(cache["path"] / "pair_latents.npy", mmap_mode="r+")
+
+    def commit():  # latents reach the disk before the masks that say they are there
+        for cache in caches:
+            cache["pair_latents"].flush()
+            save_atomically(cache["path"] / "encoded.npy", cache["encoded"])
+            save_atomically(cache["path"] / "undecodable.npy", cache["undecodable"])
+
+    # The source is streamed shard by shard, reading only shards with pending pairs; JPEG decoding and resizing
+    # run in loader workers (each its own shards), overlapping the VAE.
+    pixels = PairPixels(args, [(pairs, np.flatnonzero(cache["todo"].any(axis=1)))
+                               for (pairs, *_), cache in zip(jobs, caches)])
+    loader = torch.utils.data.DataLoader(pixels, batch_size=max(1, args.vae_encode_batch_size // 2),
+                                         num_workers=min(len(pixels.tasks), max(1, args.dataloader_num_workers)))
+    last_commit = time.monotonic()
+    progress = tqdm(total=sum(int(cache["todo"].any(axis=1).sum()) for cache in caches), desc="Encoding images",
+                    disable=not accelerator.is_local_main_process)
+    for batch in loader:
+        progress.update(len(batch["index"]))
+        job, index, ok = batch["job"].numpy(), batch["index"].numpy(), batch["ok"].numpy()
+        for j, i in zip(job[~ok], index[~ok]):
+            caches[j]["undecodable"][i] = True
+        if not ok.any():
             continue
-        if vae is None:
-            vae = AutoencoderKL.from_pretrained(**vae_source, variant=args.variant, torch_dtype=encode_dtype)
-            vae = vae.to(device).eval().requires_grad_(False)
-            vae.to(memory_format=memory_format)
-        pair_latents = np.load(cache_path / "pair_latents.npy", mmap_mode="r+")
-
-        def commit():  # latents reach the disk before the masks that say they are there
-            pair_latents.flush()
-            save_atomically(cache_path / "encoded.npy", encoded)
-            save_atomically(cache_path / "undecodable.npy", undecodable)
-
-        # JPEG decoding and resizing run in loader workers, overlapping the VAE
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(PairPixels(dataset, args), pending),
-            batch_size=max(1, args.vae_encode_batch_size // 2), num_workers=max(1, args.dataloader_num_workers))
-        last_commit = time.monotonic()
-        for batch in tqdm(loader, desc="Encoding images", disable=not accelerator.is_local_main_process):
-            ok = batch["ok"].numpy()
-            undecodable[batch["index"][~ok].numpy()] = True
-            if not ok.any():
-                continue
-            indices = batch["index"].numpy()[ok]
-            wanted = todo[indices]  # (pairs, orientations): the orientations to encode for each pair
-            images = batch["pixels"][torch.from_numpy(ok)][torch.from_numpy(wanted)]  # (n, 2, 3, H, W)
-            with torch.inference_mode():
-                chunks = images.flatten(0, 1).split(args.vae_encode_batch_size)
-                latents = torch.cat([vae.encode(chunk.to(device, encode_dtype, memory_format=memory_format))
-                                     .latent_dist.mean for chunk in chunks])
-            latents = (latents.float() * vae.config.scaling_factor).view(*images.shape[:2], *latents.shape[1:])
-            rows, orientations = np.nonzero(wanted)  # the same row-major order as the boolean indexing above
-            pair_latents[indices[rows], orientations] = latents.cpu().to(torch.float16).numpy()
-            encoded[indices[rows], orientations] = True
-            if time.monotonic() - last_commit > args.precompute_commit_seconds:
-                commit()
-                last_commit = time.monotonic()
-        commit()
-        del pair_latents
-        if undecodable.any():
-            logger.warning(f"Skipping {int(undecodable.sum())} of {len(undecodable)} pairs with an undecodable image.")
-    del vae
+        job, index = job[ok], index[ok]
+        wanted = np.stack([caches[j]["todo"][i] for j, i in zip(job, index)])  # (pairs, orientations) to encode
+        images = batch["pixels"][torch.from_numpy(ok)][torch.from_numpy(wanted)]  # (n, 2, 3, H, W)
+        with torch.inference_mode():
+            chunks = images.flatten(0, 1).split(args.vae_encode_batch_size)
+            latents = torch.cat([vae.encode(chunk.to(device, encode_dtype, memory_format=memory_format))
+                                 .latent_dist.mean for chunk in chunks])
+        latents = (latents.float() * vae.config.scaling_factor).view(*images.shape[:2], *latents.shape[1:])
+        latents = latents.cpu().to(torch.float16).numpy()
+        for latent, (row, orientation) in zip(latents, zip(*np.nonzero(wanted))):  # the boolean indexing's order
+            cache = caches[job[row]]
+            cache["pair_latents"][index[row], orientation] = latent
+            cache["encoded"][index[row], orientation] = True
+        if time.monotonic() - last_commit > args.precompute_commit_seconds:
+            commit()
+            last_commit = time.monotonic()
+    progress.close()
+    commit()
+    for cache in caches:
+        if cache["undecodable"].any():
+            logger.warning(f"Cache {cache['path'].name}: skipping {int(cache['undecodable'].sum())} of "
+                           f"{len(cache['undecodable'])} pairs with an undecodable image.")
+    del vae, caches
     free_memory()
 
 
 def load_or_precompute(args, jobs, accelerator, encode_dtype):
-    """`jobs`: (dataset, epochs) pairs, epochs None for a held-out set. Returns (cache folder, latents read) per job.
+    """`jobs`: (PreferencePairs, epochs), epochs None for a held-out set. Returns (cache folder, latents read) per job.
 
     The local main process of each machine fills what is missing while the others wait; a file lock makes runs that
     share a cache folder (other machines on a shared disk, other jobs) wait for each other instead of both encoding.
     """
-    full_jobs = [(dataset, *precompute_cache_path(args, dataset, encode_dtype),
-                  latents_read(len(dataset), args, epochs)) for dataset, epochs in jobs]
+    full_jobs = [(pairs, *precompute_cache_path(args, pairs, encode_dtype),
+                  latents_read(len(pairs), args, epochs)) for pairs, epochs in jobs]
     with accelerator.local_main_process_first():
         if accelerator.is_local_main_process:
-            root = full_jobs[0][1].parent
+            root = cache_root(args)
             root.mkdir(parents=True, exist_ok=True)
             with FileLock(root / ".precompute.lock"):
                 precompute(args, full_jobs, accelerator, encode_dtype)
@@ -1258,17 +1370,18 @@ def main(args):
                               token=args.hub_token).repo_id
 
     # Data: pairs, then latents and text embeddings from the cache (encoded once, and only what this run reads).
-    train_dataset, validation_dataset = training_and_validation_pairs(args)
+    with accelerator.local_main_process_first():  # labels and captions are read once per machine, then cached
+        train_source, held_out_source = training_and_validation_pairs(args)
 
     def cached_pairs(n_train_pairs):
-        jobs = [(train_dataset, planned_epochs(args, n_train_pairs, accelerator.num_processes))]
-        jobs += [(validation_dataset, None)] if validation_dataset is not None else []
+        jobs = [(train_source, planned_epochs(args, n_train_pairs, accelerator.num_processes))]
+        jobs += [(held_out_source, None)] if held_out_source is not None else []
         return [CachedPreferencePairs(path, needed)
                 for path, needed in load_or_precompute(args, jobs, accelerator, weight_dtype)]
 
-    pairs, *held_out = cached_pairs(len(train_dataset))
+    pairs, *held_out = cached_pairs(len(train_source))
     if planned_epochs(args, len(pairs), accelerator.num_processes) > planned_epochs(
-            args, len(train_dataset), accelerator.num_processes):
+            args, len(train_source), accelerator.num_processes):
         pairs, *held_out = cached_pairs(len(pairs))  # skipped pairs shorten the epochs: more of them are needed
     validation_pairs = held_out[0] if held_out else None
     if len(pairs) == 0:

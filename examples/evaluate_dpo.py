@@ -453,7 +453,7 @@ def implicit_accuracy(args):
 
     dataset = trainer.load_preference_pairs(trainer_args, args.preference_split)
     if args.num_pairs is not None:
-        dataset = dataset.shuffle(seed=args.seed).select(range(min(args.num_pairs, len(dataset))))
+        dataset = dataset.subset(dataset.sample(args.num_pairs, args.seed))
     ((cache, needed),) = trainer.load_or_precompute(trainer_args, [(dataset, None)], accelerator, weight_dtype)
     pairs = trainer.CachedPreferencePairs(cache, needed)
     scheduler = trainer.DDPMScheduler.from_pretrained(args.base_model, subfolder="scheduler", revision=args.revision)

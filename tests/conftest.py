@@ -150,6 +150,13 @@ def unet_output(unet):
         return unet(sample, torch.tensor([500]), text, **extra).sample
 
 
+def dataset_rows(folder, split="train"):
+    """Every row of a split of a parquet dataset folder, in file order: the rows PreferencePairs.rows index."""
+    import pyarrow.parquet as pq
+
+    return [row for file in sorted(Path(folder).glob(f"**/{split}-*.parquet")) for row in pq.read_table(file).to_pylist()]
+
+
 def cache_folders(cache_root, n_pairs=None):
     """The latent caches under a --precompute_cache_dir (not its lock file), optionally only those of n_pairs pairs."""
     folders = sorted(p for p in Path(cache_root).iterdir() if p.is_dir() and not p.name.startswith("."))

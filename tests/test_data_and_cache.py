@@ -5,20 +5,23 @@ import json
 import numpy as np
 from PIL import Image
 
-from conftest import (N_PAIRS, assert_same_tensors, both_trainers, cache_folders, lora_weights, run_trainer,
-                      tiny_assets)
+from conftest import (N_PAIRS, assert_same_tensors, both_trainers, cache_folders, dataset_rows, lora_weights,
+                      run_trainer, tiny_assets)
 
 
 @both_trainers
-def test_ties_are_dropped_and_label_0_swaps_the_pair(dpo, cli_args):
+def test_ties_are_dropped_and_label_0_swaps_the_pair(dpo, cli_args, pickapic_data):
     args = dpo.parse_args(cli_args())
-    dataset = dpo.load_preference_pairs(args, "train")
-    assert len(dataset) == N_PAIRS + 1  # ties gone; the pair with a corrupt image is only found when decoding
-    pixels = dpo.PairPixels(dataset, args)
-    np.testing.assert_array_equal(pixels.second_is_winner, np.asarray(dataset["label_0"]) == 0.0)
-    assert 0 < pixels.second_is_winner.sum() < len(dataset)  # both orientations occur
+    pairs = dpo.load_preference_pairs(args, "train")
+    assert len(pairs) == N_PAIRS + 1  # ties gone; the pair with a corrupt image is only found when decoding
+    rows = dataset_rows(pickapic_data)
+    assert [rows[r]["label_0"] == 0.0 for r in pairs.rows] == pairs.second_is_winner.tolist()
+    assert [rows[r]["caption"] for r in pairs.rows] == pairs.captions
+    assert 0 < pairs.second_is_winner.sum() < len(pairs)  # both orientations occur
 
-    decodable = [item for item in map(pixels.__getitem__, range(len(pixels))) if item["ok"]]
+    items = list(dpo.PairPixels(args, [(pairs, None)]))
+    assert sorted(item["index"] for item in items) == list(range(len(pairs)))  # each pair streamed once
+    decodable = [item for item in items if item["ok"]]
     assert len(decodable) == N_PAIRS
     for item in decodable:  # the dataset's preferred image is always the warm one: it must come first
         winner, loser = ((item["pixels"][0] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -39,7 +42,7 @@ def test_cache_holds_one_embedding_per_unique_caption_and_skips_broken_pairs(dpo
     (cache,) = cache_folders(tmp_path / "cache")
     info = json.loads((cache / "cache_info.json").read_text())
     assert info["pairs"] == N_PAIRS + 1 and np.load(cache / "undecodable.npy").sum() == 1
-    captions = dpo.load_preference_pairs(dpo.parse_args(cli_args(output_dir=tmp_path / "new")), "train")["caption"]
+    captions = dpo.load_preference_pairs(dpo.parse_args(cli_args(output_dir=tmp_path / "new")), "train").captions
     prompt_embeds = np.load(cache / "prompt_embeds.npy")
     assert prompt_embeds.shape[0] == len(set(captions)) + 1 == info["unique_captions"] + 1  # + the empty caption
     latents = np.load(cache / "pair_latents.npy", mmap_mode="r")

@@ -8,7 +8,7 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 import train_diffusion_dpo_sdxl as dpo_xl
-from conftest import RESOLUTION, cache_folders, run_trainer
+from conftest import RESOLUTION, cache_folders, dataset_rows, run_trainer
 
 
 @pytest.fixture
@@ -16,16 +16,15 @@ def xl_args(cli_args, tiny_sdxl_model):
     return lambda **flags: cli_args(pretrained_model_name_or_path=tiny_sdxl_model, **flags)
 
 
-def test_time_ids_record_each_images_own_size_and_crop(xl_args):
+def test_time_ids_record_each_images_own_size_and_crop(xl_args, pickapic_data):
     args = dpo_xl.parse_args(xl_args())
-    dataset = dpo_xl.load_preference_pairs(args, "train")
-    pixels = dpo_xl.PairPixels(dataset, args)
+    pairs = dpo_xl.load_preference_pairs(args, "train")
+    rows = dataset_rows(pickapic_data)
     differing = 0
-    for index in range(len(pixels)):
-        item = pixels[index]
+    for item in dpo_xl.PairPixels(args, [(pairs, None)]):
         if not item["ok"]:
             continue
-        row = dataset[index]
+        row = rows[pairs.rows[item["index"]]]
         images = [Image.open(io.BytesIO(row[c])) for c in ("jpg_0", "jpg_1")]
         if row["label_0"] == 0.0:
             images.reverse()  # winner first
@@ -44,8 +43,8 @@ def test_cached_embeddings_equal_the_pipelines_own_encode_prompt(xl_args, tiny_s
     (cache,) = cache_folders(tmp_path / "cache")
     pairs = dpo_xl.CachedPreferencePairs(cache)
     index = int(pairs.valid_indices[0])
-    caption = dpo_xl.load_preference_pairs(dpo_xl.parse_args(xl_args(output_dir=tmp_path / "x")), "train")[index][
-        "caption"]
+    caption = dpo_xl.load_preference_pairs(dpo_xl.parse_args(xl_args(output_dir=tmp_path / "x")), "train").captions[
+        index]
     pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model)
     prompt_embeds, _, pooled, _ = pipeline.encode_prompt(caption, do_classifier_free_guidance=False)
     item = pairs[(index, int(pairs.encoded[index].argmax()), False)]  # the orientation a 1-epoch run encoded
