@@ -381,8 +381,10 @@ def build_pickapic_dataset(
     corrupt_pairs=0,
     vary_sizes=False,
     n_captions=None,
+    n_shards=1,
 ):
-    """Write a Pick-a-Pic v2-style parquet file, `output_dir/train-00000-of-00001.parquet`.
+    """Write a Pick-a-Pic v2-style parquet dataset, `output_dir/train-00000-of-00001.parquet` (or n_shards files
+    `train-0000i-of-0000n.parquet`, consecutive runs of rows, as the Hub stores large splits).
 
     Columns: caption (string), jpg_0 / jpg_1 (raw JPEG bytes), label_0 (float64: 1.0 means
     jpg_0 preferred, 0.0 jpg_1 preferred, 0.5 tie). Rows are n_pairs warm-vs-cool pairs (warm
@@ -425,7 +427,10 @@ def build_pickapic_dataset(
         }
     )
     os.makedirs(output_dir, exist_ok=True)
-    pq.write_table(table, os.path.join(output_dir, "train-00000-of-00001.parquet"))
+    bounds = [len(rows) * shard // n_shards for shard in range(n_shards + 1)]
+    for shard in range(n_shards):
+        pq.write_table(table.slice(bounds[shard], bounds[shard + 1] - bounds[shard]),
+                       os.path.join(output_dir, f"train-{shard:05d}-of-{n_shards:05d}.parquet"))
     return output_dir
 
 

@@ -1,8 +1,10 @@
 """Preference pairs (ties, orientation, broken images) and the precomputed latent / text-embedding cache."""
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import (N_PAIRS, assert_same_tensors, both_trainers, cache_folders, dataset_rows, lora_weights,
@@ -31,9 +33,48 @@ def test_ties_are_dropped_and_label_0_swaps_the_pair(dpo, cli_args, pickapic_dat
         np.testing.assert_array_equal(item["pixels"][1].numpy(), item["pixels"][0].flip(-1).numpy())
 
 
-def test_max_train_samples_takes_a_subset(dpo, cli_args):
-    train, validation = dpo.training_and_validation_pairs(dpo.parse_args(cli_args(max_train_samples=3)))
-    assert len(train) == 3 and validation is None
+@pytest.fixture(scope="module")
+def sharded_pickapic(tmp_path_factory):
+    """12 decided pairs in 3 parquet files of 4 rows each, as the Hub stores a large split."""
+    return tiny_assets.build_pickapic_dataset(str(tmp_path_factory.mktemp("sharded")), n_pairs=12, n_ties=0,
+                                              n_shards=3)
+
+
+def shards_of(pairs):
+    return set(np.searchsorted(pairs.shard_starts, pairs.rows, side="right") - 1)
+
+
+def test_a_subset_comes_from_as_few_shards_as_hold_it_and_only_those_are_streamed(dpo, cli_args, sharded_pickapic):
+    args = dpo.parse_args(cli_args(dataset_name=sharded_pickapic))
+    pairs = dpo.load_preference_pairs(args, "train")
+    assert pairs.shard_starts.tolist() == [0, 4, 8, 12]
+    picked = [pairs.subset(pairs.sample(4, seed)) for seed in range(6)]
+    assert all(len(subset) == 4 and len(shards_of(subset)) == 1 for subset in picked)
+    assert len({shards_of(subset).pop() for subset in picked}) > 1  # the seed chooses the shard
+    assert len(shards_of(pairs.subset(pairs.sample(5, 0)))) == 2
+    assert list(pairs.sample(4, 0)) == list(pairs.sample(4, 0))  # a function of the seed
+
+    streamed = dpo.PairPixels(args, [(picked[0], None)])
+    assert [shard for _, shard in streamed.tasks] == list(shards_of(picked[0]))  # the other files are not read
+    assert sorted(item["index"] for item in streamed) == [0, 1, 2, 3]
+
+    train, validation = dpo.training_and_validation_pairs(dpo.parse_args(cli_args(dataset_name=sharded_pickapic,
+                                                                                  max_train_samples=3)))
+    assert len(train) == 3 and validation is None and len(shards_of(train)) == 1
+
+
+def test_training_streams_the_data_and_writes_no_copy_of_it(dpo, cli_args, sharded_pickapic, tmp_path):
+    datasets_cache = tmp_path / "hf-datasets"
+    run_trainer(dpo, cli_args(dataset_name=sharded_pickapic, cache_dir=datasets_cache, max_train_samples=8,
+                              max_train_steps=2))
+    copies = [p for p in Path(datasets_cache).rglob("*") if p.is_file() and p.suffix in (".arrow", ".parquet")]
+    assert copies == []  # the datasets library did not download or convert the split
+    (cache,) = cache_folders(tmp_path / "cache")
+    assert len(np.load(cache / "encoded.npy")) == 8
+    (labels_and_captions,) = Path(tmp_path / "cache").glob("pairs-*.parquet")  # read once, reused by later runs
+    before = labels_and_captions.stat().st_mtime_ns
+    run_trainer(dpo, cli_args(dataset_name=sharded_pickapic, output_dir=tmp_path / "again", max_train_samples=8))
+    assert labels_and_captions.stat().st_mtime_ns == before and len(cache_folders(tmp_path / "cache")) == 1
 
 
 @both_trainers
