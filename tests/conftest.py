@@ -55,6 +55,13 @@ def pickapic_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sharded_pickapic(tmp_path_factory):
+    """12 decided pairs in 3 parquet files of 4 rows each, as the Hub stores a large split."""
+    return tiny_assets.build_pickapic_dataset(str(tmp_path_factory.mktemp("sharded")), n_pairs=12, n_ties=0,
+                                              n_shards=3)
+
+
+@pytest.fixture(scope="session")
 def tiny_clip_scorer(tiny_model, tmp_path_factory):
     """A tiny random CLIP model with its tokenizer (the tiny pipeline's) and image processor in one folder, loadable
     with CLIPModel.from_pretrained and AutoProcessor.from_pretrained: a stand-in for PickScore or CLIP."""

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from conftest import (N_PAIRS, assert_same_tensors, both_trainers, cache_folders, dataset_rows, lora_weights,
@@ -31,13 +30,6 @@ def test_ties_are_dropped_and_label_0_swaps_the_pair(dpo, cli_args, pickapic_dat
         assert not tiny_assets.classify_warm(Image.fromarray(loser))
         # the second orientation is the mirror image of the first
         np.testing.assert_array_equal(item["pixels"][1].numpy(), item["pixels"][0].flip(-1).numpy())
-
-
-@pytest.fixture(scope="module")
-def sharded_pickapic(tmp_path_factory):
-    """12 decided pairs in 3 parquet files of 4 rows each, as the Hub stores a large split."""
-    return tiny_assets.build_pickapic_dataset(str(tmp_path_factory.mktemp("sharded")), n_pairs=12, n_ties=0,
-                                              n_shards=3)
 
 
 def shards_of(pairs):
@@ -127,6 +119,17 @@ def test_later_runs_encode_only_what_is_missing(dpo, cli_args, tmp_path, monkeyp
     np.testing.assert_array_equal(again["encoded"], more["encoded"])
     np.testing.assert_allclose(again["pair_latents"][more["encoded"]].astype(np.float32),
                                more["pair_latents"][more["encoded"]].astype(np.float32), atol=1e-3)
+
+    # a killed multi-process precompute leaves the masks each process saved as part files: their latents count
+    base = again["encoded"].copy()
+    base[1::2] = False
+    np.save(cache / "encoded.npy", base)
+    np.save(cache / "encoded.part-1.npy", again["encoded"])
+    with monkeypatch.context() as patch:
+        patch.setattr(dpo.diffusers.AutoencoderKL, "from_pretrained", must_not_load)
+        run_trainer(dpo, cli_args(output_dir=tmp_path / "d2", max_train_steps=20))
+    assert not list(cache.glob("*.part-*"))
+    np.testing.assert_array_equal(np.load(cache / "encoded.npy"), again["encoded"])
 
     run_trainer(dpo, cli_args(output_dir=tmp_path / "e", resolution=16))  # changed settings: new caches
     run_trainer(dpo, cli_args(output_dir=tmp_path / "f", no_hflip=True))

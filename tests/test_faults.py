@@ -135,14 +135,22 @@ LAUNCH_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
 
 
 @both_trainers
-def test_two_cpu_processes_train_one_model_and_write_it_once(dpo, cli_args, tmp_path):
-    argv = cli_args(max_train_steps=3, checkpointing_steps=1, num_validation_pairs=2, report_to="tensorboard")
+def test_two_cpu_processes_train_one_model_and_write_it_once(dpo, cli_args, sharded_pickapic, tmp_path):
+    argv = cli_args(dataset_name=sharded_pickapic, max_train_steps=3, checkpointing_steps=1, num_validation_pairs=2,
+                    report_to="tensorboard")
     result = run_cli(dpo, argv, launcher=LAUNCH_TWO + ["--main_process_port", "29531"], env={"ACCELERATE_USE_CPU": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stderr
     assert "Num processes: 2" in log
     assert "Trained weights identical on all 2 processes." in log
     assert log.count("Creating the latent and text-embedding cache") == 2  # training and held-out sets, once each
+    # the two processes shared the encoding: each streamed its own shards (3 files: 2 and 1) into the same caches
+    shares = sorted(re.findall(r"Process (\d) encoded (\d+) images of (\d) source shards", log))
+    assert [(rank, shards) for rank, _, shards in shares] == [("0", "2"), ("1", "1")]
+    assert all(int(images) > 0 for _, images, _ in shares)
+    for cache in cache_folders(tmp_path / "cache"):
+        assert not list(cache.glob("*.part-*"))  # each process's masks were folded into the cache's
+        assert np.load(cache / "encoded.npy").any(axis=1).sum() == len(np.load(cache / "encoded.npy"))
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     # tensorboard event files are named events.out.tfevents.<time>.<host>.<pid>.<n>: one process wrote them all
