@@ -124,7 +124,7 @@ def run_trainer(dpo, argv):
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     args = dpo.parse_args(argv)
-    with Timers(dpo, ["precompute", "encode_captions", "compute_loss"]) as timers, PeakMemory() as memory:
+    with Timers(dpo, ["create_missing_caches", "encode_latents", "compute_loss"]) as timers, PeakMemory() as memory:
         start = time.perf_counter()
         result = dpo.main(args)
         wall = time.perf_counter() - start
@@ -141,12 +141,12 @@ def steady_step_seconds(compute_loss_calls, warmup):
 
 def precompute_figures(timers, cache_root):
     """(images/s, captions/s, images, captions) of a cold-cache precompute, from the timed calls and the cache."""
-    (start, end), = timers.calls["precompute"]
-    text_end = max(end_ for _, end_ in timers.calls["encode_captions"])
+    (text_start, text_end), = timers.calls["create_missing_caches"]  # text encoder load + every unique caption
+    (start, end), = timers.calls["encode_latents"]  # VAE load + streaming, decoding and encoding the images
     caches = [p.parent for p in Path(cache_root).glob("*/cache_info.json")]
     n_images = sum(2 * int(np.load(c / "encoded.npy").sum()) for c in caches)  # winner and loser of each latent
     n_captions = sum(json.loads((c / "cache_info.json").read_text())["unique_captions"] + 1 for c in caches)
-    return n_images / (end - text_end), n_captions / (text_end - start), n_images, n_captions
+    return n_images / (end - start), n_captions / (text_end - text_start), n_images, n_captions
 
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) for model FLOP utilisation; others: pass --peak_tflops.
