@@ -499,7 +499,7 @@ class PreferencePairs:
         self.identity = identity  # what identifies the split's data (see stream_split)
         self.rows = rows
         self.captions = captions
-        self.second_is_winner = second_is_winner  # label 0: the second image is preferred (pairs get stored winner first)
+        self.second_is_winner = second_is_winner  # label 0: the second image won (pairs are stored winner first)
         self.shard_starts = shard_starts  # the first row of each source shard (file), then the number of rows
 
     def __len__(self):
@@ -780,9 +780,9 @@ def create_cache(args, pairs, cache_path, cache_fields, text_encoder, tokenizer,
 
 
 def create_missing_caches(args, jobs, accelerator, encode_dtype):
-    """Creates the caches of `jobs` that do not exist yet: each unique caption encoded once with the text encoder, and the
-    latents in `needed` with the VAE. `jobs` is a list of (PreferencePairs, cache_path, cache_fields, needed); each encoder is
-    loaded at most once, and only if it has work. A cache folder holds:
+    """Creates the caches of `jobs` (PreferencePairs, cache_path, cache_fields, needed) that do not exist yet: the
+    text part, each unique caption encoded once with the text encoder (loaded only if a cache is missing), and
+    empty latent storage that encode_latents fills. A cache folder holds:
       caption_index.npy  (pairs,) int32 row of prompt_embeds; row 0 is the empty caption (prompt dropout)
       prompt_embeds.npy  (unique captions + 1, tokens, dim) float16
       pair_latents.npy   (pairs, orientations, 2 = winner/loser, C, h, w) float16, scaled by the VAE's factor
@@ -870,8 +870,8 @@ def encode_latents(args, jobs, accelerator, encode_dtype, part=0, parts=1):
     progress.close()
     commit()
     seconds = time.monotonic() - started
-    logger.info(f"Process {accelerator.process_index} encoded {n_images} images of {len(pixels.tasks)} source shards in "
-                f"{seconds:.1f} s ({n_images / seconds:.1f} images/s)", main_process_only=False)
+    logger.info(f"Process {accelerator.process_index} encoded {n_images} images of {len(pixels.tasks)} source shards "
+                f"in {seconds:.1f} s ({n_images / seconds:.1f} images/s)", main_process_only=False)
     del vae, caches
     free_memory()
 

@@ -161,7 +161,8 @@ def dataset_rows(folder, split="train"):
     """Every row of a split of a parquet dataset folder, in file order: the rows PreferencePairs.rows index."""
     import pyarrow.parquet as pq
 
-    return [row for file in sorted(Path(folder).glob(f"**/{split}-*.parquet")) for row in pq.read_table(file).to_pylist()]
+    files = sorted(Path(folder).glob(f"**/{split}-*.parquet"))
+    return [row for file in files for row in pq.read_table(file).to_pylist()]
 
 
 def cache_folders(cache_root, n_pairs=None):
