@@ -694,15 +694,19 @@ class PairPixels(torch.utils.data.IterableDataset):
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
         tasks = list(self.tasks)[worker.id :: worker.num_workers] if worker is not None else list(self.tasks)
-        streams = {}
+        columns, streams = [self.args.image_0_column, self.args.image_1_column], {}
         for split, shard in tasks:
             if split not in streams:
-                streams[split] = stream_split(self.args, split, [self.args.image_0_column, self.args.image_1_column])[0]
+                streams[split] = stream_split(self.args, split, columns)[0]
             stream, wanted = streams[split], self.tasks[(split, shard)]
-            first_row = int(self.shard_starts[split][shard])
-            for row, example in enumerate(stream.shard(stream.num_shards, shard, contiguous=True), start=first_row):
-                for job, position in wanted.get(row, ()):
-                    yield self.decode(job, position, example)
+            row = int(self.shard_starts[split][shard])
+            # .iter(), not a for loop over the stream: inside a DataLoader worker the latter splits the (one) shard
+            # among the workers again, and all but one would see nothing
+            for batch in stream.shard(stream.num_shards, shard, contiguous=True).iter(batch_size=64):
+                for offset in range(len(batch[columns[0]])):
+                    for job, position in wanted.get(row + offset, ()):
+                        yield self.decode(job, position, {column: batch[column][offset] for column in columns})
+                row += len(batch[columns[0]])
 
     def decode(self, job, position, example):
         shape = (self.num_orientations, 2, 3, self.resolution, self.resolution)
