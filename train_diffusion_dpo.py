@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import datasets
@@ -471,16 +472,19 @@ def labels_and_captions(args, split, identity, num_shards):
     path = cache_root(args) / f"pairs-{key}.parquet"
     if not path.exists():
         stream, _ = stream_split(args, split, columns)
-        shard_starts, batches = [0], []
         schema = pa.schema([("label", pa.float64()), ("caption", pa.string())])
-        for shard in tqdm(range(num_shards), desc="Reading labels and captions", disable=num_shards < 2):
-            rows = 0
-            for batch in stream.shard(num_shards, shard, contiguous=True).with_format("arrow").iter(10_000):
-                batches.append(batch.select(columns).rename_columns(schema.names).cast(schema))
-                rows += len(batch)
-            shard_starts.append(shard_starts[-1] + rows)
-        table = pa.concat_tables(batches) if batches else schema.empty_table()
-        table = table.replace_schema_metadata({"shard_starts": json.dumps(shard_starts)})
+
+        def read_shard(shard):
+            batches = stream.shard(num_shards, shard, contiguous=True).with_format("arrow").iter(10_000)
+            return pa.concat_tables([schema.empty_table()] + [b.select(columns).rename_columns(schema.names)
+                                                              .cast(schema) for b in batches])
+
+        with ThreadPoolExecutor(max_workers=8) as pool:  # the shards' reads overlap (remote files: round trips)
+            shards = list(tqdm(pool.map(read_shard, range(num_shards)), total=num_shards,
+                               desc="Reading labels and captions", disable=num_shards < 2))
+        shard_starts = np.cumsum([0] + [len(shard) for shard in shards]).tolist()
+        table = pa.concat_tables([schema.empty_table()] + shards).replace_schema_metadata(
+            {"shard_starts": json.dumps(shard_starts)})
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
         pq.write_table(table, partial)
