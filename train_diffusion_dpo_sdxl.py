@@ -148,7 +148,8 @@ def parse_args(input_args=None):
     )
     data.add_argument("--dataset_config_name", type=str, default=None, help="Config name of the dataset, if any.")
     data.add_argument("--dataset_split_name", type=str, default="train", help="Split to train on.")
-    data.add_argument("--cache_dir", type=str, default=None, help="Where Hub models are downloaded (datasets are streamed).")
+    data.add_argument("--cache_dir", type=str, default=None,
+                      help="Where Hub models are downloaded (datasets are streamed).")
     data.add_argument("--image_0_column", type=str, default="jpg_0", help="Column with the first image's bytes.")
     data.add_argument("--image_1_column", type=str, default="jpg_1", help="Column with the second image's bytes.")
     data.add_argument(
