@@ -460,6 +460,11 @@ def stream_split(args, split, columns=None):
     return stream, identity
 
 
+def source_file(identity, shard):
+    files = identity.get("files")
+    return f"source file {files[shard]}" if files and len(files) > shard else f"source shard {shard}"
+
+
 def cache_root(args):
     return Path(args.precompute_cache_dir or os.path.join(args.cache_dir or datasets.config.HF_DATASETS_CACHE,
                                                           "diffusion_dpo"))
@@ -476,9 +481,14 @@ def labels_and_captions(args, split, identity, num_shards):
         schema = pa.schema([("label", pa.float64()), ("caption", pa.string())])
 
         def read_shard(shard):
-            batches = stream.shard(num_shards, shard, contiguous=True).with_format("arrow").iter(10_000)
-            return pa.concat_tables([schema.empty_table()] + [b.select(columns).rename_columns(schema.names)
-                                                              .cast(schema) for b in batches])
+            try:
+                batches = stream.shard(num_shards, shard, contiguous=True).with_format("arrow").iter(10_000)
+                return pa.concat_tables([schema.empty_table()] + [b.select(columns).rename_columns(schema.names)
+                                                                  .cast(schema) for b in batches])
+            except Exception as error:  # a broken file costs its pairs, not the run
+                logger.warning(f"Skipping {source_file(identity, shard)} of split '{split}': unreadable "
+                               f"({type(error).__name__}: {error})", main_process_only=False)
+                return schema.empty_table()
 
         with ThreadPoolExecutor(max_workers=8) as pool:  # the shards' reads overlap (remote files: round trips)
             shards = list(tqdm(pool.map(read_shard, range(num_shards)), total=num_shards,
@@ -658,6 +668,7 @@ class PairPixels(torch.utils.data.IterableDataset):
         self.num_orientations = 2 if self.hflip else 1
         self.jobs = jobs
         self.tasks = {}  # (split, shard) -> {row in the split: [(job, position), ...]}
+        self.identities = {pairs.identity["split"]: pairs.identity for pairs, _ in jobs}
         self.shard_starts = {pairs.identity["split"]: pairs.shard_starts for pairs, _ in jobs}
         for job, (pairs, positions) in enumerate(jobs):
             positions = np.arange(len(pairs)) if positions is None else positions
@@ -676,18 +687,32 @@ class PairPixels(torch.utils.data.IterableDataset):
             if split not in streams:
                 streams[split] = stream_split(self.args, split, columns)[0]
             stream, wanted = streams[split], self.tasks[(split, shard)]
-            row = int(self.shard_starts[split][shard])
+            row, unseen = int(self.shard_starts[split][shard]), {found for rows in wanted.values() for found in rows}
             # .iter(), not a for loop over the stream: inside a DataLoader worker the latter splits the (one) shard
             # among the workers again, and all but one would see nothing
-            for batch in stream.shard(stream.num_shards, shard, contiguous=True).iter(batch_size=64):
+            batches = stream.shard(stream.num_shards, shard, contiguous=True).iter(batch_size=64)
+            while True:
+                try:
+                    batch = next(batches, None)
+                except Exception as error:  # a broken file costs its pairs (counted skips), not the run
+                    logger.warning(f"Skipping {len(unseen)} pairs of {source_file(self.identities[split], shard)}: "
+                                   f"unreadable ({type(error).__name__}: {error})", main_process_only=False)
+                    yield from (self.skipped(job, position) for job, position in sorted(unseen))
+                    break
+                if batch is None:
+                    break
                 for offset in range(len(batch[columns[0]])):
                     for job, position in wanted.get(row + offset, ()):
+                        unseen.discard((job, position))
                         yield self.decode(job, position, {column: batch[column][offset] for column in columns})
                 row += len(batch[columns[0]])
 
-    def decode(self, job, position, example):
+    def skipped(self, job, position):
         shape = (self.num_orientations, 2, 3, self.resolution, self.resolution)
-        item = {"job": job, "index": position, "ok": False, "pixels": torch.zeros(shape)}
+        return {"job": job, "index": position, "ok": False, "pixels": torch.zeros(shape)}
+
+    def decode(self, job, position, example):
+        item = self.skipped(job, position)
         try:
             images = [decode_image(example[column]) for column in (self.args.image_0_column, self.args.image_1_column)]
         except Exception as error:  # PIL raises OSError, ValueError, SyntaxError... for broken files

@@ -132,6 +132,30 @@ def test_odd_images_captions_and_labels_are_converted_skipped_or_dropped(dpo, cl
     assert caption_index[5] == caption_index[6] == 0  # None and "" both read the empty caption's embedding
 
 
+@both_trainers
+def test_unreadable_source_files_cost_their_pairs_not_the_run(dpo, cli_args, tmp_path):
+    data = tiny_assets.build_pickapic_dataset(str(tmp_path / "data"), n_pairs=12, n_ties=0, n_shards=3)
+    # file 1: labels and captions read, but its image column does not decompress (a damaged download)
+    damaged = tmp_path / "data" / "train-00001-of-00003.parquet"
+    pq.write_table(pq.read_table(damaged), damaged, compression="zstd")
+    chunk = pq.ParquetFile(damaged).metadata.row_group(0).column(1)  # jpg_0
+    assert chunk.path_in_schema == "jpg_0"
+    raw = bytearray(damaged.read_bytes())
+    frame = raw.index(bytes.fromhex("28b52ffd"), chunk.data_page_offset)  # the start of a zstd frame
+    raw[frame : frame + 4] = bytes(4)
+    damaged.write_bytes(bytes(raw))
+    # file 2: not parquet at all
+    (tmp_path / "data" / "train-00002-of-00003.parquet").write_bytes(b"<html>404 Not Found</html>" * 8)
+
+    result = run_trainer(dpo, cli_args(dataset_name=data, max_train_steps=2))
+    assert all(math.isfinite(h["loss"]) for h in result["history"])
+    (cache,) = cache_folders(tmp_path / "cache")
+    assert json.loads((cache / "cache_info.json").read_text())["pairs"] == 8  # file 2's rows are not pairs
+    undecodable = np.load(cache / "undecodable.npy")
+    assert undecodable.tolist() == [False] * 4 + [True] * 4  # file 1's pairs: counted skips
+    assert np.load(cache / "encoded.npy")[:4].any(axis=1).all()
+
+
 def test_a_model_folder_missing_a_part_is_named(dpo, cli_args, tiny_model, tmp_path, capsys):
     broken = tmp_path / "model"
     shutil.copytree(tiny_model, broken, ignore=shutil.ignore_patterns("vae"))
