@@ -74,6 +74,9 @@ DEFAULT_VALIDATION_PROMPTS = [
 MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 CACHE_FORMAT_VERSION = 2
+# Precompute streams the source shard by shard, spread over processes and loader workers: a split with fewer files
+# than this is split into its parquet row groups instead (a split of many files is not: that costs a read per file).
+MIN_SOURCE_SHARDS = 64
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -461,13 +464,16 @@ def stream_split(args, split, columns=None):
         if columns is not None and hasattr(builder.config, "columns"):
             builder = datasets.load_dataset_builder(**location, cache_dir=args.cache_dir, columns=columns)
         stream = builder.as_streaming_dataset(split=split)
+        if stream.num_shards < MIN_SOURCE_SHARDS:  # few large files: their parquet row groups become the shards
+            with contextlib.suppress(Exception):  # a file that cannot be read: keep whole files (it is skipped later)
+                stream = stream.reshard()
     except Exception as error:  # the datasets library raises many types; all mean "cannot load this"
         reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
         raise InputError(f"cannot load dataset '{name}' split '{split}': {reason}. Note: {DATASET_ALTERNATIVES}") \
             from None
     data_files = (getattr(builder.config, "data_files", None) or {}).get(split)
     identity = {"dataset": os.path.abspath(name) if os.path.exists(name) else name, "config": builder.config.name,
-                "split": split}
+                "split": split, "shards": stream.num_shards}
     if data_files is not None:  # Hub files are pinned to a commit, local ones carry their modification time
         identity.update(files=list(data_files), origin=[list(origin) for origin in data_files.origin_metadata])
     if columns is not None:
@@ -480,7 +486,7 @@ def stream_split(args, split, columns=None):
 
 def source_file(identity, shard):
     files = identity.get("files")
-    return f"source file {files[shard]}" if files and len(files) > shard else f"source shard {shard}"
+    return f"source file {files[shard]}" if files and len(files) == identity["shards"] else f"source shard {shard}"
 
 
 def cache_root(args):

@@ -382,9 +382,11 @@ def build_pickapic_dataset(
     vary_sizes=False,
     n_captions=None,
     n_shards=1,
+    rows_per_group=None,
 ):
     """Write a Pick-a-Pic v2-style parquet dataset, `output_dir/train-00000-of-00001.parquet` (or n_shards files
-    `train-0000i-of-0000n.parquet`, consecutive runs of rows, as the Hub stores large splits).
+    `train-0000i-of-0000n.parquet`, consecutive runs of rows, as the Hub stores large splits; rows_per_group sets
+    the parquet row-group size).
 
     Columns: caption (string), jpg_0 / jpg_1 (raw JPEG bytes), label_0 (float64: 1.0 means
     jpg_0 preferred, 0.0 jpg_1 preferred, 0.5 tie). Rows are n_pairs warm-vs-cool pairs (warm
@@ -430,7 +432,8 @@ def build_pickapic_dataset(
     bounds = [len(rows) * shard // n_shards for shard in range(n_shards + 1)]
     for shard in range(n_shards):
         pq.write_table(table.slice(bounds[shard], bounds[shard + 1] - bounds[shard]),
-                       os.path.join(output_dir, f"train-{shard:05d}-of-{n_shards:05d}.parquet"))
+                       os.path.join(output_dir, f"train-{shard:05d}-of-{n_shards:05d}.parquet"),
+                       row_group_size=rows_per_group)
     return output_dir
 
 

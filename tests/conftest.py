@@ -62,6 +62,13 @@ def sharded_pickapic(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def row_grouped_pickapic(tmp_path_factory):
+    """The same layout in one parquet file of 3 row groups (4 rows each): a single large file."""
+    return tiny_assets.build_pickapic_dataset(str(tmp_path_factory.mktemp("row-grouped")), n_pairs=12, n_ties=0,
+                                              rows_per_group=4)
+
+
+@pytest.fixture(scope="session")
 def tiny_clip_scorer(tiny_model, tmp_path_factory):
     """A tiny random CLIP model with its tokenizer (the tiny pipeline's) and image processor in one folder, loadable
     with CLIPModel.from_pretrained and AutoProcessor.from_pretrained: a stand-in for PickScore or CLIP."""

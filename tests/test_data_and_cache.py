@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import (N_PAIRS, assert_same_tensors, both_trainers, cache_folders, dataset_rows, lora_weights,
@@ -36,8 +37,10 @@ def shards_of(pairs):
     return set(np.searchsorted(pairs.shard_starts, pairs.rows, side="right") - 1)
 
 
-def test_a_subset_comes_from_as_few_shards_as_hold_it_and_only_those_are_streamed(dpo, cli_args, sharded_pickapic):
-    args = dpo.parse_args(cli_args(dataset_name=sharded_pickapic))
+@pytest.mark.parametrize("layout", ["sharded_pickapic", "row_grouped_pickapic"])  # 3 files; 1 file of 3 row groups
+def test_a_subset_comes_from_as_few_shards_as_hold_it_and_only_those_are_streamed(dpo, cli_args, layout, request):
+    data = request.getfixturevalue(layout)
+    args = dpo.parse_args(cli_args(dataset_name=data))
     pairs = dpo.load_preference_pairs(args, "train")
     assert pairs.shard_starts.tolist() == [0, 4, 8, 12]
     picked = [pairs.subset(pairs.sample(4, seed)) for seed in range(6)]
@@ -50,7 +53,7 @@ def test_a_subset_comes_from_as_few_shards_as_hold_it_and_only_those_are_streame
     assert [shard for _, shard in streamed.tasks] == list(shards_of(picked[0]))  # the other files are not read
     assert sorted(item["index"] for item in streamed) == [0, 1, 2, 3]
 
-    train, validation = dpo.training_and_validation_pairs(dpo.parse_args(cli_args(dataset_name=sharded_pickapic,
+    train, validation = dpo.training_and_validation_pairs(dpo.parse_args(cli_args(dataset_name=data,
                                                                                   max_train_samples=3)))
     assert len(train) == 3 and validation is None and len(shards_of(train)) == 1
 
