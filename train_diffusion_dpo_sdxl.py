@@ -702,8 +702,7 @@ class PairPixels(torch.utils.data.IterableDataset):
         self.num_orientations = 2 if self.hflip else 1
         self.jobs = jobs
         self.tasks = {}  # (split, shard) -> {row in the split: [(job, position), ...]}
-        self.identities = {pairs.identity["split"]: pairs.identity for pairs, _ in jobs}
-        self.shard_starts = {pairs.identity["split"]: pairs.shard_starts for pairs, _ in jobs}
+        self.splits = {pairs.identity["split"]: pairs for pairs, _ in jobs}  # per split: its identity, shard starts
         for job, (pairs, positions) in enumerate(jobs):
             positions = np.arange(len(pairs)) if positions is None else positions
             shards = np.searchsorted(pairs.shard_starts, pairs.rows[positions], side="right") - 1
@@ -721,7 +720,8 @@ class PairPixels(torch.utils.data.IterableDataset):
             if split not in streams:
                 streams[split] = stream_split(self.args, split, columns)[0]
             stream, wanted = streams[split], self.tasks[(split, shard)]
-            row, unseen = int(self.shard_starts[split][shard]), {found for rows in wanted.values() for found in rows}
+            source = self.splits[split]
+            row, unseen = int(source.shard_starts[shard]), {found for rows in wanted.values() for found in rows}
             # .iter(), not a for loop over the stream: inside a DataLoader worker the latter splits the (one) shard
             # among the workers again, and all but one would see nothing
             batches = stream.shard(stream.num_shards, shard, contiguous=True).iter(batch_size=64)
@@ -729,7 +729,7 @@ class PairPixels(torch.utils.data.IterableDataset):
                 try:
                     batch = next(batches, None)
                 except Exception as error:  # a broken file costs its pairs (counted skips), not the run
-                    logger.warning(f"Skipping {len(unseen)} pairs of {source_file(self.identities[split], shard)}: "
+                    logger.warning(f"Skipping {len(unseen)} pairs of {source_file(source.identity, shard)}: "
                                    f"unreadable ({type(error).__name__}: {error})", main_process_only=False)
                     yield from (self.skipped(job, position) for job, position in sorted(unseen))
                     break
