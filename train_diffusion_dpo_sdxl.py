@@ -55,6 +55,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 from tqdm.auto import tqdm
 
+
 logger = get_logger(__name__)
 
 DEFAULT_DATASET = "yuvalkirstain/pickapic_v2"
@@ -151,8 +152,9 @@ def parse_args(input_args=None):
     )
     data.add_argument("--dataset_config_name", type=str, default=None, help="Config name of the dataset, if any.")
     data.add_argument("--dataset_split_name", type=str, default="train", help="Split to train on.")
-    data.add_argument("--cache_dir", type=str, default=None,
-                      help="Where Hub models are downloaded (datasets are streamed).")
+    data.add_argument(
+        "--cache_dir", type=str, default=None, help="Where Hub models are downloaded (datasets are streamed)."
+    )
     data.add_argument("--image_0_column", type=str, default="jpg_0", help="Column with the first image's bytes.")
     data.add_argument("--image_1_column", type=str, default="jpg_1", help="Column with the second image's bytes.")
     data.add_argument(
@@ -201,7 +203,9 @@ def parse_args(input_args=None):
         "--vae_encode_batch_size", type=int, default=8, help="Images per VAE forward while precomputing latents."
     )
     cache.add_argument(
-        "--precompute_commit_seconds", type=float, default=60,
+        "--precompute_commit_seconds",
+        type=float,
+        default=60,
         help="While precomputing, save progress this often: an interrupted precompute resumes from the last save.",
     )
 
@@ -258,7 +262,9 @@ def parse_args(input_args=None):
     dpo.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank).")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", type=str, default="diffusion-dpo-sdxl", help="Where weights and checkpoints go.")
+    train.add_argument(
+        "--output_dir", type=str, default="diffusion-dpo-sdxl", help="Where weights and checkpoints go."
+    )
     train.add_argument("--seed", type=int, default=0, help="Seed for initialisation, data order, noise and crops.")
     train.add_argument("--train_batch_size", type=int, default=4, help="Preference pairs per device per step.")
     train.add_argument("--num_train_epochs", type=int, default=1)
@@ -299,8 +305,11 @@ def parse_args(input_args=None):
     optim.add_argument("--adam_epsilon", type=float, default=1e-8)
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
     optim.add_argument(
-        "--max_consecutive_skipped_steps", type=int, default=20,
-        help="A step with a non-finite loss or gradient is skipped (weights untouched); stop after this many in a row.",
+        "--max_consecutive_skipped_steps",
+        type=int,
+        default=20,
+        help="A step with a non-finite loss or gradient is skipped (weights untouched); stop after this many in "
+        "a row.",
     )
 
     perf = parser.add_argument_group("performance")
@@ -314,15 +323,23 @@ def parse_args(input_args=None):
     )
     perf.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     perf.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
-    perf.add_argument("--torch_compile", action="store_true",
-                      help="torch.compile the UNet's repeated transformer blocks (regional compilation: most of the "
-                           "speed-up of compiling the whole UNet, a fraction of the compile time).")
-    perf.add_argument("--channels_last", action="store_true",
-                      help="Channels-last memory format for the UNet, and for the VAE while precomputing (on a CPU the "
-                           "VAE always encodes channels-last: measured 1.4x faster).")
+    perf.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="torch.compile the UNet's repeated transformer blocks (regional compilation: most of the "
+        "speed-up of compiling the whole UNet, a fraction of the compile time).",
+    )
+    perf.add_argument(
+        "--channels_last",
+        action="store_true",
+        help="Channels-last memory format for the UNet, and for the VAE while precomputing (on a CPU the "
+        "VAE always encodes channels-last: measured 1.4x faster).",
+    )
 
     ckpt = parser.add_argument_group("checkpointing")
-    ckpt.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
+    ckpt.add_argument(
+        "--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps."
+    )
     ckpt.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     ckpt.add_argument(
         "--resume_from_checkpoint",
@@ -358,20 +375,32 @@ def validate_args(args):
             parts.remove("vae")
         missing = [part for part in parts if not os.path.isdir(os.path.join(model, part))]
         if missing:
-            raise InputError(f"model folder '{model}' lacks {missing}: expected a diffusers pipeline folder with "
-                             f"{', '.join(parts)}")
+            raise InputError(
+                f"model folder '{model}' lacks {missing}: expected a diffusers pipeline folder with {', '.join(parts)}"
+            )
     elif model.startswith((".", "/", "~")) or os.path.exists(model):
-        raise InputError(f"--pretrained_model_name_or_path {model}: no such model folder (a diffusers pipeline "
-                         "folder or a Hub id)")
+        raise InputError(
+            f"--pretrained_model_name_or_path {model}: no such model folder (a diffusers pipeline folder or a Hub id)"
+        )
     if args.resolution < 8 or args.resolution % 8 != 0:
         raise InputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise InputError(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise InputError("--proportion_empty_prompts must lie in [0, 1]")
-    for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank", "checkpointing_steps",
-                 "validation_steps", "vae_encode_batch_size", "num_validation_inference_steps", "lr_num_cycles",
-                 "validation_timesteps", "max_consecutive_skipped_steps"):
+    for name in (
+        "train_batch_size",
+        "num_train_epochs",
+        "gradient_accumulation_steps",
+        "rank",
+        "checkpointing_steps",
+        "validation_steps",
+        "vae_encode_batch_size",
+        "num_validation_inference_steps",
+        "lr_num_cycles",
+        "validation_timesteps",
+        "max_consecutive_skipped_steps",
+    ):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1")
     for name in ("dataloader_num_workers", "lr_warmup_steps", "num_validation_pairs"):
@@ -405,10 +434,15 @@ def validate_args(args):
             raise InputError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
         if not CHECKPOINT_PATTERN.match(Path(checkpoint).name):
             raise InputError(f"--resume_from_checkpoint {checkpoint}: expected a folder named checkpoint-<step>")
-    if args.resume_from_checkpoint == "latest" and resolve_checkpoint(args) is None and holds_earlier_run(
-            args.output_dir):
-        raise InputError(f"--output_dir {args.output_dir} holds a finished model but no checkpoint to resume from; "
-                         "choose a new --output_dir")
+    if (
+        args.resume_from_checkpoint == "latest"
+        and resolve_checkpoint(args) is None
+        and holds_earlier_run(args.output_dir)
+    ):
+        raise InputError(
+            f"--output_dir {args.output_dir} holds a finished model but no checkpoint to resume from; "
+            "choose a new --output_dir"
+        )
     if args.resume_from_checkpoint is None and holds_earlier_run(args.output_dir):
         raise InputError(
             f"--output_dir {args.output_dir} already holds a trained model or checkpoints; pass "
@@ -455,10 +489,15 @@ def stream_split(args, split, columns=None):
     those columns' bytes: the captions and labels of 851k pairs without a JPEG."""
     name = args.dataset_name
     if os.path.isfile(name) and split != args.dataset_split_name:
-        raise InputError(f"'{name}' is a single file, so it has no split '{split}'; hold pairs out of it with "
-                         "--num_validation_pairs instead")
-    location = dict(path="parquet", data_files=name) if os.path.isfile(name) else dict(path=name,
-                                                                                      name=args.dataset_config_name)
+        raise InputError(
+            f"'{name}' is a single file, so it has no split '{split}'; hold pairs out of it with "
+            "--num_validation_pairs instead"
+        )
+    location = (
+        dict(path="parquet", data_files=name)
+        if os.path.isfile(name)
+        else dict(path=name, name=args.dataset_config_name)
+    )
     try:
         builder = datasets.load_dataset_builder(**location, cache_dir=args.cache_dir)
         if columns is not None and hasattr(builder.config, "columns"):
@@ -469,11 +508,16 @@ def stream_split(args, split, columns=None):
                 stream = stream.reshard()
     except Exception as error:  # the datasets library raises many types; all mean "cannot load this"
         reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
-        raise InputError(f"cannot load dataset '{name}' split '{split}': {reason}. Note: {DATASET_ALTERNATIVES}") \
-            from None
+        raise InputError(
+            f"cannot load dataset '{name}' split '{split}': {reason}. Note: {DATASET_ALTERNATIVES}"
+        ) from None
     data_files = (getattr(builder.config, "data_files", None) or {}).get(split)
-    identity = {"dataset": os.path.abspath(name) if os.path.exists(name) else name, "config": builder.config.name,
-                "split": split, "shards": stream.num_shards}
+    identity = {
+        "dataset": os.path.abspath(name) if os.path.exists(name) else name,
+        "config": builder.config.name,
+        "split": split,
+        "shards": stream.num_shards,
+    }
     if data_files is not None:  # Hub files are pinned to a commit, local ones carry their modification time
         identity.update(files=list(data_files), origin=[list(origin) for origin in data_files.origin_metadata])
     if columns is not None:
@@ -490,8 +534,9 @@ def source_file(identity, shard):
 
 
 def cache_root(args):
-    return Path(args.precompute_cache_dir or os.path.join(args.cache_dir or datasets.config.HF_DATASETS_CACHE,
-                                                          "diffusion_dpo"))
+    return Path(
+        args.precompute_cache_dir or os.path.join(args.cache_dir or datasets.config.HF_DATASETS_CACHE, "diffusion_dpo")
+    )
 
 
 def labels_and_captions(args, split, identity, num_shards):
@@ -507,19 +552,31 @@ def labels_and_captions(args, split, identity, num_shards):
         def read_shard(shard):
             try:
                 batches = stream.shard(num_shards, shard, contiguous=True).with_format("arrow").iter(10_000)
-                return pa.concat_tables([schema.empty_table()] + [b.select(columns).rename_columns(schema.names)
-                                                                  .cast(schema) for b in batches])
+                return pa.concat_tables(
+                    [schema.empty_table()]
+                    + [b.select(columns).rename_columns(schema.names).cast(schema) for b in batches]
+                )
             except Exception as error:  # a broken file costs its pairs, not the run
-                logger.warning(f"Skipping {source_file(identity, shard)} of split '{split}': unreadable "
-                               f"({type(error).__name__}: {error})", main_process_only=False)
+                logger.warning(
+                    f"Skipping {source_file(identity, shard)} of split '{split}': unreadable "
+                    f"({type(error).__name__}: {error})",
+                    main_process_only=False,
+                )
                 return schema.empty_table()
 
         with ThreadPoolExecutor(max_workers=8) as pool:  # the shards' reads overlap (remote files: round trips)
-            shards = list(tqdm(pool.map(read_shard, range(num_shards)), total=num_shards,
-                               desc="Reading labels and captions", disable=num_shards < 2))
+            shards = list(
+                tqdm(
+                    pool.map(read_shard, range(num_shards)),
+                    total=num_shards,
+                    desc="Reading labels and captions",
+                    disable=num_shards < 2,
+                )
+            )
         shard_starts = np.cumsum([0] + [len(shard) for shard in shards]).tolist()
         table = pa.concat_tables([schema.empty_table()] + shards).replace_schema_metadata(
-            {"shard_starts": json.dumps(shard_starts)})
+            {"shard_starts": json.dumps(shard_starts)}
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
         pq.write_table(table, partial)
@@ -546,8 +603,13 @@ class PreferencePairs:
 
     def subset(self, positions):
         positions = np.asarray(positions, dtype=np.int64)
-        return PreferencePairs(self.identity, self.rows[positions], [self.captions[i] for i in positions],
-                               self.second_is_winner[positions], self.shard_starts)
+        return PreferencePairs(
+            self.identity,
+            self.rows[positions],
+            [self.captions[i] for i in positions],
+            self.second_is_winner[positions],
+            self.shard_starts,
+        )
 
     def sample(self, n, seed):
         """Positions of n pairs drawn at random from as few source shards as hold them (shards in a seeded random
@@ -580,16 +642,19 @@ def load_preference_pairs(args, split):
     is_tie = labels == 0.5
     is_decided = (labels == 0.0) | (labels == 1.0)
     n_invalid = int((~is_tie & ~is_decided).sum())
-    logger.info(f"Split '{split}': dropped {int(is_tie.sum())} tied pairs and {n_invalid} pairs with labels outside "
-                "{0, 0.5, 1}.")
+    logger.info(
+        f"Split '{split}': dropped {int(is_tie.sum())} tied pairs and {n_invalid} pairs with labels outside "
+        "{0, 0.5, 1}."
+    )
     rows = np.flatnonzero(is_decided)
     if len(rows) == 0:
         raise InputError(
             f"dataset '{args.dataset_name}' split '{split}' has no preference pairs left after dropping "
             f"{int(is_tie.sum())} ties and {n_invalid} invalid labels"
         )
-    return PreferencePairs(identity, rows, ["" if captions[r] is None else captions[r] for r in rows],
-                           labels[rows] == 0.0, shard_starts)
+    return PreferencePairs(
+        identity, rows, ["" if captions[r] is None else captions[r] for r in rows], labels[rows] == 0.0, shard_starts
+    )
 
 
 def training_and_validation_pairs(args):
@@ -603,15 +668,19 @@ def training_and_validation_pairs(args):
             validation = validation.subset(validation.sample(args.num_validation_pairs, args.seed))
     elif args.num_validation_pairs:
         if args.num_validation_pairs >= len(train):
-            raise InputError(f"--num_validation_pairs {args.num_validation_pairs} leaves no training pairs "
-                             f"(the split has {len(train)})")
+            raise InputError(
+                f"--num_validation_pairs {args.num_validation_pairs} leaves no training pairs "
+                f"(the split has {len(train)})"
+            )
         held_out = train.sample(args.num_validation_pairs, args.seed)
         validation = train.subset(held_out)
         train = train.subset(np.setdiff1d(np.arange(len(train)), held_out))
     if args.max_train_samples is not None:
         train = train.subset(train.sample(args.max_train_samples, args.seed))
-    logger.info(f"Training on {len(train)} preference pairs"
-                + (f", validating on {len(validation)} held-out pairs." if validation is not None else "."))
+    logger.info(
+        f"Training on {len(train)} preference pairs"
+        + (f", validating on {len(validation)} held-out pairs." if validation is not None else ".")
+    )
     return train, validation
 
 
@@ -622,8 +691,9 @@ def training_and_validation_pairs(args):
 
 def model_identity(args):
     """What identifies the VAE and text encoders' weights, without loading them."""
-    identity = folder_identity(args.pretrained_model_name_or_path, args,
-                               ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+    identity = folder_identity(
+        args.pretrained_model_name_or_path, args, ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    )
     if args.pretrained_vae_model_name_or_path is not None:
         identity["vae"] = folder_identity(args.pretrained_vae_model_name_or_path, args, ("",))
     return identity
@@ -641,8 +711,9 @@ def folder_identity(path, args, subfolders):
     try:  # resolve the revision to a commit, so an updated repo invalidates the cache
         from huggingface_hub import snapshot_download
 
-        snapshot = snapshot_download(path, revision=args.revision, allow_patterns=["model_index.json"],
-                                     cache_dir=args.cache_dir)
+        snapshot = snapshot_download(
+            path, revision=args.revision, allow_patterns=["model_index.json"], cache_dir=args.cache_dir
+        )
         identity["commit"] = Path(snapshot).name
     except Exception as error:
         logger.warning(f"Could not resolve {path} to a commit ({type(error).__name__}); caching by id and revision.")
@@ -682,7 +753,10 @@ def resize_and_crop(image, resolution, crop_rng):
     if crop_rng is None:
         left, top = (width - resolution) // 2, (height - resolution) // 2
     else:
-        left, top = int(crop_rng.integers(0, width - resolution + 1)), int(crop_rng.integers(0, height - resolution + 1))
+        left, top = (
+            int(crop_rng.integers(0, width - resolution + 1)),
+            int(crop_rng.integers(0, height - resolution + 1)),
+        )
     return image.crop((left, top, left + resolution, top + resolution)), (top, left, width)
 
 
@@ -729,8 +803,11 @@ class PairPixels(torch.utils.data.IterableDataset):
                 try:
                     batch = next(batches, None)
                 except Exception as error:  # a broken file costs its pairs (counted skips), not the run
-                    logger.warning(f"Skipping {len(unseen)} pairs of {source_file(source.identity, shard)}: "
-                                   f"unreadable ({type(error).__name__}: {error})", main_process_only=False)
+                    logger.warning(
+                        f"Skipping {len(unseen)} pairs of {source_file(source.identity, shard)}: "
+                        f"unreadable ({type(error).__name__}: {error})",
+                        main_process_only=False,
+                    )
                     yield from (self.skipped(job, position) for job, position in sorted(unseen))
                     break
                 if batch is None:
@@ -743,16 +820,23 @@ class PairPixels(torch.utils.data.IterableDataset):
 
     def skipped(self, job, position):
         shape = (self.num_orientations, 2, 3, self.resolution, self.resolution)
-        return {"job": job, "index": position, "ok": False, "pixels": torch.zeros(shape),
-                "time_ids": torch.zeros(self.num_orientations, 2, 6)}
+        return {
+            "job": job,
+            "index": position,
+            "ok": False,
+            "pixels": torch.zeros(shape),
+            "time_ids": torch.zeros(self.num_orientations, 2, 6),
+        }
 
     def decode(self, job, position, example):
         item = self.skipped(job, position)
         try:
             images = [decode_image(example[column]) for column in (self.args.image_0_column, self.args.image_1_column)]
         except Exception as error:  # PIL raises OSError, ValueError, SyntaxError... for broken files
-            logger.warning(f"Skipping pair {position}: undecodable image ({type(error).__name__}: {error})",
-                           main_process_only=False)
+            logger.warning(
+                f"Skipping pair {position}: undecodable image ({type(error).__name__}: {error})",
+                main_process_only=False,
+            )
             return item
         if self.jobs[job][0].second_is_winner[position]:
             images.reverse()
@@ -764,29 +848,46 @@ class PairPixels(torch.utils.data.IterableDataset):
             size = [image.height, image.width]
             time_ids.append(size + [top, left, self.resolution, self.resolution])
             # the mirrored image was cropped at the mirrored offset
-            flipped_time_ids.append(size + [top, resized_width - left - self.resolution, self.resolution,
-                                            self.resolution])
+            flipped_time_ids.append(
+                size + [top, resized_width - left - self.resolution, self.resolution, self.resolution]
+            )
         pixels = self.image_processor.preprocess(crops)
         orientations = [(pixels, time_ids), (pixels.flip(-1), flipped_time_ids)][: self.num_orientations]
-        return {**item, "ok": True, "pixels": torch.stack([p for p, _ in orientations]),
-                "time_ids": torch.tensor([t for _, t in orientations], dtype=torch.float32)}
+        return {
+            **item,
+            "ok": True,
+            "pixels": torch.stack([p for p, _ in orientations]),
+            "time_ids": torch.tensor([t for _, t in orientations], dtype=torch.float32),
+        }
 
 
 def load_text_encoders_and_tokenizers(args, device, dtype):
     """SDXL's two CLIP text encoders (the second with a projection) and their tokenizers."""
     encoders, tokenizers = [], []
     for suffix in ("", "_2"):
-        config = transformers.AutoConfig.from_pretrained(args.pretrained_model_name_or_path,
-                                                         subfolder=f"text_encoder{suffix}", revision=args.revision,
-                                                         cache_dir=args.cache_dir)
+        config = transformers.AutoConfig.from_pretrained(
+            args.pretrained_model_name_or_path,
+            subfolder=f"text_encoder{suffix}",
+            revision=args.revision,
+            cache_dir=args.cache_dir,
+        )
         encoder = getattr(transformers, config.architectures[0]).from_pretrained(
-            args.pretrained_model_name_or_path, subfolder=f"text_encoder{suffix}", revision=args.revision,
-            variant=args.variant, cache_dir=args.cache_dir, torch_dtype=dtype,
+            args.pretrained_model_name_or_path,
+            subfolder=f"text_encoder{suffix}",
+            revision=args.revision,
+            variant=args.variant,
+            cache_dir=args.cache_dir,
+            torch_dtype=dtype,
         )
         encoders.append(encoder.to(device).eval().requires_grad_(False))
-        tokenizers.append(transformers.AutoTokenizer.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder=f"tokenizer{suffix}", revision=args.revision,
-            cache_dir=args.cache_dir))
+        tokenizers.append(
+            transformers.AutoTokenizer.from_pretrained(
+                args.pretrained_model_name_or_path,
+                subfolder=f"tokenizer{suffix}",
+                revision=args.revision,
+                cache_dir=args.cache_dir,
+            )
+        )
     return encoders, tokenizers
 
 
@@ -798,8 +899,13 @@ def encode_captions(captions, text_encoders, tokenizers, batch_size=64):
     for start in range(0, len(captions), batch_size):
         hidden_states = []
         for text_encoder, tokenizer in zip(text_encoders, tokenizers):
-            tokens = tokenizer(captions[start : start + batch_size], padding="max_length", truncation=True,
-                               max_length=tokenizer.model_max_length, return_tensors="pt")
+            tokens = tokenizer(
+                captions[start : start + batch_size],
+                padding="max_length",
+                truncation=True,
+                max_length=tokenizer.model_max_length,
+                return_tensors="pt",
+            )
             output = text_encoder(tokens.input_ids.to(text_encoder.device), output_hidden_states=True)
             hidden_states.append(output.hidden_states[-2])
         prompt_embeds.append(torch.cat(hidden_states, dim=-1).cpu())
@@ -809,18 +915,27 @@ def encode_captions(captions, text_encoders, tokenizers, batch_size=64):
 
 def load_vae(args, dtype):
     if args.pretrained_vae_model_name_or_path is not None:
-        return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=args.revision,
-                                             cache_dir=args.cache_dir, torch_dtype=dtype)
-    return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision,
-                                         variant=args.variant, cache_dir=args.cache_dir, torch_dtype=dtype)
+        return AutoencoderKL.from_pretrained(
+            args.pretrained_vae_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir, torch_dtype=dtype
+        )
+    return AutoencoderKL.from_pretrained(
+        args.pretrained_model_name_or_path,
+        subfolder="vae",
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+        torch_dtype=dtype,
+    )
 
 
 def load_vae_config(args):
     if args.pretrained_vae_model_name_or_path is not None:
-        return AutoencoderKL.load_config(args.pretrained_vae_model_name_or_path, revision=args.revision,
-                                         cache_dir=args.cache_dir)
-    return AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision,
-                                     cache_dir=args.cache_dir)
+        return AutoencoderKL.load_config(
+            args.pretrained_vae_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir
+        )
+    return AutoencoderKL.load_config(
+        args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir
+    )
 
 
 def vae_dtype(args, weight_dtype):
@@ -864,18 +979,25 @@ def create_cache(args, pairs, cache_path, cache_fields, text_encoders, tokenizer
     prompt_embeds, pooled_prompt_embeds = encode_captions(unique_captions, text_encoders, tokenizers)
     np.save(partial / "prompt_embeds.npy", prompt_embeds.to(torch.float16).numpy())
     np.save(partial / "pooled_prompt_embeds.npy", pooled_prompt_embeds.to(torch.float16).numpy())
-    logger.info(f"Encoded {len(unique_captions) - 1} unique captions for {len(captions)} pairs "
-                f"({captions.count('')} empty).")
+    logger.info(
+        f"Encoded {len(unique_captions) - 1} unique captions for {len(captions)} pairs ({captions.count('')} empty)."
+    )
     n_orientations = 1 if args.no_hflip else 2
     # allocated, not written: the file stays sparse on disk until latents are encoded into it
-    np.lib.format.open_memmap(partial / "pair_latents.npy", mode="w+", dtype=np.float16,
-                              shape=(len(captions), n_orientations, 2, *latent_shape))
-    np.lib.format.open_memmap(partial / "time_ids.npy", mode="w+", dtype=np.float32,
-                              shape=(len(captions), n_orientations, 2, 6))
+    np.lib.format.open_memmap(
+        partial / "pair_latents.npy",
+        mode="w+",
+        dtype=np.float16,
+        shape=(len(captions), n_orientations, 2, *latent_shape),
+    )
+    np.lib.format.open_memmap(
+        partial / "time_ids.npy", mode="w+", dtype=np.float32, shape=(len(captions), n_orientations, 2, 6)
+    )
     np.save(partial / "encoded.npy", np.zeros((len(captions), n_orientations), dtype=bool))
     np.save(partial / "undecodable.npy", np.zeros(len(captions), dtype=bool))
-    (partial / "cache_info.json").write_text(json.dumps(
-        {**cache_fields, "pairs": len(captions), "unique_captions": len(unique_captions) - 1}, indent=2))
+    (partial / "cache_info.json").write_text(
+        json.dumps({**cache_fields, "pairs": len(captions), "unique_captions": len(unique_captions) - 1}, indent=2)
+    )
     os.replace(partial, cache_path)
 
 
@@ -900,8 +1022,15 @@ def create_missing_caches(args, jobs, accelerator, encode_dtype):
         text_encoders, tokenizers = load_text_encoders_and_tokenizers(args, device, encode_dtype)
         for pairs, cache_path, cache_fields, _ in new_caches:
             logger.info(f"Creating the latent and text-embedding cache {cache_path}")
-            create_cache(args, pairs, cache_path, cache_fields, text_encoders, tokenizers,
-                         (vae_config["latent_channels"], latent_size, latent_size))
+            create_cache(
+                args,
+                pairs,
+                cache_path,
+                cache_fields,
+                text_encoders,
+                tokenizers,
+                (vae_config["latent_channels"], latent_size, latent_size),
+            )
         del text_encoders
         free_memory()
 
@@ -920,13 +1049,19 @@ def encode_latents(args, jobs, accelerator, encode_dtype, part=0, parts=1):
         encoded, undecodable = np.load(cache_path / "encoded.npy"), np.load(cache_path / "undecodable.npy")
         todo = needed & ~encoded & ~undecodable[:, None]
         if part == 0:
-            logger.info(f"Cache {cache_path.name}: {int(encoded.sum())} pair latents present, {int(todo.sum())} to "
-                        f"encode{f' by {parts} processes' if parts > 1 else ''}")
+            logger.info(
+                f"Cache {cache_path.name}: {int(encoded.sum())} pair latents present, {int(todo.sum())} to "
+                f"encode{f' by {parts} processes' if parts > 1 else ''}"
+            )
         caches.append({"path": cache_path, "encoded": encoded, "undecodable": undecodable, "todo": todo})
     # The source is streamed shard by shard, reading only shards with pending pairs; JPEG decoding and resizing
     # run in loader workers (each its own shards), overlapping the VAE.
-    pixels = PairPixels(args, [(pairs, np.flatnonzero(cache["todo"].any(axis=1)))
-                               for (pairs, *_), cache in zip(jobs, caches)], part, parts)
+    pixels = PairPixels(
+        args,
+        [(pairs, np.flatnonzero(cache["todo"].any(axis=1))) for (pairs, *_), cache in zip(jobs, caches)],
+        part,
+        parts,
+    )
     if pixels.num_pairs == 0:
         return
     vae = load_vae(args, encode_dtype).to(device).eval().requires_grad_(False).to(memory_format=memory_format)
@@ -946,8 +1081,9 @@ def encode_latents(args, jobs, accelerator, encode_dtype, part=0, parts=1):
     # without --dataloader_num_workers: up to 4 decoders per process, sharing the machine's cores (one decodes ~110
     # 1024 px JPEGs/s, measured on CPU; a GPU's VAE encodes several times that)
     decoders = args.dataloader_num_workers or max(1, min(4, (os.cpu_count() or 1) // parts))
-    loader = torch.utils.data.DataLoader(pixels, batch_size=max(1, args.vae_encode_batch_size // 2),
-                                         num_workers=min(len(pixels.tasks), decoders))
+    loader = torch.utils.data.DataLoader(
+        pixels, batch_size=max(1, args.vae_encode_batch_size // 2), num_workers=min(len(pixels.tasks), decoders)
+    )
     started = last_commit = time.monotonic()
     n_images = 0
     progress = tqdm(total=pixels.num_pairs, desc="Encoding images", disable=not accelerator.is_local_main_process)
@@ -963,8 +1099,12 @@ def encode_latents(args, jobs, accelerator, encode_dtype, part=0, parts=1):
         images = batch["pixels"][torch.from_numpy(ok)][torch.from_numpy(wanted)]  # (n, 2, 3, H, W)
         with torch.inference_mode():
             chunks = images.flatten(0, 1).split(args.vae_encode_batch_size)
-            latents = torch.cat([vae.encode(chunk.to(device, encode_dtype, memory_format=memory_format))
-                                 .latent_dist.mean for chunk in chunks])
+            latents = torch.cat(
+                [
+                    vae.encode(chunk.to(device, encode_dtype, memory_format=memory_format)).latent_dist.mean
+                    for chunk in chunks
+                ]
+            )
         latents = (latents.float() * vae.config.scaling_factor).view(*images.shape[:2], *latents.shape[1:])
         latents = latents.cpu().to(torch.float16).numpy()
         n_images += 2 * len(latents)
@@ -980,9 +1120,12 @@ def encode_latents(args, jobs, accelerator, encode_dtype, part=0, parts=1):
     progress.close()
     commit()
     seconds = time.monotonic() - started
-    logger.info(f"Process {accelerator.process_index} encoded {n_images} images of {len(pixels.tasks)} source shards "
-                f"in {seconds:.1f} s ({n_images / seconds:.1f} images/s)", main_process_only=False)
-    del vae, caches
+    logger.info(
+        f"Process {accelerator.process_index} encoded {n_images} images of {len(pixels.tasks)} source shards "
+        f"in {seconds:.1f} s ({n_images / seconds:.1f} images/s)",
+        main_process_only=False,
+    )
+    del vae  # the caches' memmaps close with this function
     free_memory()
 
 
@@ -992,8 +1135,10 @@ def fold_parts(cache_path):
     for name in ("encoded", "undecodable"):
         parts = sorted(cache_path.glob(f"{name}.part-*.npy"))
         if parts:
-            save_atomically(cache_path / f"{name}.npy", np.logical_or.reduce(
-                [np.load(cache_path / f"{name}.npy"), *map(np.load, parts)]))
+            save_atomically(
+                cache_path / f"{name}.npy",
+                np.logical_or.reduce([np.load(cache_path / f"{name}.npy"), *map(np.load, parts)]),
+            )
             for part in parts:
                 part.unlink()
 
@@ -1006,8 +1151,10 @@ def load_or_precompute(args, jobs, accelerator, encode_dtype):
     that share a cache folder (other machines on a shared disk, other jobs) take turns instead of encoding twice;
     inside it only the machine's own processes synchronise, so machines never wait for each other under it.
     """
-    full_jobs = [(pairs, *precompute_cache_path(args, pairs, encode_dtype),
-                  latents_read(len(pairs), args, epochs)) for pairs, epochs in jobs]
+    full_jobs = [
+        (pairs, *precompute_cache_path(args, pairs, encode_dtype), latents_read(len(pairs), args, epochs))
+        for pairs, epochs in jobs
+    ]
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     machine = None
     if accelerator.num_processes > 1:  # a process group of this machine's processes (every process takes part)
@@ -1030,8 +1177,10 @@ def load_or_precompute(args, jobs, accelerator, encode_dtype):
                 fold_parts(cache_path)
                 undecodable = np.load(cache_path / "undecodable.npy")
                 if undecodable.any():
-                    logger.warning(f"Cache {cache_path.name}: skipping {int(undecodable.sum())} of {len(undecodable)} "
-                                   "pairs with an undecodable image.")
+                    logger.warning(
+                        f"Cache {cache_path.name}: skipping {int(undecodable.sum())} of {len(undecodable)} "
+                        "pairs with an undecodable image."
+                    )
     finally:
         if lock.is_locked:
             lock.release()
@@ -1061,9 +1210,10 @@ class CachedPreferencePairs(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         if self._arrays is None:
-            self._arrays = {name: np.load(self.cache_path / f"{name}.npy", mmap_mode="r")
-                            for name in ("pair_latents", "caption_index", "prompt_embeds", "pooled_prompt_embeds",
-                                         "time_ids")}
+            self._arrays = {
+                name: np.load(self.cache_path / f"{name}.npy", mmap_mode="r")
+                for name in ("pair_latents", "caption_index", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
+            }
         index, orientation, drop_caption = key
         if not self.encoded[index, orientation]:  # never read the zeros of a latent that was not encoded
             raise RuntimeError(f"pair {index} orientation {orientation} is not in the cache {self.cache_path}")
@@ -1124,8 +1274,12 @@ def planned_epochs(args, n_pairs, num_processes):
 
 def load_unet(args, dtype=None):
     return UNet2DConditionModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant,
-        cache_dir=args.cache_dir, torch_dtype=dtype,
+        args.pretrained_model_name_or_path,
+        subfolder="unet",
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+        torch_dtype=dtype,
     )
 
 
@@ -1135,8 +1289,11 @@ def build_unets(args, device, weight_dtype):
     if args.train_mode == "lora":
         unet = load_unet(args, weight_dtype).to(device)
         unet.requires_grad_(False)  # freeze the base before adding the adapter: only LoRA weights train
-        unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGET_MODULES))
+        unet.add_adapter(
+            LoraConfig(
+                r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES
+            )
+        )
         cast_training_params(unet, dtype=torch.float32)  # trainable weights stay fp32 under mixed precision
     else:
         unet = load_unet(args).to(device).requires_grad_(True)
@@ -1239,8 +1396,10 @@ def unet_conditioning(batch, device, stacked=True):
         time_ids = torch.cat([time_ids[:, 0], time_ids[:, 1]])
     else:
         time_ids = time_ids[:, 0]
-    return {"encoder_hidden_states": prompt_embeds,
-            "added_cond_kwargs": {"text_embeds": pooled_prompt_embeds, "time_ids": time_ids}}
+    return {
+        "encoder_hidden_states": prompt_embeds,
+        "added_cond_kwargs": {"text_embeds": pooled_prompt_embeds, "time_ids": time_ids},
+    }
 
 
 def sample_timesteps(n, noise_scheduler, args, generator, device):
@@ -1328,8 +1487,11 @@ def evaluate_held_out(accelerator, unet, reference, pairs, noise_scheduler, args
         with reference_model(model, reference) as ref:
             reference_errors = held_out_errors(ref, pairs, indices, noise_scheduler, args, batch_size)
     # every process gets every pair's errors (a few floats per pair), in rank order
-    rows = [row for rank_rows in gather_object([torch.cat([model_errors, reference_errors]).T.tolist()])
-            for row in rank_rows]
+    rows = [
+        row
+        for rank_rows in gather_object([torch.cat([model_errors, reference_errors]).T.tolist()])
+        for row in rank_rows
+    ]
     model_err_w, model_err_l, ref_err_w, ref_err_l = torch.tensor(rows).reshape(-1, 4).T
     loss, metrics = dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type)
     inside = implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo)
@@ -1348,7 +1510,9 @@ def lora_layers(unet):
 
 def save_lora(unet, directory):
     StableDiffusionXLPipeline.save_lora_weights(
-        directory, unet_lora_layers=lora_layers(unet), weight_name=LORA_WEIGHT_NAME,
+        directory,
+        unet_lora_layers=lora_layers(unet),
+        weight_name=LORA_WEIGHT_NAME,
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
     )
 
@@ -1359,8 +1523,9 @@ def load_lora_into(unet, directory):
     try:
         result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state_dict), adapter_name="default")
     except RuntimeError as error:  # shapes differ: another --rank or another model
-        raise InputError(f"checkpoint {directory} does not match this model's LoRA layers "
-                         f"({str(error).splitlines()[-1].strip()})") from None
+        raise InputError(
+            f"checkpoint {directory} does not match this model's LoRA layers ({str(error).splitlines()[-1].strip()})"
+        ) from None
     if getattr(result, "unexpected_keys", None):
         raise InputError(f"checkpoint {directory} does not match this model's LoRA layers")
 
@@ -1422,20 +1587,31 @@ def run_validation(args, accelerator, unet, reference, weight_dtype, global_step
     """Renders --validation_prompts with fixed seeds, logs them and saves a PNG grid under output_dir/validation."""
     trained = accelerator.unwrap_model(unet)
     pipeline = StableDiffusionXLPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=trained, vae=load_vae(args, vae_dtype(args, weight_dtype)),
-        revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, torch_dtype=weight_dtype,
+        args.pretrained_model_name_or_path,
+        unet=trained,
+        vae=load_vae(args, vae_dtype(args, weight_dtype)),
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+        torch_dtype=weight_dtype,
     ).to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
 
-    def render():
+    def render(pipeline):
         images = []
         for number, prompt in enumerate(args.validation_prompts):
             generator = torch.Generator(accelerator.device).manual_seed(args.seed + number)
             with accelerator.autocast():
-                images.append(pipeline(prompt, num_inference_steps=args.num_validation_inference_steps,
-                                       guidance_scale=0.0 if args.is_turbo else args.validation_guidance_scale,
-                                       generator=generator,
-                                       height=args.resolution, width=args.resolution).images[0])
+                images.append(
+                    pipeline(
+                        prompt,
+                        num_inference_steps=args.num_validation_inference_steps,
+                        guidance_scale=0.0 if args.is_turbo else args.validation_guidance_scale,
+                        generator=generator,
+                        height=args.resolution,
+                        width=args.resolution,
+                    ).images[0]
+                )
         return images
 
     out_dir = Path(args.output_dir, "validation")
@@ -1444,23 +1620,26 @@ def run_validation(args, accelerator, unet, reference, weight_dtype, global_step
     if not reference_grid.exists() and not args.sft:  # the untuned model, same seeds, once, for comparison
         if reference is None:
             with lora_disabled(trained):
-                reference_images = render()
+                reference_images = render(pipeline)
         else:
             pipeline.unet = reference
-            reference_images = render()
+            reference_images = render(pipeline)
             pipeline.unet = trained
         make_image_grid(reference_images, rows=1, cols=len(reference_images)).save(reference_grid)
-    images = render()
+    images = render(pipeline)
     make_image_grid(images, rows=1, cols=len(images)).save(out_dir / f"step-{global_step:06d}.png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), global_step,
-                                      dataformats="NHWC")
+            tracker.writer.add_images(
+                "validation", np.stack([np.asarray(im) for im in images]), global_step, dataformats="NHWC"
+            )
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, args.validation_prompts)]},
-                        step=global_step)
+            tracker.log(
+                {"validation": [wandb.Image(im, caption=p) for im, p in zip(images, args.validation_prompts)]},
+                step=global_step,
+            )
     del pipeline
     free_memory()
     return images
@@ -1469,20 +1648,26 @@ def run_validation(args, accelerator, unet, reference, weight_dtype, global_step
 def save_model_card(args, location, global_step):
     """Writes README.md (metadata + how to load) into output_dir; `location` is the Hub repo or the local folder."""
     lora = args.train_mode == "lora"
-    objective = "SFT on preferred images" if args.sft else f"Diffusion-DPO ({args.loss_type} loss, β = {args.beta_dpo:g})"
+    objective = (
+        "SFT on preferred images" if args.sft else f"Diffusion-DPO ({args.loss_type} loss, β = {args.beta_dpo:g})"
+    )
     if lora:
-        load = (f'pipeline = StableDiffusionXLPipeline.from_pretrained("{args.pretrained_model_name_or_path}", '
-                f'torch_dtype=torch.float16).to("cuda")\npipeline.load_lora_weights("{location}")')
+        load = (
+            f'pipeline = StableDiffusionXLPipeline.from_pretrained("{args.pretrained_model_name_or_path}", '
+            f'torch_dtype=torch.float16).to("cuda")\npipeline.load_lora_weights("{location}")'
+        )
     else:
-        load = (f'pipeline = StableDiffusionXLPipeline.from_pretrained("{location}", '
-                'torch_dtype=torch.float16).to("cuda")')
+        load = (
+            f'pipeline = StableDiffusionXLPipeline.from_pretrained("{location}", torch_dtype=torch.float16).to("cuda")'
+        )
+    turbo_options = ", num_inference_steps=4, guidance_scale=0.0" if args.is_turbo else ""
     description = f"""
-# {'LoRA' if lora else 'Full'} {objective} fine-tune of {args.pretrained_model_name_or_path}
+# {"LoRA" if lora else "Full"} {objective} fine-tune of {args.pretrained_model_name_or_path}
 
 Trained with [Diffusion-DPO](https://arxiv.org/abs/2311.12908) (Wallace et al.) on `{args.dataset_name}` (split
 `{args.dataset_split_name}`) for {global_step} steps at {args.resolution}px:
 {args.train_batch_size} pairs per device x {args.gradient_accumulation_steps} accumulation steps,
-learning rate {args.learning_rate:g} ({args.lr_scheduler}){f', LoRA rank {args.rank}' if lora else ''}.
+learning rate {args.learning_rate:g} ({args.lr_scheduler}){f", LoRA rank {args.rank}" if lora else ""}.
 
 ## How to use
 
@@ -1491,22 +1676,34 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 {load}
-image = pipeline("a cozy cabin in a snowy forest at dusk"{', num_inference_steps=4, guidance_scale=0.0' if args.is_turbo else ''}).images[0]
+image = pipeline("a cozy cabin in a snowy forest at dusk"{turbo_options}).images[0]
 ```
 """
-    data = ModelCardData(license="openrail++", library_name="diffusers",
-                         base_model=args.pretrained_model_name_or_path, inference=True,
-                         datasets=None if os.path.exists(args.dataset_name) else [args.dataset_name])
+    data = ModelCardData(
+        license="openrail++",
+        library_name="diffusers",
+        base_model=args.pretrained_model_name_or_path,
+        inference=True,
+        datasets=None if os.path.exists(args.dataset_name) else [args.dataset_name],
+    )
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{description}")
-    tags = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image", "diffusers",
-            "diffusers-training", "diffusion-dpo"] + (["lora"] if lora else [])
+    tags = [
+        "stable-diffusion-xl",
+        "stable-diffusion-xl-diffusers",
+        "text-to-image",
+        "diffusers",
+        "diffusers-training",
+        "diffusion-dpo",
+    ] + (["lora"] if lora else [])
     populate_model_card(card, tags=tags).save(os.path.join(args.output_dir, "README.md"))
 
 
 def push_to_hub(args, repo_id):
     """Uploads the result; checkpoints and partial writes stay local."""
     return upload_folder(
-        repo_id=repo_id, folder_path=args.output_dir, commit_message="End of Diffusion-DPO training",
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="End of Diffusion-DPO training",
         ignore_patterns=["checkpoint-*", ".checkpoint-*", "checkpoint-*/**", ".checkpoint-*/**"],
         token=args.hub_token,
     )
@@ -1523,19 +1720,22 @@ def main(args):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:  # each process would train alone and overwrite the others' output
-        raise InputError(f"launched as {launched} processes, but each runs alone: on a machine without GPUs launch with "
-                         "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...` (gloo), otherwise check that every "
-                         "process sees a GPU")
+        raise InputError(
+            f"launched as {launched} processes, but each runs alone: on a machine without GPUs launch with "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...` (gloo), otherwise check that every "
+            "process sees a GPU"
+        )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     for library in (datasets, transformers, diffusers):
-        library.utils.logging.set_verbosity_warning() if accelerator.is_local_main_process \
-            else library.utils.logging.set_verbosity_error()
+        verbosity = "warning" if accelerator.is_local_main_process else "error"
+        getattr(library.utils.logging, f"set_verbosity_{verbosity}")()
     set_seed(args.seed)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -1546,8 +1746,9 @@ def main(args):
         os.makedirs(args.output_dir, exist_ok=True)
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:  # fail on a bad token before hours of training
-        repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
-                              token=args.hub_token).repo_id
+        repo_id = create_repo(
+            repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
+        ).repo_id
 
     # Data: pairs, then latents and text embeddings from the cache (encoded once, and only what this run reads).
     with accelerator.local_main_process_first():  # labels and captions are read once per machine, then cached
@@ -1556,30 +1757,40 @@ def main(args):
     def cached_pairs(n_train_pairs):
         jobs = [(train_source, planned_epochs(args, n_train_pairs, accelerator.num_processes))]
         jobs += [(held_out_source, None)] if held_out_source is not None else []
-        return [CachedPreferencePairs(path, needed)
-                for path, needed in load_or_precompute(args, jobs, accelerator, weight_dtype)]
+        return [
+            CachedPreferencePairs(path, needed)
+            for path, needed in load_or_precompute(args, jobs, accelerator, weight_dtype)
+        ]
 
     pairs, *held_out = cached_pairs(len(train_source))
     if planned_epochs(args, len(pairs), accelerator.num_processes) > planned_epochs(
-            args, len(train_source), accelerator.num_processes):
+        args, len(train_source), accelerator.num_processes
+    ):
         pairs, *held_out = cached_pairs(len(pairs))  # skipped pairs shorten the epochs: more of them are needed
     validation_pairs = held_out[0] if held_out else None
     if len(pairs) == 0:
         raise InputError(f"no pair of dataset '{args.dataset_name}' has two decodable images")
     if len(pairs) < args.train_batch_size * accelerator.num_processes:
-        raise InputError(f"--train_batch_size {args.train_batch_size} needs at least "
-                         f"{args.train_batch_size * accelerator.num_processes} usable pairs"
-                         f"{f' on {accelerator.num_processes} processes' if accelerator.num_processes > 1 else ''}; "
-                         f"the data has {len(pairs)}")
+        raise InputError(
+            f"--train_batch_size {args.train_batch_size} needs at least "
+            f"{args.train_batch_size * accelerator.num_processes} usable pairs"
+            f"{f' on {accelerator.num_processes} processes' if accelerator.num_processes > 1 else ''}; "
+            f"the data has {len(pairs)}"
+        )
     sampler = PairSampler(pairs, args.seed, args.proportion_empty_prompts)
     train_dataloader = torch.utils.data.DataLoader(
-        pairs, batch_size=args.train_batch_size, sampler=sampler, num_workers=args.dataloader_num_workers,
-        pin_memory=torch.cuda.is_available(), persistent_workers=args.dataloader_num_workers > 0,
+        pairs,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=args.dataloader_num_workers > 0,
     )
 
     # Models: the trained UNet and its reference.
-    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
-                                                    revision=args.revision, cache_dir=args.cache_dir)
+    noise_scheduler = DDPMScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
+    )
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     set_seed(args.seed)  # precomputing draws random numbers: re-seed so LoRA init does not depend on a cache hit
@@ -1594,8 +1805,14 @@ def main(args):
         args.learning_rate *= pairs_per_step
     params = [p for p in unet.parameters() if p.requires_grad]
     if args.use_adafactor:
-        optimizer = transformers.Adafactor(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay,
-                                           scale_parameter=False, relative_step=False, warmup_init=False)
+        optimizer = transformers.Adafactor(
+            params,
+            lr=args.learning_rate,
+            weight_decay=args.adam_weight_decay,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        )
     else:
         optimizer_class, optimizer_options = torch.optim.AdamW, {}
         if args.use_8bit_adam:
@@ -1604,26 +1821,39 @@ def main(args):
             optimizer_class = bitsandbytes.optim.AdamW8bit
         else:  # one fused kernel for the whole update instead of a few per parameter tensor
             optimizer_options["fused"] = accelerator.device.type in ("cuda", "cpu")
-        optimizer = optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                    weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **optimizer_options)
+        optimizer = optimizer_class(
+            params,
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+            **optimizer_options,
+        )
 
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch(args, len(pairs), accelerator.num_processes)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
-                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
-                                                                         lr_scheduler)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, train_dataloader, lr_scheduler
+    )
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
 
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in vars(args).items() if not isinstance(v, list) and k != "hub_token"}
         accelerator.init_trackers(args.tracker_name, config=tracker_config)
-    logger.info(f"***** Diffusion-DPO ({args.train_mode}{', SFT' if args.sft else ''}) *****\n"
-                f"  pairs = {len(pairs)}, pairs per optimizer step = {pairs_per_step}, steps = {args.max_train_steps}, "
-                f"epochs = {num_epochs}, learning rate = {args.learning_rate:g}, beta = {args.beta_dpo:g}")
+    logger.info(
+        f"***** Diffusion-DPO ({args.train_mode}{', SFT' if args.sft else ''}) *****\n"
+        f"  pairs = {len(pairs)}, pairs per optimizer step = {pairs_per_step}, steps = {args.max_train_steps}, "
+        f"epochs = {num_epochs}, learning rate = {args.learning_rate:g}, beta = {args.beta_dpo:g}"
+    )
 
     # Resume: weights, optimizer and schedule from the checkpoint; data position from the step count.
     global_step = 0
@@ -1637,8 +1867,9 @@ def main(args):
     first_epoch = global_step // updates_per_epoch
     batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
 
-    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
-                        disable=not accelerator.is_local_main_process)
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
     history, evaluations = [], []
     skipped_steps = consecutive_skips = 0  # optimizer steps skipped for a non-finite loss or gradient
     reference_errors = None
@@ -1647,8 +1878,9 @@ def main(args):
         nonlocal reference_errors
         if validation_pairs is None:
             return
-        metrics, reference_errors = evaluate_held_out(accelerator, unet, reference, validation_pairs, noise_scheduler,
-                                                      args, reference_errors)
+        metrics, reference_errors = evaluate_held_out(
+            accelerator, unet, reference, validation_pairs, noise_scheduler, args, reference_errors
+        )
         evaluations.append({"step": global_step, **metrics})
         accelerator.log(metrics, step=global_step)
         logger.info(f"Held-out pairs at step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
@@ -1668,7 +1900,8 @@ def main(args):
         sums = {}
         for batch_index, batch in enumerate(epoch_batches, start=skip):
             generator = torch.Generator(accelerator.device).manual_seed(
-                step_seed(args.seed, accelerator.process_index, epoch, batch_index))
+                step_seed(args.seed, accelerator.process_index, epoch, batch_index)
+            )
             with accelerator.accumulate(unet):
                 loss, metrics = compute_loss(batch, unet, reference, noise_scheduler, args, generator)
                 accelerator.backward(loss)
@@ -1692,18 +1925,24 @@ def main(args):
                 consecutive_skips = 0
             else:  # the weights keep their last finite values; the step still consumed its data
                 skipped_steps, consecutive_skips = skipped_steps + 1, consecutive_skips + 1
-                logger.warning(f"Step {global_step}: non-finite loss or gradient, optimizer step skipped "
-                               f"({skipped_steps} so far, {consecutive_skips} in a row).")
+                logger.warning(
+                    f"Step {global_step}: non-finite loss or gradient, optimizer step skipped "
+                    f"({skipped_steps} so far, {consecutive_skips} in a row)."
+                )
                 if consecutive_skips >= args.max_consecutive_skipped_steps:
                     raise TrainingStopped(
                         f"stopped at step {global_step}: {consecutive_skips} steps in a row had a non-finite loss or "
                         f"gradient (the weights are those of step {global_step - consecutive_skips}; checkpoints are "
-                        "intact); lower --learning_rate, prefer bf16 to fp16, or check the data")
+                        "intact); lower --learning_rate, prefer bf16 to fp16, or check the data"
+                    )
             micro_batches = (batch_index % args.gradient_accumulation_steps) + 1
             names = list(sums)
             means = accelerator.reduce(torch.stack([sums[n] for n in names]) / micro_batches, reduction="mean")
-            logs = {**dict(zip(names, means.tolist())), "lr": lr_scheduler.get_last_lr()[0],
-                    "skipped_steps": skipped_steps}
+            logs = {
+                **dict(zip(names, means.tolist())),
+                "lr": lr_scheduler.get_last_lr()[0],
+                "skipped_steps": skipped_steps,
+            }
             sums = {}
             history.append({"step": global_step, **logs})
             accelerator.log(logs, step=global_step)
@@ -1726,8 +1965,10 @@ def main(args):
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:  # only the main process saves: make sure it holds what every process trained
         with torch.no_grad():
-            checksum = [sum(p.double().sum().item() for p in params),
-                        sum(p.double().square().sum().item() for p in params)]
+            checksum = [
+                sum(p.double().sum().item() for p in params),
+                sum(p.double().square().sum().item() for p in params),
+            ]
         checksums = gather_object([checksum])
         if all(c == checksums[0] for c in checksums):
             logger.info(f"Trained weights identical on all {accelerator.num_processes} processes.")
@@ -1741,7 +1982,10 @@ def main(args):
             save_lora(trained, args.output_dir)
         else:
             StableDiffusionXLPipeline.from_pretrained(  # the base pipeline's own VAE, with the trained UNet
-                args.pretrained_model_name_or_path, unet=trained, revision=args.revision, variant=args.variant,
+                args.pretrained_model_name_or_path,
+                unet=trained,
+                revision=args.revision,
+                variant=args.variant,
                 cache_dir=args.cache_dir,
             ).save_pretrained(args.output_dir)
         save_model_card(args, repo_id or os.path.abspath(args.output_dir), global_step)

@@ -44,10 +44,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
 import tiny_assets  # noqa: E402
+
 import train_diffusion_dpo  # noqa: E402
 import train_diffusion_dpo_sdxl  # noqa: E402
 
@@ -141,8 +143,8 @@ def steady_step_seconds(compute_loss_calls, warmup):
 
 def precompute_figures(timers, cache_root):
     """(images/s, captions/s, images, captions) of a cold-cache precompute, from the timed calls and the cache."""
-    (text_start, text_end), = timers.calls["create_missing_caches"]  # text encoder load + every unique caption
-    (start, end), = timers.calls["encode_latents"]  # VAE load + streaming, decoding and encoding the images
+    ((text_start, text_end),) = timers.calls["create_missing_caches"]  # text encoder load + every unique caption
+    ((start, end),) = timers.calls["encode_latents"]  # VAE load + streaming, decoding and encoding the images
     caches = [p.parent for p in Path(cache_root).glob("*/cache_info.json")]
     n_images = sum(2 * int(np.load(c / "encoded.npy").sum()) for c in caches)  # winner and loser of each latent
     n_captions = sum(json.loads((c / "cache_info.json").read_text())["unique_captions"] + 1 for c in caches)
@@ -162,8 +164,11 @@ def model_gflops(model_dir, resolution, sdxl):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir, subfolder="unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model_dir, subfolder="vae"))
         size = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-        inputs = dict(sample=torch.randn(1, 4, size, size), timestep=torch.tensor([500]),
-                      encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim))
+        inputs = dict(
+            sample=torch.randn(1, 4, size, size),
+            timestep=torch.tensor([500]),
+            encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim),
+        )
         if sdxl:
             pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
             inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)}
@@ -183,47 +188,88 @@ def step_tflops(unet_gflops, mode, kind, batch):
 
 
 def ratio_table(args, dpo, model_dir, data_dir, run_dir, trainer_flags):
-    common = ["--pretrained_model_name_or_path", model_dir, "--dataset_name", data_dir,
-              "--resolution", str(args.resolution), "--precompute_cache_dir", str(run_dir / "cache"),
-              "--max_train_steps", str(args.steps), "--report_to", "none", "--checkpointing_steps", "1000000",
-              "--seed", "0", *trainer_flags]
+    common = [
+        "--pretrained_model_name_or_path",
+        model_dir,
+        "--dataset_name",
+        data_dir,
+        "--resolution",
+        str(args.resolution),
+        "--precompute_cache_dir",
+        str(run_dir / "cache"),
+        "--max_train_steps",
+        str(args.steps),
+        "--report_to",
+        "none",
+        "--checkpointing_steps",
+        "1000000",
+        "--seed",
+        "0",
+        *trainer_flags,
+    ]
     best, precompute = {}, None
     for repeat in range(args.repeats):  # interleaved repeats, fastest kept: this machine's timing noise is a few %
         for mode in args.modes:
             for kind, batch in (("DPO", args.train_batch_size), ("SFT", 2 * args.train_batch_size)):
-                argv = [*common, "--train_mode", mode, "--train_batch_size", str(batch),
-                        "--output_dir", str(run_dir / f"{mode}-{kind}-{repeat}")] + (["--sft"] if kind == "SFT" else [])
+                argv = [
+                    *common,
+                    "--train_mode",
+                    mode,
+                    "--train_batch_size",
+                    str(batch),
+                    "--output_dir",
+                    str(run_dir / f"{mode}-{kind}-{repeat}"),
+                ] + (["--sft"] if kind == "SFT" else [])
                 result, timers, memory, wall = run_trainer(dpo, argv)
                 step = steady_step_seconds(timers.calls["compute_loss"], args.warmup)
                 if precompute is None:  # the first run found the cache empty
                     precompute = precompute_figures(timers, run_dir / "cache")
-                row = {"mode": mode, "kind": kind, "batch": batch, "step_s": step, "pairs_per_s": batch / step,
-                       "peak_gib": memory.gib, "first_loss": result["history"][0]["loss"], "wall_s": wall}
+                row = {
+                    "mode": mode,
+                    "kind": kind,
+                    "batch": batch,
+                    "step_s": step,
+                    "pairs_per_s": batch / step,
+                    "peak_gib": memory.gib,
+                    "first_loss": result["history"][0]["loss"],
+                    "wall_s": wall,
+                }
                 kept = best.setdefault((mode, kind), row)
                 if step < kept["step_s"]:
                     best[(mode, kind)] = {**row, "peak_gib": max(row["peak_gib"], kept["peak_gib"])}
-                print(f"  {mode} {kind} run {repeat + 1}: {step:.4f} s/step, first loss {row['first_loss']:.4f}",
-                      flush=True)
+                print(
+                    f"  {mode} {kind} run {repeat + 1}: {step:.4f} s/step, first loss {row['first_loss']:.4f}",
+                    flush=True,
+                )
     rows = [best[(mode, kind)] for mode in args.modes for kind in ("DPO", "SFT")]
     rows[0]["precompute"] = precompute
 
     unet_gflops, vae_gflops = model_gflops(model_dir, args.resolution, args.sdxl)
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device_name()), None)
-    print(f"\nUNet forward {unet_gflops:.1f} GFLOP per latent, VAE encoder {vae_gflops:.1f} GFLOP per image "
-          f"(VAE/UNet {vae_gflops / unet_gflops:.2f}; {'SDXL at 1024 px: 0.72' if args.sdxl else 'SD 1.5 at 512 px: 1.39'})")
-    print(f"| mode | DPO s/step (B={args.train_batch_size}) | SFT s/step (2B images) | DPO/SFT | DPO pairs/s | "
-          f"DPO TFLOP/s{' (MFU)' if peak else ''} | peak memory DPO | SFT |")
+    real_ratio = "SDXL at 1024 px: 0.72" if args.sdxl else "SD 1.5 at 512 px: 1.39"
+    print(
+        f"\nUNet forward {unet_gflops:.1f} GFLOP per latent, VAE encoder {vae_gflops:.1f} GFLOP per image "
+        f"(VAE/UNet {vae_gflops / unet_gflops:.2f}; {real_ratio})"
+    )
+    print(
+        f"| mode | DPO s/step (B={args.train_batch_size}) | SFT s/step (2B images) | DPO/SFT | DPO pairs/s | "
+        f"DPO TFLOP/s{' (MFU)' if peak else ''} | peak memory DPO | SFT |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for dpo_row, sft_row in zip(rows[::2], rows[1::2]):
         achieved = step_tflops(unet_gflops, dpo_row["mode"], "DPO", args.train_batch_size) / dpo_row["step_s"]
         utilisation = f" ({achieved / peak:.1%})" if peak else ""
-        print(f"| {dpo_row['mode']} | {dpo_row['step_s']:.4f} | {sft_row['step_s']:.4f} | "
-              f"{dpo_row['step_s'] / sft_row['step_s']:.3f} | {dpo_row['pairs_per_s']:.2f} | "
-              f"{achieved:.3g}{utilisation} | {dpo_row['peak_gib']:.2f} GiB | {sft_row['peak_gib']:.2f} GiB |")
+        print(
+            f"| {dpo_row['mode']} | {dpo_row['step_s']:.4f} | {sft_row['step_s']:.4f} | "
+            f"{dpo_row['step_s'] / sft_row['step_s']:.3f} | {dpo_row['pairs_per_s']:.2f} | "
+            f"{achieved:.3g}{utilisation} | {dpo_row['peak_gib']:.2f} GiB | {sft_row['peak_gib']:.2f} GiB |"
+        )
     images_per_s, captions_per_s, n_images, n_captions = rows[0]["precompute"]
-    print(f"\nprecompute (cold cache): {images_per_s:.1f} images/s ({n_images} images), "
-          f"{captions_per_s:.1f} captions/s ({n_captions} unique captions); "
-          f"DPO first-step loss {rows[0]['first_loss']:.4f} (ln 2 = 0.6931)")
+    print(
+        f"\nprecompute (cold cache): {images_per_s:.1f} images/s ({n_images} images), "
+        f"{captions_per_s:.1f} captions/s ({n_captions} unique captions); "
+        f"DPO first-step loss {rows[0]['first_loss']:.4f} (ln 2 = 0.6931)"
+    )
 
 
 def run_process(command, log_path, env):
@@ -251,10 +297,14 @@ def _sample_gpu_memory(process, peak):
     while process.poll() is None:
         children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
         pids = {str(process.pid), *children}
-        query = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                               capture_output=True, text=True).stdout
-        used = [int(mib) for pid, mib in (line.split(", ") for line in query.splitlines() if ", " in line)
-                if pid in pids]
+        query = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        used = [
+            int(mib) for pid, mib in (line.split(", ") for line in query.splitlines() if ", " in line) if pid in pids
+        ]
         peak[0] = max(peak[0], sum(used) / 1024)
         time.sleep(0.2)
 
@@ -269,14 +319,34 @@ def comparison(args, model_dir, data_dir, run_dir, trainer_flags):
     """
     epoch_steps = -(-args.n_pairs // args.train_batch_size)
     half_steps = epoch_steps // 2
-    common = ["--pretrained_model_name_or_path", model_dir, "--dataset_name", data_dir,
-              "--resolution", str(args.resolution), "--train_batch_size", str(args.train_batch_size),
-              "--rank", str(args.rank), "--learning_rate", "1e-5", "--seed", "0", "--report_to", "tensorboard",
-              "--checkpointing_steps", "1000000", "--dataloader_num_workers", str(args.dataloader_num_workers),
-              *trainer_flags]
+    common = [
+        "--pretrained_model_name_or_path",
+        model_dir,
+        "--dataset_name",
+        data_dir,
+        "--resolution",
+        str(args.resolution),
+        "--train_batch_size",
+        str(args.train_batch_size),
+        "--rank",
+        str(args.rank),
+        "--learning_rate",
+        "1e-5",
+        "--seed",
+        "0",
+        "--report_to",
+        "tensorboard",
+        "--checkpointing_steps",
+        "1000000",
+        "--dataloader_num_workers",
+        str(args.dataloader_num_workers),
+        *trainer_flags,
+    ]
     ours = ROOT / ("train_diffusion_dpo_sdxl.py" if args.sdxl else "train_diffusion_dpo.py")
-    scripts = {"ours": [str(ours), "--precompute_cache_dir", str(run_dir / "latent-cache")],
-               "diffusers": [args.compare_with, *args.baseline_flags]}
+    scripts = {
+        "ours": [str(ours), "--precompute_cache_dir", str(run_dir / "latent-cache")],
+        "diffusers": [args.compare_with, *args.baseline_flags],
+    }
     run_dir.mkdir(parents=True)
     figures = {}
     for name, script in scripts.items():
@@ -285,32 +355,56 @@ def comparison(args, model_dir, data_dir, run_dir, trainer_flags):
         plan = [("cold epoch", epoch_steps)] + [("epoch", epoch_steps), ("half epoch", half_steps)] * args.repeats
         for number, (run, steps) in enumerate(plan):
             tag = f"{name}-{number}-{run.replace(' ', '-')}"
-            command = [sys.executable, script[0], *script[1:], *common, "--max_train_steps", str(steps),
-                       "--output_dir", str(run_dir / tag)]
+            command = [
+                sys.executable,
+                script[0],
+                *script[1:],
+                *common,
+                "--max_train_steps",
+                str(steps),
+                "--output_dir",
+                str(run_dir / tag),
+            ]
             runs[run].append(run_process(command, run_dir / f"{tag}.log", env))
             wall, rss, _ = runs[run][-1]
             print(f"  {name} {run} ({steps} steps): {wall:.1f} s, peak RSS {rss:.2f} GiB", flush=True)
         epoch, half = min(r[0] for r in runs["epoch"]), min(r[0] for r in runs["half epoch"])
         every_run = [r for rs in runs.values() for r in rs]
-        figures[name] = {"cold_s": runs["cold epoch"][0][0], "epoch_s": epoch,
-                         "step_s": (epoch - half) / (epoch_steps - half_steps),
-                         "rss_gib": max(r[1] for r in every_run), "gpu_gib": max(r[2] for r in every_run)}
+        figures[name] = {
+            "cold_s": runs["cold epoch"][0][0],
+            "epoch_s": epoch,
+            "step_s": (epoch - half) / (epoch_steps - half_steps),
+            "rss_gib": max(r[1] for r in every_run),
+            "gpu_gib": max(r[2] for r in every_run),
+        }
     ours_f, theirs = figures["ours"], figures["diffusers"]
-    print(f"\n{args.n_pairs} pairs, batch {args.train_batch_size}, LoRA rank {args.rank}, {args.resolution}px, "
-          f"one epoch = {epoch_steps} steps, flags {trainer_flags}")
+    print(
+        f"\n{args.n_pairs} pairs, batch {args.train_batch_size}, LoRA rank {args.rank}, {args.resolution}px, "
+        f"one epoch = {epoch_steps} steps, flags {trainer_flags}"
+    )
     print("| | ours | diffusers research script | ours / theirs |")
     print("|---|---|---|---|")
-    print(f"| steady-state steps/s | {1 / ours_f['step_s']:.3f} | {1 / theirs['step_s']:.3f} | "
-          f"{theirs['step_s'] / ours_f['step_s']:.2f}x the speed |")
-    print(f"| one epoch, all cold (ours precomputes) | {ours_f['cold_s']:.1f} s | {theirs['cold_s']:.1f} s | "
-          f"{ours_f['cold_s'] / theirs['cold_s']:.2f}x the time |")
-    print(f"| one epoch again (ours: cache reused) | {ours_f['epoch_s']:.1f} s | {theirs['epoch_s']:.1f} s | "
-          f"{ours_f['epoch_s'] / theirs['epoch_s']:.2f}x the time |")
-    print(f"| peak RSS, any run | {ours_f['rss_gib']:.2f} GiB | {theirs['rss_gib']:.2f} GiB | "
-          f"{ours_f['rss_gib'] / theirs['rss_gib']:.2f}x |")
+    print(
+        f"| steady-state steps/s | {1 / ours_f['step_s']:.3f} | {1 / theirs['step_s']:.3f} | "
+        f"{theirs['step_s'] / ours_f['step_s']:.2f}x the speed |"
+    )
+    print(
+        f"| one epoch, all cold (ours precomputes) | {ours_f['cold_s']:.1f} s | {theirs['cold_s']:.1f} s | "
+        f"{ours_f['cold_s'] / theirs['cold_s']:.2f}x the time |"
+    )
+    print(
+        f"| one epoch again (ours: cache reused) | {ours_f['epoch_s']:.1f} s | {theirs['epoch_s']:.1f} s | "
+        f"{ours_f['epoch_s'] / theirs['epoch_s']:.2f}x the time |"
+    )
+    print(
+        f"| peak RSS, any run | {ours_f['rss_gib']:.2f} GiB | {theirs['rss_gib']:.2f} GiB | "
+        f"{ours_f['rss_gib'] / theirs['rss_gib']:.2f}x |"
+    )
     if theirs["gpu_gib"]:
-        print(f"| peak GPU memory (nvidia-smi) | {ours_f['gpu_gib']:.2f} GiB | {theirs['gpu_gib']:.2f} GiB | "
-              f"{ours_f['gpu_gib'] / theirs['gpu_gib']:.2f}x |")
+        print(
+            f"| peak GPU memory (nvidia-smi) | {ours_f['gpu_gib']:.2f} GiB | {theirs['gpu_gib']:.2f} GiB | "
+            f"{ours_f['gpu_gib'] / theirs['gpu_gib']:.2f}x |"
+        )
 
 
 def device_name():
@@ -321,9 +415,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sdxl", action="store_true", help="benchmark train_diffusion_dpo_sdxl.py (SDXL presets)")
     parser.add_argument("--preset", default="mini", help="tiny, mini, sd15 (sdxl with --sdxl): tiny_assets presets")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="default: 32 for tiny; 384 for mini, where its VAE/UNet FLOP ratio (1.47) is near SD 1.5's "
-                             "at 512 px (1.39); 512 for sd15, 1024 for sdxl")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="default: 32 for tiny; 384 for mini, where its VAE/UNet FLOP ratio (1.47) is near SD 1.5's "
+        "at 512 px (1.39); 512 for sd15, 1024 for sdxl",
+    )
     parser.add_argument("--n_pairs", type=int, default=64)
     parser.add_argument("--train_batch_size", type=int, default=2, help="B: pairs per DPO step (SFT gets 2B)")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per ratio-table run")
@@ -331,12 +429,20 @@ def main():
     parser.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
     parser.add_argument("--compare_with", default=None, help="path of the diffusers research script to compare")
     parser.add_argument("--baseline_flags", nargs="*", default=[], help="extra flags for the compared script only")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="runs of each kind (ratio table) or warm runs of each length (comparison); fastest kept")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="runs of each kind (ratio table) or warm runs of each length (comparison); fastest kept",
+    )
     parser.add_argument("--rank", type=int, default=8, help="comparison: LoRA rank of both scripts")
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="comparison: for both scripts")
-    parser.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, for MFU (default: known "
-                        "GPUs' dense bf16 peak)")
+    parser.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="the device's peak, for MFU (default: known GPUs' dense bf16 peak)",
+    )
     parser.add_argument("--work_dir", default=None, help="builds models and data here once, reused later")
     args, trainer_flags = parser.parse_known_args()
     trainer_flags = [f for f in trainer_flags if f != "--"]
@@ -357,8 +463,11 @@ def main():
     run_dir = work / f"runs-{time.strftime('%Y%m%d-%H%M%S')}"
     device = device_name()
     threads = torch.get_num_threads()
-    print(f"{device}, torch {torch.__version__} ({threads} threads); {tag}; {args.resolution}px; {args.n_pairs} pairs; "
-          f"trainer flags {trainer_flags}", flush=True)
+    print(
+        f"{device}, torch {torch.__version__} ({threads} threads); {tag}; {args.resolution}px; {args.n_pairs} pairs; "
+        f"trainer flags {trainer_flags}",
+        flush=True,
+    )
     if args.compare_with:
         comparison(args, str(model_dir), str(data_dir), run_dir, trainer_flags)
     else:

@@ -24,13 +24,13 @@ import sys
 import time
 from pathlib import Path
 
+import tiny_assets
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import tiny_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_MODEL = ROOT / "examples" / "assets" / "tiny-shapes-sd"
@@ -58,14 +58,50 @@ def parse_args(input_args=None):
 def train(args, data_dir, run_dir, seed):
     """The real trainer through `accelerate launch`, with held-out pairs evaluated every 25 steps."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_diffusion_dpo.py"),
-        "--pretrained_model_name_or_path", args.base_model, "--dataset_name", str(data_dir), "--resolution", "32",
-        "--train_batch_size", "16", "--max_train_steps", str(args.max_train_steps), "--beta_dpo", str(args.beta_dpo),
-        "--learning_rate", str(args.learning_rate), "--lr_scheduler", "constant", "--rank", str(args.rank),
-        "--num_validation_pairs", str(args.n_heldout), "--validation_steps", "25", "--report_to", "tensorboard",
-        "--checkpointing_steps", "100000", "--seed", str(seed), "--output_dir", str(run_dir),
-        "--precompute_cache_dir", str(Path(args.work_dir) / "cache"),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "train_diffusion_dpo.py"),
+        "--pretrained_model_name_or_path",
+        args.base_model,
+        "--dataset_name",
+        str(data_dir),
+        "--resolution",
+        "32",
+        "--train_batch_size",
+        "16",
+        "--max_train_steps",
+        str(args.max_train_steps),
+        "--beta_dpo",
+        str(args.beta_dpo),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--lr_scheduler",
+        "constant",
+        "--rank",
+        str(args.rank),
+        "--num_validation_pairs",
+        str(args.n_heldout),
+        "--validation_steps",
+        "25",
+        "--report_to",
+        "tensorboard",
+        "--checkpointing_steps",
+        "100000",
+        "--seed",
+        str(seed),
+        "--output_dir",
+        str(run_dir),
+        "--precompute_cache_dir",
+        str(Path(args.work_dir) / "cache"),
     ]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     completed = subprocess.run(command, env=environment, capture_output=True, text=True)
@@ -88,14 +124,18 @@ def sample(pipeline, n_samples, seed):
 
 
 def sample_statistics(images):
-    return {"warm": sum(map(tiny_assets.classify_warm, images)) / len(images),
-            "plausible": sum(map(tiny_assets.is_plausible, images)) / len(images)}
+    return {
+        "warm": sum(map(tiny_assets.classify_warm, images)) / len(images),
+        "plausible": sum(map(tiny_assets.is_plausible, images)) / len(images),
+    }
 
 
 def plot_curves(scalars, path, size=(640, 300)):
     """Training loss and held-out implicit accuracy against steps, drawn with PIL (no plotting dependency)."""
-    panels = [("train loss", scalars["loss"], None), ("held-out implicit accuracy", scalars["eval/implicit_acc"],
-                                                       (0.0, 1.0))]
+    panels = [
+        ("train loss", scalars["loss"], None),
+        ("held-out implicit accuracy", scalars["eval/implicit_acc"], (0.0, 1.0)),
+    ]
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     width = size[0] // len(panels)
@@ -119,11 +159,14 @@ def run_seed(args, data_dir, seed):
     start = time.time()
     train(args, data_dir, run_dir, seed)
     scalars = logged_scalars(run_dir)
-    before, after = {t: v[0][1] for t, v in scalars.items() if t.startswith("eval/")}, \
-        {t: v[-1][1] for t, v in scalars.items() if t.startswith("eval/")}
+    before, after = (
+        {t: v[0][1] for t, v in scalars.items() if t.startswith("eval/")},
+        {t: v[-1][1] for t, v in scalars.items() if t.startswith("eval/")},
+    )
 
-    pipeline = StableDiffusionPipeline.from_pretrained(args.base_model, safety_checker=None,
-                                                       requires_safety_checker=False)
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.base_model, safety_checker=None, requires_safety_checker=False
+    )
     pipeline.set_progress_bar_config(disable=True)
     base_images = sample(pipeline, args.n_samples, seed)
     pipeline.load_lora_weights(str(run_dir))
@@ -131,11 +174,14 @@ def run_seed(args, data_dir, seed):
     base, dpo = sample_statistics(base_images), sample_statistics(dpo_images)
 
     shown = min(16, args.n_samples)
-    make_image_grid([im.resize((64, 64), Image.NEAREST) for im in base_images[:shown] + dpo_images[:shown]],
-                    rows=2, cols=shown).save(run_dir / "samples.png")  # top: base, bottom: DPO, same seeds
+    make_image_grid(
+        [im.resize((64, 64), Image.NEAREST) for im in base_images[:shown] + dpo_images[:shown]], rows=2, cols=shown
+    ).save(run_dir / "samples.png")  # top: base, bottom: DPO, same seeds
     plot_curves(scalars, run_dir / "curves.png")
     result = {
-        "seed": seed, "run_dir": str(run_dir), "seconds": round(time.time() - start, 1),
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "seconds": round(time.time() - start, 1),
         "heldout_acc": [before["eval/implicit_acc"], after["eval/implicit_acc"]],
         "heldout_loss": [before["eval/loss"], after["eval/loss"]],
         "warm_fraction": [base["warm"], dpo["warm"]],
@@ -152,19 +198,27 @@ def run_seed(args, data_dir, seed):
     return result
 
 
+def verdict(passed):
+    return "PASS" if all(passed.values()) else "FAIL: " + ", ".join(name for name, ok in passed.items() if not ok)
+
+
 def main(args):
     data_dir = Path(args.work_dir) / f"pairs-{args.n_pairs}"
     if not data_dir.exists():
         tiny_assets.build_pickapic_dataset(str(data_dir), n_pairs=args.n_pairs, n_ties=0, seed=1234)
     results = [run_seed(args, data_dir, seed) for seed in args.seeds]
-    print(f"\nDiffusion-DPO on {args.n_pairs - args.n_heldout} pairs (warm preferred), {args.max_train_steps} steps, "
-          f"beta {args.beta_dpo:g}, LoRA rank {args.rank}, lr {args.learning_rate:g}; before -> after:")
+    print(
+        f"\nDiffusion-DPO on {args.n_pairs - args.n_heldout} pairs (warm preferred), {args.max_train_steps} steps, "
+        f"beta {args.beta_dpo:g}, LoRA rank {args.rank}, lr {args.learning_rate:g}; before -> after:"
+    )
     for r in results:
-        print(f"seed {r['seed']} ({r['seconds']} s): held-out implicit accuracy {r['heldout_acc'][0]:.3f} -> "
-              f"{r['heldout_acc'][1]:.3f}, held-out DPO loss {r['heldout_loss'][0]:.4f} -> {r['heldout_loss'][1]:.4f}, "
-              f"warm samples {r['warm_fraction'][0]:.2f} -> {r['warm_fraction'][1]:.2f}, plausible samples "
-              f"{r['plausible_fraction'][0]:.2f} -> {r['plausible_fraction'][1]:.2f}, winner error vs reference "
-              f"x{r['winner_error_ratio']:.3f}  [{'PASS' if all(r['passed'].values()) else 'FAIL: ' + ', '.join(k for k, ok in r['passed'].items() if not ok)}]")
+        print(
+            f"seed {r['seed']} ({r['seconds']} s): held-out implicit accuracy {r['heldout_acc'][0]:.3f} -> "
+            f"{r['heldout_acc'][1]:.3f}, held-out DPO loss {r['heldout_loss'][0]:.4f} -> {r['heldout_loss'][1]:.4f}, "
+            f"warm samples {r['warm_fraction'][0]:.2f} -> {r['warm_fraction'][1]:.2f}, plausible samples "
+            f"{r['plausible_fraction'][0]:.2f} -> {r['plausible_fraction'][1]:.2f}, winner error vs reference "
+            f"x{r['winner_error_ratio']:.3f}  [{verdict(r['passed'])}]"
+        )
         print(f"  pictures: {r['run_dir']}/samples.png (top base, bottom DPO), {r['run_dir']}/curves.png")
     return results
 

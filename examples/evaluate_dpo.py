@@ -33,10 +33,12 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, CLIPImageProcessor, CLIPModel
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the trainers: their loaders and held-out evaluation
 import train_diffusion_dpo  # noqa: E402
 import train_diffusion_dpo_sdxl  # noqa: E402
 from train_diffusion_dpo import LORA_WEIGHT_NAME, InputError, OneLineErrorParser  # noqa: E402
+
 
 INPUT_ERRORS = (InputError, train_diffusion_dpo_sdxl.InputError)  # each trainer is self-contained: two classes
 # scorer name -> (module it needs, pip package); pickscore and clip need only transformers
@@ -90,35 +92,57 @@ def parse_args(input_args=None):
         "--guidance_scale", type=float, default=None, help="Default: the pipeline's own (7.5 for SD 1.5, 5 for SDXL)."
     )
     sampling.add_argument("--resolution", type=int, default=None, help="Square side in pixels (default: the model's).")
-    sampling.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
-                          help="Weights dtype of the pipeline and the scorers.")
+    sampling.add_argument(
+        "--mixed_precision",
+        default="no",
+        choices=["no", "fp16", "bf16"],
+        help="Weights dtype of the pipeline and the scorers.",
+    )
     sampling.add_argument("--batch_size", type=int, default=4, help="Prompts per pipeline call and per scorer call.")
 
     scoring = parser.add_argument_group("scoring")
-    scoring.add_argument("--scorers", default="pickscore",
-                         help=f"Comma-separated, from {', '.join(SCORERS)}. The first one picks the grids' prompts.")
+    scoring.add_argument(
+        "--scorers",
+        default="pickscore",
+        help=f"Comma-separated, from {', '.join(SCORERS)}. The first one picks the grids' prompts.",
+    )
     scoring.add_argument("--pickscore_model", default="yuvalkirstain/PickScore_v1")
     scoring.add_argument("--pickscore_processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
-    scoring.add_argument("--clip_model", default="openai/clip-vit-large-patch14",
-                         help="CLIP model (and its processor) for the clip scorer.")
+    scoring.add_argument(
+        "--clip_model",
+        default="openai/clip-vit-large-patch14",
+        help="CLIP model (and its processor) for the clip scorer.",
+    )
     scoring.add_argument("--hpsv2_version", default="v2.1", choices=["v2.0", "v2.1"])
-    scoring.add_argument("--aesthetic_model", default="shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE",
-                         help="LAION aesthetic predictor (simple-aesthetics-predictor format).")
+    scoring.add_argument(
+        "--aesthetic_model",
+        default="shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE",
+        help="LAION aesthetic predictor (simple-aesthetics-predictor format).",
+    )
 
     pairs = parser.add_argument_group("preference pairs (--mode implicit_accuracy)")
     pairs.add_argument("--preference_dataset", help="Hub id, local folder or .parquet file in Pick-a-Pic format.")
     pairs.add_argument("--preference_split", default="validation", help="Split of --preference_dataset.")
     pairs.add_argument("--num_pairs", type=int, default=None, help="A seeded random subset of this many pairs.")
-    pairs.add_argument("--validation_timesteps", type=int, default=10,
-                       help="Fixed (timestep, noise) draws per pair; errors are averaged over them (paper: 10).")
-    pairs.add_argument("--beta_dpo", type=float, default=None,
-                       help="Only changes the reported loss and margin (default: the trainer's, 2000 / 5000 SDXL).")
+    pairs.add_argument(
+        "--validation_timesteps",
+        type=int,
+        default=10,
+        help="Fixed (timestep, noise) draws per pair; errors are averaged over them (paper: 10).",
+    )
+    pairs.add_argument(
+        "--beta_dpo",
+        type=float,
+        default=None,
+        help="Only changes the reported loss and margin (default: the trainer's, 2000 / 5000 SDXL).",
+    )
     pairs.add_argument("--precompute_cache_dir", default=None, help="Where the trainer caches latents of the pairs.")
 
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="dpo-eval")
-    output.add_argument("--num_grid_prompts", type=int, default=8,
-                        help="Rows of biggest_wins.png and biggest_losses.png.")
+    output.add_argument(
+        "--num_grid_prompts", type=int, default=8, help="Rows of biggest_wins.png and biggest_losses.png."
+    )
 
     return parser.parse_and_validate(input_args, validate_args)
 
@@ -149,7 +173,8 @@ def validate_args(args):
         raise InputError(f"--prompts_file {args.prompts_file}: no such file")
     args.tuned_kind = tuned_kind(args.tuned)
     if os.path.exists(os.path.join(args.output_dir, "results.json")) or os.path.exists(
-            os.path.join(args.output_dir, "images")):
+        os.path.join(args.output_dir, "images")
+    ):
         raise InputError(f"--output_dir {args.output_dir} already holds an evaluation; choose a new --output_dir")
     for name in args.scorers:  # last: importing them can take seconds
         if name in OPTIONAL_SCORERS:
@@ -164,16 +189,19 @@ def validate_args(args):
 def tuned_kind(path):
     """'lora', 'pipeline' or 'unet', from what the folder holds."""
     if not os.path.isdir(path):
-        raise InputError(f"--tuned {path}: no such folder (download a Hub model first, e.g. `hf download ID "
-                         "--local-dir DIR`)")
+        raise InputError(
+            f"--tuned {path}: no such folder (download a Hub model first, e.g. `hf download ID --local-dir DIR`)"
+        )
     if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
         return "lora"
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return "pipeline"
     if os.path.isfile(os.path.join(path, "unet", "config.json")):
         return "unet"
-    raise InputError(f"--tuned {path} holds neither {LORA_WEIGHT_NAME} (LoRA) nor model_index.json (pipeline) "
-                     "nor unet/ (full fine-tuning checkpoint)")
+    raise InputError(
+        f"--tuned {path} holds neither {LORA_WEIGHT_NAME} (LoRA) nor model_index.json (pipeline) "
+        "nor unet/ (full fine-tuning checkpoint)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,8 +228,9 @@ def load_prompts(args):
         except Exception as error:
             raise InputError(f"cannot load dataset '{name}' split '{args.prompts_split}': {error}".splitlines()[0])
         if column not in columns:
-            raise InputError(f"dataset '{name}' has no column '{column}' (it has {columns}); name it with "
-                             "--prompts_column")
+            raise InputError(
+                f"dataset '{name}' has no column '{column}' (it has {columns}); name it with --prompts_column"
+            )
         prompts = []
         for row in dataset.select_columns([column]):
             if isinstance(row[column], str) and row[column].strip():
@@ -223,7 +252,9 @@ def load_pipeline(model, dtype, device, revision=None, variant=None):
     """Any text-to-image diffusers pipeline (SD 1.x/2.x, SDXL, ...); the safety checker is left out, since a
     blacked-out image would count as a loss for whichever model happened to trigger it."""
     config = DiffusionPipeline.load_config(model, revision=revision)
-    no_safety_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in config else {}
+    no_safety_checker = (
+        {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in config else {}
+    )
     pipeline = AutoPipelineForText2Image.from_pretrained(
         model, dtype=dtype, revision=revision, variant=variant, **no_safety_checker
     ).to(device)
@@ -242,8 +273,9 @@ def load_tuned_weights(pipeline, args, dtype, device):
         pipeline.unet.to(device)
 
 
-def generate(pipeline, prompts, seed, image_dir, num_inference_steps, guidance_scale=None, resolution=None,
-             batch_size=4):
+def generate(
+    pipeline, prompts, seed, image_dir, num_inference_steps, guidance_scale=None, resolution=None, batch_size=4
+):
     """Renders prompt i with its own CPU generator seeded seed + i (so the starting noise does not depend on the
     batching or the device) and saves it as image_dir/iiii.png; returns the paths."""
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -252,8 +284,14 @@ def generate(pipeline, prompts, seed, image_dir, num_inference_steps, guidance_s
     for start in tqdm(range(0, len(prompts), batch_size), desc=f"Generating {image_dir.name}"):
         batch = prompts[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
-        images = pipeline(prompt=batch, generator=generators, num_inference_steps=num_inference_steps,
-                          height=resolution, width=resolution, **extra).images
+        images = pipeline(
+            prompt=batch,
+            generator=generators,
+            num_inference_steps=num_inference_steps,
+            height=resolution,
+            width=resolution,
+            **extra,
+        ).images
         for index, image in enumerate(images, start=start):
             paths.append(image_dir / f"{index:04d}.png")
             image.save(paths[-1])
@@ -287,11 +325,13 @@ class ClipScorer:
 
     @torch.inference_mode()
     def __call__(self, images, prompts):
-        inputs = self.processor(text=prompts, images=images, padding=True, truncation=True, max_length=77,
-                                return_tensors="pt").to(self.device)
+        inputs = self.processor(
+            text=prompts, images=images, padding=True, truncation=True, max_length=77, return_tensors="pt"
+        ).to(self.device)
         image_embeds = embedding(self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.dtype)))
-        text_embeds = embedding(self.model.get_text_features(input_ids=inputs["input_ids"],
-                                                             attention_mask=inputs["attention_mask"]))
+        text_embeds = embedding(
+            self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        )
         cosine = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
         return (self.model.logit_scale.float().exp() * cosine).tolist()
 
@@ -306,7 +346,8 @@ class HpsV2Scorer:
         from huggingface_hub import hf_hub_download
 
         self.model, _, self.preprocess = create_model_and_transforms(
-            "ViT-H-14", "laion2B-s32B-b79K", precision="amp", device=device, jit=False, output_dict=True)
+            "ViT-H-14", "laion2B-s32B-b79K", precision="amp", device=device, jit=False, output_dict=True
+        )
         checkpoint = torch.load(hf_hub_download("xswu/HPSv2", hps_version_map[version]), map_location=device)
         self.model.load_state_dict(checkpoint["state_dict"])
         self.model.eval()
@@ -366,8 +407,10 @@ def score_images(scorer, images, prompts, batch_size=4):
     """One score per (image, prompt); images are PIL images or paths to image files."""
     scores = []
     for start in range(0, len(images), batch_size):
-        batch = [image if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
-                 for image in images[start : start + batch_size]]
+        batch = [
+            image if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
+            for image in images[start : start + batch_size]
+        ]
         scores += scorer(batch, prompts[start : start + batch_size])
     return scores
 
@@ -390,17 +433,28 @@ def win_rate_with_ci(base_scores, tuned_scores, z=Z_95):
     rate = (wins + 0.5 * ties) / n
     center = (rate + z * z / (2 * n)) / (1 + z * z / n)
     half_width = z / (1 + z * z / n) * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
-    return {"win_rate": rate, "ci_low": max(0.0, center - half_width), "ci_high": min(1.0, center + half_width),
-            "wins": wins, "ties": ties, "losses": n - wins - ties, "n": n}
+    return {
+        "win_rate": rate,
+        "ci_low": max(0.0, center - half_width),
+        "ci_high": min(1.0, center + half_width),
+        "wins": wins,
+        "ties": ties,
+        "losses": n - wins - ties,
+        "n": n,
+    }
 
 
 def summary_table(summary):
-    lines = [f"{'scorer':<14}{'base mean':>12}{'tuned mean':>12}{'win rate':>10}  {'95% CI (Wilson)':<16}"
-             f"{'wins/ties/losses':>18}"]
+    lines = [
+        f"{'scorer':<14}{'base mean':>12}{'tuned mean':>12}{'win rate':>10}  {'95% CI (Wilson)':<16}"
+        f"{'wins/ties/losses':>18}"
+    ]
     for name, s in summary.items():
         interval, counts = f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]", f"{s['wins']}/{s['ties']}/{s['losses']}"
-        lines.append(f"{name:<14}{s['base_mean']:>12.4f}{s['tuned_mean']:>12.4f}{s['win_rate']:>10.3f}  "
-                     f"{interval:<16}{counts:>18}")
+        lines.append(
+            f"{name:<14}{s['base_mean']:>12.4f}{s['tuned_mean']:>12.4f}{s['win_rate']:>10.3f}  "
+            f"{interval:<16}{counts:>18}"
+        )
     return "\n".join(lines)
 
 
@@ -415,11 +469,13 @@ def comparison_grid(rows, scorer, title):
         draw.text((6, 40), "none", fill="black", font=font)
     for number, row in enumerate(rows):
         top = 30 + number * (text_height + GRID_CELL)
-        header = (f"#{row['index']}  base {row['base']:.4g}  tuned {row['tuned']:.4g}  "
-                  f"({row['tuned'] - row['base']:+.4g})")
+        header = (
+            f"#{row['index']}  base {row['base']:.4g}  tuned {row['tuned']:.4g}  ({row['tuned'] - row['base']:+.4g})"
+        )
         prompt = textwrap.shorten(row["prompt"], width=2 * 85, placeholder=" ...")
-        draw.multiline_text((6, top + 4), "\n".join([header, *textwrap.wrap(prompt, width=85)]), fill="black",
-                            font=font, spacing=2)
+        draw.multiline_text(
+            (6, top + 4), "\n".join([header, *textwrap.wrap(prompt, width=85)]), fill="black", font=font, spacing=2
+        )
         for column, path in enumerate((row["base_path"], row["tuned_path"])):
             image = Image.open(path).convert("RGB").resize((GRID_CELL, GRID_CELL))
             grid.paste(image, (column * GRID_CELL, top + text_height))
@@ -440,14 +496,32 @@ def implicit_accuracy(args):
     is_sdxl = "XL" in DiffusionPipeline.load_config(args.base_model, revision=args.revision)["_class_name"]
     trainer = train_diffusion_dpo_sdxl if is_sdxl else train_diffusion_dpo
     lora = args.tuned_kind == "lora"
-    flags = {"pretrained_model_name_or_path": args.base_model, "revision": args.revision, "variant": args.variant,
-             "dataset_name": args.preference_dataset, "dataset_split_name": args.preference_split,
-             "validation_timesteps": args.validation_timesteps, "beta_dpo": args.beta_dpo, "resolution": args.resolution,
-             "precompute_cache_dir": args.precompute_cache_dir, "seed": args.seed, "report_to": "none",
-             "train_mode": "lora" if lora else "full", "train_batch_size": args.batch_size, "no_hflip": True,
-             "rank": lora_rank(args.tuned) if lora else None, "output_dir": os.path.join(args.output_dir, "unused")}
-    trainer_args = trainer.parse_args([item for name, value in flags.items() if value not in (None, False)
-                                       for item in ((f"--{name}",) if value is True else (f"--{name}", str(value)))])
+    flags = {
+        "pretrained_model_name_or_path": args.base_model,
+        "revision": args.revision,
+        "variant": args.variant,
+        "dataset_name": args.preference_dataset,
+        "dataset_split_name": args.preference_split,
+        "validation_timesteps": args.validation_timesteps,
+        "beta_dpo": args.beta_dpo,
+        "resolution": args.resolution,
+        "precompute_cache_dir": args.precompute_cache_dir,
+        "seed": args.seed,
+        "report_to": "none",
+        "train_mode": "lora" if lora else "full",
+        "train_batch_size": args.batch_size,
+        "no_hflip": True,
+        "rank": lora_rank(args.tuned) if lora else None,
+        "output_dir": os.path.join(args.output_dir, "unused"),
+    }
+    trainer_args = trainer.parse_args(
+        [
+            item
+            for name, value in flags.items()
+            if value not in (None, False)
+            for item in ((f"--{name}",) if value is True else (f"--{name}", str(value)))
+        ]
+    )
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
 
@@ -465,16 +539,25 @@ def implicit_accuracy(args):
         reference = trainer.load_unet(trainer_args, weight_dtype).to(accelerator.device)
     unet = accelerator.prepare_model(unet, evaluation_mode=True)  # mixed precision: autocast, as in training
     metrics, _ = trainer.evaluate_held_out(accelerator, unet, reference, pairs, scheduler, trainer_args)
-    results = {"base_model": args.base_model, "tuned": args.tuned, "tuned_kind": args.tuned_kind,
-               "preference_dataset": args.preference_dataset, "preference_split": args.preference_split,
-               "num_pairs": len(pairs), "validation_timesteps": args.validation_timesteps, "seed": args.seed,
-               **{name.removeprefix("eval/"): value for name, value in metrics.items()}}
+    results = {
+        "base_model": args.base_model,
+        "tuned": args.tuned,
+        "tuned_kind": args.tuned_kind,
+        "preference_dataset": args.preference_dataset,
+        "preference_split": args.preference_split,
+        "num_pairs": len(pairs),
+        "validation_timesteps": args.validation_timesteps,
+        "seed": args.seed,
+        **{name.removeprefix("eval/"): value for name, value in metrics.items()},
+    }
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "implicit_accuracy.json"), "w") as file:
         json.dump(results, file, indent=2)
-    print(f"Implicit-reward accuracy of {args.tuned} on {len(pairs)} pairs of {args.preference_dataset} "
-          f"({args.preference_split}): {results['implicit_acc']:.4f} (reward margin {results['reward_margin']:.4g}, "
-          f"loss {results['loss']:.4f})")
+    print(
+        f"Implicit-reward accuracy of {args.tuned} on {len(pairs)} pairs of {args.preference_dataset} "
+        f"({args.preference_split}): {results['implicit_acc']:.4f} (reward margin {results['reward_margin']:.4g}, "
+        f"loss {results['loss']:.4f})"
+    )
     return results
 
 
@@ -495,12 +578,18 @@ def main(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     output_dir = Path(args.output_dir)
-    print(f"Evaluating {args.tuned} ({args.tuned_kind}) against {args.base_model} on {len(prompts)} prompts, "
-          f"device {device}, {dtype}.")
+    print(
+        f"Evaluating {args.tuned} ({args.tuned_kind}) against {args.base_model} on {len(prompts)} prompts, "
+        f"device {device}, {dtype}."
+    )
 
     # The same prompts and seeds for both models; the base model first, then the tuned one in its place.
-    sampling = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                    resolution=args.resolution, batch_size=args.batch_size)
+    sampling = dict(
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+    )
     pipeline = load_pipeline(args.base_model, dtype, device, args.revision, args.variant)
     base_paths = generate(pipeline, prompts, args.seed, output_dir / "images" / "base", **sampling)
     if args.tuned_kind == "pipeline":  # a pipeline of its own: drop the base one first
@@ -516,48 +605,83 @@ def main(args):
     scores = {}
     for name in args.scorers:
         scorer = load_scorer(name, args, device, dtype)
-        scores[name] = {"base": score_images(scorer, base_paths, prompts, args.batch_size),
-                        "tuned": score_images(scorer, tuned_paths, prompts, args.batch_size)}
+        scores[name] = {
+            "base": score_images(scorer, base_paths, prompts, args.batch_size),
+            "tuned": score_images(scorer, tuned_paths, prompts, args.batch_size),
+        }
         del scorer
         free_memory()
 
     summary = {}
     for name, s in scores.items():
-        summary[name] = {"base_mean": sum(s["base"]) / len(prompts), "tuned_mean": sum(s["tuned"]) / len(prompts),
-                         **win_rate_with_ci(s["base"], s["tuned"])}
+        summary[name] = {
+            "base_mean": sum(s["base"]) / len(prompts),
+            "tuned_mean": sum(s["tuned"]) / len(prompts),
+            **win_rate_with_ci(s["base"], s["tuned"]),
+        }
     results = {
         "base_model": args.base_model,
         "tuned": args.tuned,
         "tuned_kind": args.tuned_kind,
         "num_prompts": len(prompts),
-        "settings": {k: getattr(args, k) for k in ("seed", "num_inference_steps", "guidance_scale", "resolution",
-                                                   "mixed_precision", "prompts_file", "prompts_dataset",
-                                                   "prompts_split", "prompts_column")},
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "seed",
+                "num_inference_steps",
+                "guidance_scale",
+                "resolution",
+                "mixed_precision",
+                "prompts_file",
+                "prompts_dataset",
+                "prompts_split",
+                "prompts_column",
+            )
+        },
         "win_rate_definition": "fraction of prompts where tuned scores higher than base, exact ties count half; "
-                               "95% Wilson score interval",
+        "95% Wilson score interval",
         "scorers": summary,
-        "per_prompt": [{"index": i, "prompt": prompt, "base_image": str(base_paths[i]),
-                        "tuned_image": str(tuned_paths[i]),
-                        "scores": {name: {"base": s["base"][i], "tuned": s["tuned"][i]} for name, s in scores.items()}}
-                       for i, prompt in enumerate(prompts)],
+        "per_prompt": [
+            {
+                "index": i,
+                "prompt": prompt,
+                "base_image": str(base_paths[i]),
+                "tuned_image": str(tuned_paths[i]),
+                "scores": {name: {"base": s["base"][i], "tuned": s["tuned"][i]} for name, s in scores.items()},
+            }
+            for i, prompt in enumerate(prompts)
+        ],
     }
     with open(output_dir / "results.json", "w") as file:
         json.dump(results, file, indent=2)
 
     # The prompts where the first scorer moved most, in each direction.
     first = args.scorers[0]
-    rows = [{"index": i, "prompt": prompts[i], "base": scores[first]["base"][i], "tuned": scores[first]["tuned"][i],
-             "base_path": base_paths[i], "tuned_path": tuned_paths[i]} for i in range(len(prompts))]
+    rows = [
+        {
+            "index": i,
+            "prompt": prompts[i],
+            "base": scores[first]["base"][i],
+            "tuned": scores[first]["tuned"][i],
+            "base_path": base_paths[i],
+            "tuned_path": tuned_paths[i],
+        }
+        for i in range(len(prompts))
+    ]
     rows.sort(key=lambda row: row["tuned"] - row["base"], reverse=True)
     wins = [row for row in rows if row["tuned"] > row["base"]][: args.num_grid_prompts]
     losses = [row for row in reversed(rows) if row["tuned"] < row["base"]][: args.num_grid_prompts]
     comparison_grid(wins, first, "Biggest wins of the tuned model").save(output_dir / "biggest_wins.png")
     comparison_grid(losses, first, "Biggest losses of the tuned model").save(output_dir / "biggest_losses.png")
 
-    print(f"\n{len(prompts)} prompts; win rate = tuned beats base on a prompt (ties count half), 95% Wilson interval\n")
+    print(
+        f"\n{len(prompts)} prompts; win rate = tuned beats base on a prompt (ties count half), 95% Wilson interval\n"
+    )
     print(summary_table(summary))
-    print(f"\nWrote {output_dir / 'results.json'}, {output_dir / 'biggest_wins.png'}, "
-          f"{output_dir / 'biggest_losses.png'} and the images under {output_dir / 'images'}")
+    print(
+        f"\nWrote {output_dir / 'results.json'}, {output_dir / 'biggest_wins.png'}, "
+        f"{output_dir / 'biggest_losses.png'} and the images under {output_dir / 'images'}"
+    )
     return results
 
 

@@ -4,8 +4,9 @@ One sitting, top to bottom, reproducible from --seed, on a CPU in a few minutes:
   1. data:  32x32 warm and cool shapes (exactly 50/50) from tiny_assets.make_shape_image, captions from CAPTION_POOL;
   2. VAE:   AutoencoderKL trained for reconstruction (MSE + a small KL term); scaling_factor set so latents have
             unit standard deviation;
-  3. UNet:  UNet2DConditionModel trained with the DDPM epsilon objective on the VAE latents, conditioned through the
-            frozen tiny CLIP text encoder, with captions dropped (empty) now and then so classifier-free guidance works;
+  3. UNet:  UNet2DConditionModel trained with the DDPM epsilon objective on the VAE latents, conditioned through
+            the frozen tiny CLIP text encoder, with captions dropped (empty) now and then so classifier-free
+            guidance works;
   4. save:  a complete StableDiffusionPipeline folder (safetensors; UNet and VAE stored in fp16, ~4.6 MiB in all),
             loadable with from_pretrained; its DDPMScheduler samples well in 20 steps;
   5. eval:  samples from the saved pipeline: the fraction classified warm (target ~0.5) and the fraction plausible
@@ -30,10 +31,16 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.utils import make_image_grid
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_assets import (  # noqa: E402
-    CAPTION_POOL, build_tiny_sd_components, classify_warm, is_plausible, make_shape_image,
+    CAPTION_POOL,
+    build_tiny_sd_components,
+    classify_warm,
+    is_plausible,
+    make_shape_image,
 )
+
 
 # -- settings (the defaults produce the committed examples/assets/tiny-shapes-sd) --------------------------------
 PRESET = "shapes"
@@ -89,8 +96,14 @@ def evaluate(pipeline, guidance_scale):
     samples = []
     for seed in range(EVAL_SEEDS):
         prompts = [CAPTION_POOL[(seed * EVAL_PER_SEED + i) % len(CAPTION_POOL)] for i in range(EVAL_PER_SEED)]
-        samples += pipeline(prompts, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=EVAL_STEPS,
-                            guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed)).images
+        samples += pipeline(
+            prompts,
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            num_inference_steps=EVAL_STEPS,
+            guidance_scale=guidance_scale,
+            generator=torch.Generator().manual_seed(seed),
+        ).images
     return samples, np.mean([classify_warm(image) for image in samples]), np.mean([is_plausible(i) for i in samples])
 
 
@@ -144,13 +157,21 @@ def main(input_args=None):
         reconstruction_mse = F.mse_loss(vae.decode(latents[:256].to(device)).sample, check).item()
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     latents = latents * vae.config.scaling_factor
-    log(f"latents {tuple(latents.shape[1:])}, scaling_factor {vae.config.scaling_factor:.4f}, "
-        f"reconstruction mse (posterior mean) {reconstruction_mse:.5f}", start)
+    log(
+        f"latents {tuple(latents.shape[1:])}, scaling_factor {vae.config.scaling_factor:.4f}, "
+        f"reconstruction mse (posterior mean) {reconstruction_mse:.5f}",
+        start,
+    )
 
     # 3. UNet -----------------------------------------------------------------------------------------------------
     with torch.no_grad():  # row 0 is the empty caption, rows 1.. the pool, as the pipeline encodes prompts
-        tokens = tokenizer([""] + list(CAPTION_POOL), padding="max_length", max_length=tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt")
+        tokens = tokenizer(
+            [""] + list(CAPTION_POOL),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         caption_embeds = text_encoder(tokens.input_ids)[0].to(device)
     snr = noise_scheduler.alphas_cumprod / (1 - noise_scheduler.alphas_cumprod)
     min_snr_weight = (snr.clamp(max=SNR_GAMMA) / snr if SNR_GAMMA else torch.ones_like(snr)).to(device)
@@ -187,8 +208,14 @@ def main(input_args=None):
     # otherwise, and the samples are unchanged). The text encoder stays fp32: transformers would load it as fp16,
     # and a plain from_pretrained pipeline would then mix dtypes.
     pipeline = StableDiffusionPipeline(
-        vae=vae.to("cpu").half(), text_encoder=text_encoder, tokenizer=tokenizer, unet=ema_unet.to("cpu").half(),
-        scheduler=noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae.to("cpu").half(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=ema_unet.to("cpu").half(),
+        scheduler=noise_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipeline.save_pretrained(output_dir, safe_serialization=True)
     sizes = {p.relative_to(output_dir): p.stat().st_size for p in output_dir.rglob("*.safetensors")}
@@ -198,9 +225,12 @@ def main(input_args=None):
     pipeline = StableDiffusionPipeline.from_pretrained(output_dir, safety_checker=None, requires_safety_checker=False)
     samples, warm_fraction, plausible_fraction = evaluate(pipeline.to(device), args.guidance_scale)
     make_image_grid(samples[:32], rows=4, cols=8).save(output_dir / "samples.png")
-    log(f"eval: {len(samples)} samples ({EVAL_STEPS} steps, guidance {args.guidance_scale}): "
+    log(
+        f"eval: {len(samples)} samples ({EVAL_STEPS} steps, guidance {args.guidance_scale}): "
         f"warm {warm_fraction:.3f} (target 0.3-0.7), plausible {plausible_fraction:.3f} (target >= 0.8); "
-        f"grid {output_dir / 'samples.png'}", start)
+        f"grid {output_dir / 'samples.png'}",
+        start,
+    )
     return pipeline
 
 

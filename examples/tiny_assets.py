@@ -28,6 +28,7 @@ from diffusers import (
 from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
 CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
@@ -74,45 +75,70 @@ def _write_bpe_files(folder):
 # the real Stable Diffusion 1.5 UNet, VAE and text-encoder shapes (random weights) for timing and memory on a GPU.
 PRESETS = {
     "tiny": {
-        "unet": dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8),
+        "unet": dict(
+            sample_size=16,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+        ),
         "vae": dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32),  # vae_scale_factor 2
-        "text": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                     projection_dim=32),
+        "text": dict(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32
+        ),
     },
     # The pretrained demo model (examples/pretrain_tiny_ldm.py): the tiny VAE and text encoder, a UNet with a third
     # level (4x4) so one sample sees the whole image and keeps one shape in one colour.
     "shapes": {
-        "unet": dict(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1,
-                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                     cross_attention_dim=32, attention_head_dim=8),
+        "unet": dict(
+            sample_size=16,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+        ),
         "vae": dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32),  # vae_scale_factor 2
-        "text": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                     projection_dim=32),
+        "text": dict(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32
+        ),
     },
     # SD 1.5's layout (4 levels, 2 layers per block, cross-attention in the first three, an 8x VAE, a 12-layer text
     # encoder's shape scaled down) at a tenth of its width: a laptop CPU runs a step in about a second at 256 px.
     # Two heads instead of eight keep attention heads 16-64 wide (SD 1.5: 40-160); 4-wide heads would make CPU
     # attention kernels, not the model, the cost.
     "mini": {
-        "unet": dict(sample_size=32, block_out_channels=(32, 64, 128, 128), layers_per_block=2,
-                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=64,
-                     attention_head_dim=2),
+        "unet": dict(
+            sample_size=32,
+            block_out_channels=(32, 64, 128, 128),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=64,
+            attention_head_dim=2,
+        ),
         "vae": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, sample_size=256),
-        "text": dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=4,
-                     projection_dim=64),
+        "text": dict(
+            hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=4, projection_dim=64
+        ),
     },
     "sd15": {
-        "unet": dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
-                     attention_head_dim=8),
+        "unet": dict(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        ),
         "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512),
-        "text": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                     projection_dim=768),
+        "text": dict(
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768
+        ),
     },
 }
 
@@ -185,40 +211,62 @@ def build_tiny_sd_pipeline(output_dir, *, prediction_type="epsilon", seed=0, pre
 # the real SDXL base UNet, VAE and both text-encoder shapes (random weights) for timing and memory on a GPU.
 SDXL_PRESETS = {
     "tiny": {
-        "unet": dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-                     transformer_layers_per_block=1, addition_time_embed_dim=8),
+        "unet": dict(
+            sample_size=16,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=1,
+            addition_time_embed_dim=8,
+        ),
         "vae": dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32),
-        "text": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                     projection_dim=32),
-        "text_2": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                       projection_dim=32),
+        "text": dict(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32
+        ),
+        "text_2": dict(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32
+        ),
     },
     # SDXL's layout (3 levels, 1/2/10 transformer layers, two text encoders) at a tenth of its width, for CPUs.
     "mini": {
-        "unet": dict(sample_size=32, block_out_channels=(32, 64, 128), layers_per_block=2,
-                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                     attention_head_dim=(1, 2, 4), transformer_layers_per_block=(1, 2, 10),
-                     addition_time_embed_dim=32),
+        "unet": dict(
+            sample_size=32,
+            block_out_channels=(32, 64, 128),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(1, 2, 4),
+            transformer_layers_per_block=(1, 2, 10),
+            addition_time_embed_dim=32,
+        ),
         "vae": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, sample_size=256),
-        "text": dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=4,
-                     projection_dim=64),
-        "text_2": dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4,
-                       projection_dim=128),
+        "text": dict(
+            hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=4, projection_dim=64
+        ),
+        "text_2": dict(
+            hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4, projection_dim=128
+        ),
     },
     "sdxl": {
-        "unet": dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                     attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
-                     addition_time_embed_dim=256),
+        "unet": dict(
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=(1, 2, 10),
+            addition_time_embed_dim=256,
+        ),
         "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024),
-        "text": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                     projection_dim=768),
-        "text_2": dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                       projection_dim=1280),
+        "text": dict(
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768
+        ),
+        "text_2": dict(
+            hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280
+        ),
     },
 }
 
@@ -228,20 +276,34 @@ def build_tiny_sdxl_pipeline(output_dir, *, seed=0, preset="tiny"):
     SDXL_PRESETS size to `output_dir`."""
     sizes = SDXL_PRESETS[preset]
     encoders, tokenizers = [], []
-    for suffix, encoder_class, config in (("", CLIPTextModel, sizes["text"]),
-                                          ("_2", CLIPTextModelWithProjection, sizes["text_2"])):
+    for suffix, encoder_class, config in (
+        ("", CLIPTextModel, sizes["text"]),
+        ("_2", CLIPTextModelWithProjection, sizes["text_2"]),
+    ):
         tokenizer_dir = os.path.join(output_dir, f"tokenizer{suffix}")
         _write_bpe_files(tokenizer_dir)
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
         torch.manual_seed(seed)
-        encoders.append(encoder_class(CLIPTextConfig(
-            vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config)))
+        encoders.append(
+            encoder_class(
+                CLIPTextConfig(
+                    vocab_size=len(tokenizer),
+                    max_position_embeddings=77,
+                    bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **config,
+                )
+            )
+        )
         tokenizers.append(tokenizer)
     unet_sizes = sizes["unet"]
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        in_channels=4, out_channels=4, norm_num_groups=32, use_linear_projection=True,
+        in_channels=4,
+        out_channels=4,
+        norm_num_groups=32,
+        use_linear_projection=True,
         # cross-attention reads both encoders' hidden states side by side; the added embedding is the second
         # encoder's pooled projection plus six sinusoidally embedded time ids
         cross_attention_dim=sizes["text"]["hidden_size"] + sizes["text_2"]["hidden_size"],
@@ -252,13 +314,34 @@ def build_tiny_sdxl_pipeline(output_dir, *, seed=0, preset="tiny"):
     )
     n_blocks = len(sizes["vae"]["block_out_channels"])
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n_blocks,
-                        up_block_types=("UpDecoderBlock2D",) * n_blocks, latent_channels=4, norm_num_groups=32,
-                        scaling_factor=0.13025, force_upcast=True, **sizes["vae"])
-    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                                       beta_end=0.012, steps_offset=1, timestep_spacing="leading")
-    StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0],
-                              tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler).save_pretrained(output_dir)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
+        latent_channels=4,
+        norm_num_groups=32,
+        scaling_factor=0.13025,
+        force_upcast=True,
+        **sizes["vae"],
+    )
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=encoders[0],
+        text_encoder_2=encoders[1],
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=unet,
+        scheduler=scheduler,
+    ).save_pretrained(output_dir)
     return output_dir
 
 
@@ -431,9 +514,11 @@ def build_pickapic_dataset(
     os.makedirs(output_dir, exist_ok=True)
     bounds = [len(rows) * shard // n_shards for shard in range(n_shards + 1)]
     for shard in range(n_shards):
-        pq.write_table(table.slice(bounds[shard], bounds[shard + 1] - bounds[shard]),
-                       os.path.join(output_dir, f"train-{shard:05d}-of-{n_shards:05d}.parquet"),
-                       row_group_size=rows_per_group)
+        pq.write_table(
+            table.slice(bounds[shard], bounds[shard + 1] - bounds[shard]),
+            os.path.join(output_dir, f"train-{shard:05d}-of-{n_shards:05d}.parquet"),
+            row_group_size=rows_per_group,
+        )
     return output_dir
 
 
@@ -448,11 +533,16 @@ def main():
     parser.add_argument("--image_size", type=int, default=32, help="side of the generated images in pixels")
     args = parser.parse_args()
     model_dir = build_tiny_sd_pipeline(
-        os.path.join(args.output_dir, "model"), prediction_type=args.prediction_type, seed=args.seed,
+        os.path.join(args.output_dir, "model"),
+        prediction_type=args.prediction_type,
+        seed=args.seed,
         preset=args.preset,
     )
     data_dir = build_pickapic_dataset(
-        os.path.join(args.output_dir, "data"), n_pairs=args.n_pairs, n_ties=args.n_ties, seed=args.seed,
+        os.path.join(args.output_dir, "data"),
+        n_pairs=args.n_pairs,
+        n_ties=args.n_ties,
+        seed=args.seed,
         image_size=args.image_size,
     )
     print(f"model: {model_dir}")

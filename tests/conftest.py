@@ -6,6 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+
 # Everything offline, and the datasets cache out of the user's home, before the libraries read their config.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -16,12 +17,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
 import tiny_assets  # noqa: E402
+
 import train_diffusion_dpo  # noqa: E402
 import train_diffusion_dpo_sdxl  # noqa: E402
+
 
 TRAINERS = {"sd15": train_diffusion_dpo, "sdxl": train_diffusion_dpo_sdxl}
 # Test files whose behaviour both scripts must share mark themselves with this: each test then runs once per script.
@@ -43,7 +47,9 @@ def tiny_sdxl_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_vpred_model(tmp_path_factory):
-    return tiny_assets.build_tiny_sd_pipeline(str(tmp_path_factory.mktemp("tiny-sd-v")), prediction_type="v_prediction")
+    return tiny_assets.build_tiny_sd_pipeline(
+        str(tmp_path_factory.mktemp("tiny-sd-v")), prediction_type="v_prediction"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -57,15 +63,17 @@ def pickapic_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sharded_pickapic(tmp_path_factory):
     """12 decided pairs in 3 parquet files of 4 rows each, as the Hub stores a large split."""
-    return tiny_assets.build_pickapic_dataset(str(tmp_path_factory.mktemp("sharded")), n_pairs=12, n_ties=0,
-                                              n_shards=3)
+    return tiny_assets.build_pickapic_dataset(
+        str(tmp_path_factory.mktemp("sharded")), n_pairs=12, n_ties=0, n_shards=3
+    )
 
 
 @pytest.fixture(scope="session")
 def row_grouped_pickapic(tmp_path_factory):
     """The same layout in one parquet file of 3 row groups (4 rows each): a single large file."""
-    return tiny_assets.build_pickapic_dataset(str(tmp_path_factory.mktemp("row-grouped")), n_pairs=12, n_ties=0,
-                                              rows_per_group=4)
+    return tiny_assets.build_pickapic_dataset(
+        str(tmp_path_factory.mktemp("row-grouped")), n_pairs=12, n_ties=0, rows_per_group=4
+    )
 
 
 @pytest.fixture(scope="session")
@@ -77,15 +85,22 @@ def tiny_clip_scorer(tiny_model, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("tiny-clip"))
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(tiny_model, "tokenizer"))
     layers = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
-    text_config = dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **layers)
+    text_config = dict(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **layers,
+    )
     vision_config = dict(image_size=RESOLUTION, patch_size=8, **layers)
     torch.manual_seed(0)
     clip = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16))
     clip.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": RESOLUTION},
-                       crop_size={"height": RESOLUTION, "width": RESOLUTION}).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": RESOLUTION}, crop_size={"height": RESOLUTION, "width": RESOLUTION}
+    ).save_pretrained(folder)
     return folder
 
 
@@ -142,8 +157,9 @@ def run_cli(module, argv, launcher=None, env=None):
     """Runs a trainer script as a separate process: with this Python, or through a launcher (`accelerate launch`)."""
     launcher = launcher or [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([*launcher, module.__file__, *argv], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=600)
+    return subprocess.run(
+        [*launcher, module.__file__, *argv], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+    )
 
 
 def pipeline_class(module):
@@ -158,8 +174,10 @@ def unet_output(unet):
     extra = {}
     if unet.config.addition_embed_type == "text_time":
         pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled_dim, generator=generator),
-                                      "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])}
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, pooled_dim, generator=generator),
+            "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]),
+        }
     with torch.no_grad():
         return unet(sample, torch.tensor([500]), text, **extra).sample
 

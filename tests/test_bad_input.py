@@ -11,22 +11,36 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import both_trainers, cache_folders, run_cli, run_trainer, tiny_assets
 
 
-@pytest.mark.parametrize("flags,message", [
-    ({"resolution": 36}, "--resolution must be a positive multiple of 8"),
-    ({"max_train_samples": 0}, "--max_train_samples must be at least 1"),
-    ({"lr_warmup_steps": -1}, "--lr_warmup_steps must not be negative"),
-    ({"loss_type": "kto"}, "invalid choice: 'kto'"),
-    ({"lr_scheduler": "warmup_cosine"}, "invalid choice: 'warmup_cosine'"),
-    ({"max_train_steps": 0}, "--max_train_steps must be at least 1"),
-    ({"resume_from_checkpoint": "checkpoint-99"}, "no such checkpoint folder"),
-    ({"report_to": "wandb", "hub_token": "hf_secret"}, "would log your token"),
-    ({"enable_xformers_memory_efficient_attention": True}, "needs xformers"),
-    ({"use_8bit_adam": True, "use_adafactor": True}, "choose one of --use_8bit_adam and --use_adafactor"),
-], ids=["resolution", "max_train_samples", "warmup", "loss_type", "scheduler", "zero-steps", "resume-path", "wandb-token", "xformers", "optimizers"])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ({"resolution": 36}, "--resolution must be a positive multiple of 8"),
+        ({"max_train_samples": 0}, "--max_train_samples must be at least 1"),
+        ({"lr_warmup_steps": -1}, "--lr_warmup_steps must not be negative"),
+        ({"loss_type": "kto"}, "invalid choice: 'kto'"),
+        ({"lr_scheduler": "warmup_cosine"}, "invalid choice: 'warmup_cosine'"),
+        ({"max_train_steps": 0}, "--max_train_steps must be at least 1"),
+        ({"resume_from_checkpoint": "checkpoint-99"}, "no such checkpoint folder"),
+        ({"report_to": "wandb", "hub_token": "hf_secret"}, "would log your token"),
+        ({"enable_xformers_memory_efficient_attention": True}, "needs xformers"),
+        ({"use_8bit_adam": True, "use_adafactor": True}, "choose one of --use_8bit_adam and --use_adafactor"),
+    ],
+    ids=[
+        "resolution",
+        "max_train_samples",
+        "warmup",
+        "loss_type",
+        "scheduler",
+        "zero-steps",
+        "resume-path",
+        "wandb-token",
+        "xformers",
+        "optimizers",
+    ],
+)
 @both_trainers
 def test_flag_errors_stop_before_anything_loads(dpo, cli_args, capsys, flags, message):
     if "enable_xformers_memory_efficient_attention" in flags and dpo.is_xformers_available():
@@ -40,7 +54,9 @@ def test_flag_errors_stop_before_anything_loads(dpo, cli_args, capsys, flags, me
 
 def test_8bit_adam_without_bitsandbytes(dpo, cli_args, capsys, monkeypatch):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a)
+    )
     with pytest.raises(SystemExit):
         dpo.parse_args(cli_args(use_8bit_adam=True))
     assert "--use_8bit_adam needs `pip install bitsandbytes`" in capsys.readouterr().err
@@ -116,9 +132,17 @@ def test_odd_images_captions_and_labels_are_converted_skipped_or_dropped(dpo, cl
     data = tmp_path / "odd"
     data.mkdir()
     columns = list(zip(*rows))
-    pq.write_table(pa.table({"caption": pa.array(columns[0], pa.string()), "jpg_0": pa.array(columns[1], pa.binary()),
-                             "jpg_1": pa.array(columns[2], pa.binary()), "label_0": pa.array(columns[3], pa.float64())}),
-                   data / "train-00000-of-00001.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "caption": pa.array(columns[0], pa.string()),
+                "jpg_0": pa.array(columns[1], pa.binary()),
+                "jpg_1": pa.array(columns[2], pa.binary()),
+                "label_0": pa.array(columns[3], pa.float64()),
+            }
+        ),
+        data / "train-00000-of-00001.parquet",
+    )
 
     result = run_trainer(dpo, cli_args(dataset_name=str(data), max_train_steps=2))
     assert all(math.isfinite(h["loss"]) for h in result["history"])

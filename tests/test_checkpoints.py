@@ -3,9 +3,8 @@
 import shutil
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import assert_same_tensors, both_trainers, lora_weights, run_trainer
+from safetensors.torch import load_file
 
 
 def final_weights(output_dir, train_mode):
@@ -14,14 +13,20 @@ def final_weights(output_dir, train_mode):
     return load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-@pytest.mark.parametrize("train_mode,flags,resume_step", [
-    # 8 pairs in batches of 3: 3 steps an epoch, so step 2 is mid-epoch and step 4 lies in the next epoch
-    ("lora", {"train_batch_size": 3, "lr_scheduler": "cosine", "lr_warmup_steps": 1, "checkpointing_steps": 2}, 2),
-    # accumulation 2 over 4 batches an epoch: resuming after step 1 skips two consumed batches
-    ("full", {"gradient_accumulation_steps": 2, "checkpointing_steps": 1, "proportion_empty_prompts": 0.3}, 1),
-], ids=["lora-mid-epoch", "full-accumulation"])
+@pytest.mark.parametrize(
+    "train_mode,flags,resume_step",
+    [
+        # 8 pairs in batches of 3: 3 steps an epoch, so step 2 is mid-epoch and step 4 lies in the next epoch
+        ("lora", {"train_batch_size": 3, "lr_scheduler": "cosine", "lr_warmup_steps": 1, "checkpointing_steps": 2}, 2),
+        # accumulation 2 over 4 batches an epoch: resuming after step 1 skips two consumed batches
+        ("full", {"gradient_accumulation_steps": 2, "checkpointing_steps": 1, "proportion_empty_prompts": 0.3}, 1),
+    ],
+    ids=["lora-mid-epoch", "full-accumulation"],
+)
 @both_trainers
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(dpo, cli_args, tmp_path, train_mode, flags, resume_step):
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
+    dpo, cli_args, tmp_path, train_mode, flags, resume_step
+):
     common = dict(train_mode=train_mode, max_train_steps=4, learning_rate=1e-3, **flags)
     straight = run_trainer(dpo, cli_args(output_dir=tmp_path / "straight", **common))
 
@@ -71,5 +76,13 @@ def test_a_checkpoint_of_another_lora_or_model_is_refused(dpo, cli_args, tiny_mo
     wider = UNet2DConditionModel.from_config({**unet.config, "block_out_channels": [32, 96]})
     wider.save_pretrained(other / "unet")
     with pytest.raises(dpo.InputError, match="does not match this model's LoRA layers"):
-        run_trainer(dpo, cli_args(max_train_steps=2, rank=4, resume_from_checkpoint="latest",
-                                  pretrained_model_name_or_path=other, precompute_cache_dir=tmp_path / "cache2"))
+        run_trainer(
+            dpo,
+            cli_args(
+                max_train_steps=2,
+                rank=4,
+                resume_from_checkpoint="latest",
+                pretrained_model_name_or_path=other,
+                precompute_cache_dir=tmp_path / "cache2",
+            ),
+        )

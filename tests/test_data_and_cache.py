@@ -5,10 +5,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import (
+    N_PAIRS,
+    assert_same_tensors,
+    both_trainers,
+    cache_folders,
+    dataset_rows,
+    lora_weights,
+    run_trainer,
+    tiny_assets,
+)
 from PIL import Image
-
-from conftest import (N_PAIRS, assert_same_tensors, both_trainers, cache_folders, dataset_rows, lora_weights,
-                      run_trainer, tiny_assets)
 
 
 @both_trainers
@@ -53,15 +60,24 @@ def test_a_subset_comes_from_as_few_shards_as_hold_it_and_only_those_are_streame
     assert [shard for _, shard in streamed.tasks] == list(shards_of(picked[0]))  # the other files are not read
     assert sorted(item["index"] for item in streamed) == [0, 1, 2, 3]
 
-    train, validation = dpo.training_and_validation_pairs(dpo.parse_args(cli_args(dataset_name=data,
-                                                                                  max_train_samples=3)))
+    train, validation = dpo.training_and_validation_pairs(
+        dpo.parse_args(cli_args(dataset_name=data, max_train_samples=3))
+    )
     assert len(train) == 3 and validation is None and len(shards_of(train)) == 1
 
 
 def test_training_streams_the_data_and_writes_no_copy_of_it(dpo, cli_args, sharded_pickapic, tmp_path):
     datasets_cache = tmp_path / "hf-datasets"
-    run_trainer(dpo, cli_args(dataset_name=sharded_pickapic, cache_dir=datasets_cache, max_train_samples=8,
-                              max_train_steps=2, dataloader_num_workers=2))  # 2 files, one per decoding worker
+    run_trainer(
+        dpo,
+        cli_args(
+            dataset_name=sharded_pickapic,
+            cache_dir=datasets_cache,
+            max_train_samples=8,
+            max_train_steps=2,
+            dataloader_num_workers=2,
+        ),
+    )  # 2 files, one per decoding worker
     copies = [p for p in Path(datasets_cache).rglob("*") if p.is_file() and p.suffix in (".arrow", ".parquet")]
     assert copies == []  # the datasets library did not download or convert the split
     (cache,) = cache_folders(tmp_path / "cache")
@@ -120,8 +136,11 @@ def test_later_runs_encode_only_what_is_missing(dpo, cli_args, tmp_path, monkeyp
     run_trainer(dpo, cli_args(output_dir=tmp_path / "d", max_train_steps=20))
     again = cache_state(cache)
     np.testing.assert_array_equal(again["encoded"], more["encoded"])
-    np.testing.assert_allclose(again["pair_latents"][more["encoded"]].astype(np.float32),
-                               more["pair_latents"][more["encoded"]].astype(np.float32), atol=1e-3)
+    np.testing.assert_allclose(
+        again["pair_latents"][more["encoded"]].astype(np.float32),
+        more["pair_latents"][more["encoded"]].astype(np.float32),
+        atol=1e-3,
+    )
 
     # a killed multi-process precompute leaves the masks each process saved as part files: their latents count
     base = again["encoded"].copy()

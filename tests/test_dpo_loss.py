@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import both_trainers
+
 
 pytestmark = both_trainers
 
@@ -53,8 +53,9 @@ def test_hinge_and_ipo_formulas_by_hand(dpo):
 def test_swapping_winner_and_loser_flips_the_margin(dpo, loss_type):
     e = ERRORS
     _, metrics = dpo.dpo_loss(**e, beta=100, loss_type=loss_type)
-    _, swapped = dpo.dpo_loss(e["model_err_l"], e["model_err_w"], e["ref_err_l"], e["ref_err_w"], beta=100,
-                              loss_type=loss_type)
+    _, swapped = dpo.dpo_loss(
+        e["model_err_l"], e["model_err_w"], e["ref_err_l"], e["ref_err_w"], beta=100, loss_type=loss_type
+    )
     torch.testing.assert_close(swapped["reward_margin"], -metrics["reward_margin"])
     assert metrics["implicit_acc"] + swapped["implicit_acc"] == pytest.approx(1.0)  # no exact ties here
 

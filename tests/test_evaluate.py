@@ -4,12 +4,12 @@ import importlib.util
 import json
 
 import datasets
+import evaluate_dpo
 import numpy as np
 import pytest
+from conftest import RESOLUTION, both_trainers, cache_folders, run_trainer, tiny_assets
 from PIL import Image
 
-import evaluate_dpo
-from conftest import RESOLUTION, both_trainers, cache_folders, run_trainer, tiny_assets
 
 PROMPTS = list(tiny_assets.CAPTION_POOL)  # 6 prompts the tiny tokenizer knows
 
@@ -25,10 +25,29 @@ def eval_args(tiny_model, tiny_clip_scorer, tmp_path):
     prompts_file.write_text("\n".join(PROMPTS) + "\n\n")  # a trailing blank line is skipped
 
     def build(tuned, output_dir, *extra):
-        return ["--base_model", tiny_model, "--tuned", str(tuned), "--prompts_file", str(prompts_file),
-                "--num_inference_steps", "3", "--resolution", str(RESOLUTION), "--batch_size", "4",
-                "--pickscore_model", tiny_clip_scorer, "--pickscore_processor", tiny_clip_scorer,
-                "--output_dir", str(output_dir), "--num_grid_prompts", "3", *extra]
+        return [
+            "--base_model",
+            tiny_model,
+            "--tuned",
+            str(tuned),
+            "--prompts_file",
+            str(prompts_file),
+            "--num_inference_steps",
+            "3",
+            "--resolution",
+            str(RESOLUTION),
+            "--batch_size",
+            "4",
+            "--pickscore_model",
+            tiny_clip_scorer,
+            "--pickscore_processor",
+            tiny_clip_scorer,
+            "--output_dir",
+            str(output_dir),
+            "--num_grid_prompts",
+            "3",
+            *extra,
+        ]
 
     return build
 
@@ -64,11 +83,14 @@ def test_lora_evaluation_end_to_end_and_rerun_gives_the_same_base_images(dpo, cl
 
     evaluate(eval_args(tmp_path / "out", tmp_path / "rerun"))
     for i in range(len(PROMPTS)):
-        np.testing.assert_array_equal(pixels(images / "base" / f"{i:04d}.png"),
-                                      pixels(tmp_path / "rerun" / "images" / "base" / f"{i:04d}.png"))
+        np.testing.assert_array_equal(
+            pixels(images / "base" / f"{i:04d}.png"), pixels(tmp_path / "rerun" / "images" / "base" / f"{i:04d}.png")
+        )
 
 
-def test_full_fine_tune_as_a_pipeline_folder_or_a_unet_checkpoint_with_prompts_from_a_dataset(dpo, cli_args, eval_args, pickapic_data, tmp_path):
+def test_full_fine_tune_as_a_pipeline_folder_or_a_unet_checkpoint_with_prompts_from_a_dataset(
+    dpo, cli_args, eval_args, pickapic_data, tmp_path
+):
     run_trainer(dpo, cli_args(train_mode="full", learning_rate=1e-2, max_train_steps=2, checkpointing_steps=2))
     captions = datasets.load_dataset(pickapic_data, split="train")["caption"]
     tuned_images = {}
@@ -108,22 +130,29 @@ def test_a_grid_with_no_rows_says_so_instead_of_failing():
     assert grid.size[0] == 2 * evaluate_dpo.GRID_CELL
 
 
-@pytest.mark.parametrize("case,message", [
-    ("empty_tuned", "holds neither pytorch_lora_weights.safetensors (LoRA) nor model_index.json"),
-    ("missing_tuned", "no such folder"),
-    ("unknown_scorer", "--scorers: unknown ['pickscor']"),
-    ("resolution", "--resolution must be a positive multiple of 8"),
-    ("missing_package", "--scorers hpsv2 needs `pip install hpsv2`"),
-    ("num_prompts", "--num_prompts must be at least 1"),
-    ("earlier_evaluation", "already holds an evaluation; choose a new --output_dir"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("empty_tuned", "holds neither pytorch_lora_weights.safetensors (LoRA) nor model_index.json"),
+        ("missing_tuned", "no such folder"),
+        ("unknown_scorer", "--scorers: unknown ['pickscor']"),
+        ("resolution", "--resolution must be a positive multiple of 8"),
+        ("missing_package", "--scorers hpsv2 needs `pip install hpsv2`"),
+        ("num_prompts", "--num_prompts must be at least 1"),
+        ("earlier_evaluation", "already holds an evaluation; choose a new --output_dir"),
+    ],
+)
 def test_bad_flags_fail_in_one_line_before_anything_loads(eval_args, tmp_path, capsys, case, message):
     (tmp_path / "empty").mkdir()
     tuned = tmp_path / ("missing" if case == "missing_tuned" else "empty")
     if case == "missing_package" and importlib.util.find_spec("hpsv2") is not None:
         pytest.skip("hpsv2 is installed here")
-    extra = {"unknown_scorer": ["--scorers", "pickscore,pickscor"], "resolution": ["--resolution", "30"],
-             "missing_package": ["--scorers", "pickscore,hpsv2"], "num_prompts": ["--num_prompts", "0"]}.get(case, [])
+    extra = {
+        "unknown_scorer": ["--scorers", "pickscore,pickscor"],
+        "resolution": ["--resolution", "30"],
+        "missing_package": ["--scorers", "pickscore,hpsv2"],
+        "num_prompts": ["--num_prompts", "0"],
+    }.get(case, [])
     if case == "earlier_evaluation":
         (tmp_path / "eval").mkdir()
         (tmp_path / "eval" / "results.json").write_text("{}")
@@ -136,13 +165,17 @@ def test_bad_flags_fail_in_one_line_before_anything_loads(eval_args, tmp_path, c
     assert message in line
 
 
-@pytest.mark.parametrize("source,message", [
-    ("blank_file", "no prompts in"),
-    ("wrong_column", "has no column 'prompt' (it has ['caption', 'jpg_0', 'jpg_1', 'label_0']); name it with"),
-    ("wrong_split", "split 'validation_unique': "),
-])
-def test_unusable_prompts_are_one_clear_error_before_any_model_loads(eval_args, pickapic_data, tmp_path, source,
-                                                                     message):
+@pytest.mark.parametrize(
+    "source,message",
+    [
+        ("blank_file", "no prompts in"),
+        ("wrong_column", "has no column 'prompt' (it has ['caption', 'jpg_0', 'jpg_1', 'label_0']); name it with"),
+        ("wrong_split", "split 'validation_unique': "),
+    ],
+)
+def test_unusable_prompts_are_one_clear_error_before_any_model_loads(
+    eval_args, pickapic_data, tmp_path, source, message
+):
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "pytorch_lora_weights.safetensors").touch()  # not a loadable LoRA: nothing may load it
     (tmp_path / "blank.txt").write_text("\n  \n")
@@ -172,20 +205,49 @@ def test_sdxl_lora_from_the_sdxl_trainer(dpo, cli_args, eval_args, tiny_sdxl_mod
 
 @both_trainers
 @pytest.mark.parametrize("train_mode", ["lora", "full"])
-def test_implicit_accuracy_mode_reproduces_the_trainers_held_out_numbers(dpo, cli_args, tiny_pipeline, pickapic_data,
-                                                                         tmp_path, train_mode):
+def test_implicit_accuracy_mode_reproduces_the_trainers_held_out_numbers(
+    dpo, cli_args, tiny_pipeline, pickapic_data, tmp_path, train_mode
+):
     # The trainer holds out 4 pairs of the train split (seeded) and evaluates them at the end; the evaluation
     # script, pointed at the same 4 pairs of that split with the same seed, must report the same numbers.
-    trained = run_trainer(dpo, cli_args(train_mode=train_mode, num_validation_pairs=4, learning_rate=1e-2,
-                                        max_train_steps=2, validation_timesteps=3))
-    results = evaluate(["--mode", "implicit_accuracy", "--base_model", tiny_pipeline, "--tuned", str(tmp_path / "out"),
-                        "--preference_dataset", pickapic_data, "--preference_split", "train", "--num_pairs", "4",
-                        "--validation_timesteps", "3", "--resolution", str(RESOLUTION),
-                        "--output_dir", str(tmp_path / "eval")])
+    trained = run_trainer(
+        dpo,
+        cli_args(
+            train_mode=train_mode,
+            num_validation_pairs=4,
+            learning_rate=1e-2,
+            max_train_steps=2,
+            validation_timesteps=3,
+        ),
+    )
+    results = evaluate(
+        [
+            "--mode",
+            "implicit_accuracy",
+            "--base_model",
+            tiny_pipeline,
+            "--tuned",
+            str(tmp_path / "out"),
+            "--preference_dataset",
+            pickapic_data,
+            "--preference_split",
+            "train",
+            "--num_pairs",
+            "4",
+            "--validation_timesteps",
+            "3",
+            "--resolution",
+            str(RESOLUTION),
+            "--output_dir",
+            str(tmp_path / "eval"),
+        ]
+    )
     expected = trained["evaluations"][-1]
     (held_out_cache,) = cache_folders(tmp_path / "cache", n_pairs=4)
     assert results["num_pairs"] == 4 - np.load(held_out_cache / "undecodable.npy").sum()  # its decodable pairs
     for name in ("implicit_acc", "reward_margin", "loss", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l"):
         assert results[name] == pytest.approx(expected[f"eval/{name}"], rel=1e-4, abs=1e-6), name
-    assert json.loads((tmp_path / "eval" / "implicit_accuracy.json").read_text())["implicit_acc"] == \
-        results["implicit_acc"]
+    assert (
+        json.loads((tmp_path / "eval" / "implicit_accuracy.json").read_text())["implicit_acc"]
+        == results["implicit_acc"]
+    )

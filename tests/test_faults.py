@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, assert_same_tensors, both_trainers, cache_folders, lora_weights, run_cli, run_trainer
+
 
 def poison_pair(cache, index):
     """Writes inf into one pair's cached latents, as an fp16 VAE overflow would."""
@@ -34,7 +34,9 @@ def test_a_non_finite_step_is_skipped_and_leaves_the_weights_untouched(dpo, cli_
     two = run_trainer(dpo, cli_args(output_dir=tmp_path / "two", max_train_steps=2, learning_rate=1e-3))
     assert not math.isfinite(two["history"][1]["loss"])
     assert [h["skipped_steps"] for h in two["history"]] == [0, 1]
-    assert_same_tensors(lora_weights(tmp_path / "one"), lora_weights(tmp_path / "two"), atol=0)  # step 2 changed nothing
+    assert_same_tensors(
+        lora_weights(tmp_path / "one"), lora_weights(tmp_path / "two"), atol=0
+    )  # step 2 changed nothing
 
     three = run_trainer(dpo, cli_args(output_dir=tmp_path / "three", max_train_steps=3, learning_rate=1e-3))
     assert math.isfinite(three["history"][2]["loss"]) and three["history"][2]["skipped_steps"] == 1
@@ -55,8 +57,13 @@ def test_only_non_finite_steps_stop_the_run_with_a_clear_message(dpo, cli_args, 
 def launch(dpo, argv, log):
     """Starts a trainer process writing its output to `log` (a pipe nobody reads could fill up and block it)."""
     with open(log, "w") as output:
-        return subprocess.Popen([sys.executable, dpo.__file__, *argv], stdout=output, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+        return subprocess.Popen(
+            [sys.executable, dpo.__file__, *argv],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            cwd=ROOT,
+        )
 
 
 def finished(process, log):
@@ -78,11 +85,20 @@ def kill_when(process, condition, timeout=300):
 
 def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(dpo, cli_args, tmp_path):
     # precompute: one pair per VAE batch, progress committed after every batch
-    common = dict(max_train_steps=7, checkpointing_steps=1, checkpoints_total_limit=2, learning_rate=1e-3,
-                  lr_scheduler="cosine", proportion_empty_prompts=0.3, vae_encode_batch_size=2,
-                  precompute_commit_seconds=0)
-    finished(launch(dpo, cli_args(output_dir=tmp_path / "straight", **common), tmp_path / "straight.log"),
-             tmp_path / "straight.log")
+    common = dict(
+        max_train_steps=7,
+        checkpointing_steps=1,
+        checkpoints_total_limit=2,
+        learning_rate=1e-3,
+        lr_scheduler="cosine",
+        proportion_empty_prompts=0.3,
+        vae_encode_batch_size=2,
+        precompute_commit_seconds=0,
+    )
+    finished(
+        launch(dpo, cli_args(output_dir=tmp_path / "straight", **common), tmp_path / "straight.log"),
+        tmp_path / "straight.log",
+    )
     checkpoint_files = sorted(p.name for p in (tmp_path / "straight" / "checkpoint-7").iterdir())
 
     rng = random.Random(0)
@@ -100,8 +116,11 @@ def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(dpo, 
     # where each trial's first process dies: while precomputing into an empty cache (after some latents were
     # committed), while writing a checkpoint, between steps
     trials = [
-        ("precompute", lambda out, cache: latents_encoded(cache) > 0,
-         lambda out, cache: latents_encoded(cache) < to_encode(out.with_suffix(".log"))),
+        (
+            "precompute",
+            lambda out, cache: latents_encoded(cache) > 0,
+            lambda out, cache: latents_encoded(cache) < to_encode(out.with_suffix(".log")),
+        ),
         ("checkpoint write", writing_checkpoint, lambda out, cache: any(out.glob(".checkpoint-*.partial"))),
         ("between steps", lambda out, cache: (out / f"checkpoint-{done_at}").exists(), lambda out, cache: True),
     ]
@@ -130,15 +149,34 @@ def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(dpo, 
         assert [p.name for p in out.glob("checkpoint-*")] and len(dpo.complete_checkpoints(str(out))) == 2
 
 
-LAUNCH_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+LAUNCH_TWO = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 
 
 @both_trainers
 def test_two_cpu_processes_train_one_model_and_write_it_once(dpo, cli_args, sharded_pickapic, tmp_path):
-    argv = cli_args(dataset_name=sharded_pickapic, max_train_steps=3, checkpointing_steps=1, num_validation_pairs=2,
-                    report_to="tensorboard")
-    result = run_cli(dpo, argv, launcher=LAUNCH_TWO + ["--main_process_port", "29531"], env={"ACCELERATE_USE_CPU": "1"})
+    argv = cli_args(
+        dataset_name=sharded_pickapic,
+        max_train_steps=3,
+        checkpointing_steps=1,
+        num_validation_pairs=2,
+        report_to="tensorboard",
+    )
+    result = run_cli(
+        dpo, argv, launcher=LAUNCH_TWO + ["--main_process_port", "29531"], env={"ACCELERATE_USE_CPU": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stderr
     assert "Num processes: 2" in log
@@ -159,8 +197,12 @@ def test_two_cpu_processes_train_one_model_and_write_it_once(dpo, cli_args, shar
 
 
 def test_two_cpu_processes_without_accelerate_use_cpu_are_refused(dpo, cli_args, tmp_path):
-    result = run_cli(dpo, cli_args(max_train_steps=1), launcher=LAUNCH_TWO + ["--main_process_port", "29533"],
-                     env={"CUDA_VISIBLE_DEVICES": ""})
+    result = run_cli(
+        dpo,
+        cli_args(max_train_steps=1),
+        launcher=LAUNCH_TWO + ["--main_process_port", "29533"],
+        env={"CUDA_VISIBLE_DEVICES": ""},
+    )
     assert result.returncode != 0
     assert "error: launched as 2 processes, but each runs alone" in result.stderr
     assert "ACCELERATE_USE_CPU=1" in result.stderr

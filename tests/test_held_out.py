@@ -6,11 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import N_PAIRS, both_trainers, cache_folders, run_trainer
 
-EVAL_KEYS = {"eval/loss", "eval/implicit_acc", "eval/reward_margin", "eval/model_mse_w", "eval/model_mse_l",
-             "eval/ref_mse_w", "eval/ref_mse_l"}
+
+EVAL_KEYS = {
+    "eval/loss",
+    "eval/implicit_acc",
+    "eval/reward_margin",
+    "eval/model_mse_w",
+    "eval/model_mse_l",
+    "eval/ref_mse_w",
+    "eval/ref_mse_l",
+}
 
 pytestmark = both_trainers
 
@@ -18,14 +25,24 @@ pytestmark = both_trainers
 def test_held_out_pairs_are_set_aside_from_training(dpo, cli_args):
     train, validation = dpo.training_and_validation_pairs(dpo.parse_args(cli_args(num_validation_pairs=3)))
     assert len(validation) == 3 and len(train) == N_PAIRS + 1 - 3
-    assert sorted([*train.rows, *validation.rows]) == sorted(dpo.load_preference_pairs(
-        dpo.parse_args(cli_args()), "train").rows)  # every pair is in exactly one of the two
+    assert sorted([*train.rows, *validation.rows]) == sorted(
+        dpo.load_preference_pairs(dpo.parse_args(cli_args()), "train").rows
+    )  # every pair is in exactly one of the two
 
 
 @pytest.mark.parametrize("train_mode", ["lora", "full"])
 def test_held_out_metrics_start_at_chance_and_move_with_training(dpo, cli_args, train_mode):
-    result = run_trainer(dpo, cli_args(train_mode=train_mode, num_validation_pairs=4, validation_steps=2,
-                                  max_train_steps=3, learning_rate=1e-2, validation_timesteps=3))
+    result = run_trainer(
+        dpo,
+        cli_args(
+            train_mode=train_mode,
+            num_validation_pairs=4,
+            validation_steps=2,
+            max_train_steps=3,
+            learning_rate=1e-2,
+            validation_timesteps=3,
+        ),
+    )
     steps = [e["step"] for e in result["evaluations"]]
     assert steps == [0, 2, 3]  # before training, every validation_steps, at the end
     start, end = result["evaluations"][0], result["evaluations"][-1]
@@ -63,8 +80,9 @@ def test_a_validation_split_of_the_dataset(dpo, cli_args, pickapic_data, tmp_pat
     shutil.copytree(pickapic_data, data)
     (train_file,) = Path(data).glob("train-*.parquet")
     shutil.copy(train_file, data / "validation-00000-of-00001.parquet")
-    result = run_trainer(dpo, cli_args(dataset_name=data, validation_split_name="validation", num_validation_pairs=5,
-                                  max_train_steps=1))
+    result = run_trainer(
+        dpo, cli_args(dataset_name=data, validation_split_name="validation", num_validation_pairs=5, max_train_steps=1)
+    )
     assert result["evaluations"][0]["eval/implicit_acc"] == 0.5
 
 

@@ -2,17 +2,16 @@
 
 import pytest
 import torch
+from conftest import RESOLUTION, both_trainers, pipeline_class, run_trainer, unet_output
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from conftest import RESOLUTION, both_trainers, pipeline_class, run_trainer, unet_output
 
 pytestmark = both_trainers
 
 
 @pytest.mark.parametrize("weights_dir", ["out", "out/checkpoint-2"])
-def test_lora_reloads_with_load_lora_weights_and_changes_the_unet(dpo, cli_args, tiny_pipeline, tmp_path,
-                                                                  weights_dir):
+def test_lora_reloads_with_load_lora_weights_and_changes_the_unet(dpo, cli_args, tiny_pipeline, tmp_path, weights_dir):
     run_trainer(dpo, cli_args(learning_rate=1e-2, max_train_steps=2, checkpointing_steps=2))
     pipeline = pipeline_class(dpo).from_pretrained(tiny_pipeline)
     base = unet_output(pipeline.unet)
@@ -34,8 +33,17 @@ def test_full_fine_tuning_saves_a_pipeline_that_from_pretrained_loads(dpo, cli_a
 
 def test_validation_renders_grids_and_logs_to_tensorboard(dpo, cli_args, tmp_path):
     prompts = ["a shape", "a photo of a shape"]
-    run_trainer(dpo, cli_args(run_validation=True, validation_steps=2, max_train_steps=3, validation_prompts=prompts,
-                         num_validation_inference_steps=2, report_to="tensorboard"))
+    run_trainer(
+        dpo,
+        cli_args(
+            run_validation=True,
+            validation_steps=2,
+            max_train_steps=3,
+            validation_prompts=prompts,
+            num_validation_inference_steps=2,
+            report_to="tensorboard",
+        ),
+    )
     validation = tmp_path / "out" / "validation"
     # the untuned model once, then every validation_steps, then at the end
     assert sorted(p.name for p in validation.iterdir()) == ["reference.png", "step-000002.png", "step-000003.png"]
@@ -43,7 +51,16 @@ def test_validation_renders_grids_and_logs_to_tensorboard(dpo, cli_args, tmp_pat
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logged = EventAccumulator(str(tmp_path / "out" / "logs" / "diffusion-dpo")).Reload()  # logs/<tracker_name>
-    for scalar in ("loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l", "lr"):
+    for scalar in (
+        "loss",
+        "implicit_acc",
+        "reward_margin",
+        "model_mse_w",
+        "model_mse_l",
+        "ref_mse_w",
+        "ref_mse_l",
+        "lr",
+    ):
         assert [e.step for e in logged.Scalars(scalar)] == [1, 2, 3], scalar
     assert logged.Tags()["images"]  # the validation images
 
@@ -56,8 +73,9 @@ def test_model_card_and_push_to_hub_upload_the_result_without_checkpoints(dpo, c
 
     monkeypatch.setattr(dpo, "create_repo", lambda **kwargs: calls.setdefault("create_repo", kwargs) and Repo)
     monkeypatch.setattr(dpo, "upload_folder", lambda **kwargs: calls.setdefault("upload_folder", kwargs))
-    run_trainer(dpo, cli_args(push_to_hub=True, hub_model_id="someone/my-dpo-lora", checkpointing_steps=1,
-                         beta_dpo=2500))
+    run_trainer(
+        dpo, cli_args(push_to_hub=True, hub_model_id="someone/my-dpo-lora", checkpointing_steps=1, beta_dpo=2500)
+    )
 
     assert calls["create_repo"]["repo_id"] == "someone/my-dpo-lora" and calls["create_repo"]["exist_ok"]
     upload = calls["upload_folder"]
@@ -65,6 +83,12 @@ def test_model_card_and_push_to_hub_upload_the_result_without_checkpoints(dpo, c
     assert "checkpoint-*" in upload["ignore_patterns"]
 
     card = (tmp_path / "out" / "README.md").read_text()
-    for expected in ("diffusion-dpo", "lora", "base_model:", "β = 2500", 'load_lora_weights("someone/my-dpo-lora")',
-                     "2 steps"):
+    for expected in (
+        "diffusion-dpo",
+        "lora",
+        "base_model:",
+        "β = 2500",
+        'load_lora_weights("someone/my-dpo-lora")',
+        "2 steps",
+    ):
         assert expected in card, expected

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, assert_same_tensors, lora_weights, run_trainer
+
 
 LN2 = math.log(2)
 
@@ -22,12 +22,27 @@ def test_speed_options_train_the_same_lora(dpo, cli_args, tmp_path, option):
 
 
 def test_benchmark_prints_dpo_and_sft_step_times(tmp_path):
-    command = [sys.executable, str(ROOT / "benchmarks" / "benchmark_dpo.py"), "--preset", "tiny", "--n_pairs", "8",
-               "--steps", "4", "--warmup", "1", "--work_dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "benchmark_dpo.py"),
+        "--preset",
+        "tiny",
+        "--n_pairs",
+        "8",
+        "--steps",
+        "4",
+        "--warmup",
+        "1",
+        "--work_dir",
+        str(tmp_path),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {line.split("|")[1].strip(): line.split("|") for line in result.stdout.splitlines()
-            if line.startswith("| lora") or line.startswith("| full")}
+    rows = {
+        line.split("|")[1].strip(): line.split("|")
+        for line in result.stdout.splitlines()
+        if line.startswith("| lora") or line.startswith("| full")
+    }
     assert set(rows) == {"lora", "full"}
     for row in rows.values():
         dpo_step, sft_step, ratio = (float(row[i]) for i in (2, 3, 4))

@@ -4,11 +4,11 @@ import io
 
 import pytest
 import torch
+from conftest import RESOLUTION, cache_folders, dataset_rows, run_trainer
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 import train_diffusion_dpo_sdxl as dpo_xl
-from conftest import RESOLUTION, cache_folders, dataset_rows, run_trainer
 
 
 @pytest.fixture
@@ -44,7 +44,8 @@ def test_cached_embeddings_equal_the_pipelines_own_encode_prompt(xl_args, tiny_s
     pairs = dpo_xl.CachedPreferencePairs(cache)
     index = int(pairs.valid_indices[0])
     caption = dpo_xl.load_preference_pairs(dpo_xl.parse_args(xl_args(output_dir=tmp_path / "x")), "train").captions[
-        index]
+        index
+    ]
     pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model)
     prompt_embeds, _, pooled, _ = pipeline.encode_prompt(caption, do_classifier_free_guidance=False)
     item = pairs[(index, int(pairs.encoded[index].argmax()), False)]  # the orientation a 1-epoch run encoded
@@ -67,6 +68,10 @@ def test_the_vae_encodes_in_fp32_unless_a_safe_vae_is_given(xl_args, tiny_sdxl_m
     assert dpo_xl.vae_dtype(custom, torch.float16) == torch.float16
     # a separately given VAE trains, and gets its own cache
     run_trainer(dpo_xl, xl_args(max_train_steps=1, output_dir=tmp_path / "a"))
-    run_trainer(dpo_xl, xl_args(max_train_steps=1, output_dir=tmp_path / "b",
-                                pretrained_vae_model_name_or_path=f"{tiny_sdxl_model}/vae"))
+    run_trainer(
+        dpo_xl,
+        xl_args(
+            max_train_steps=1, output_dir=tmp_path / "b", pretrained_vae_model_name_or_path=f"{tiny_sdxl_model}/vae"
+        ),
+    )
     assert len(cache_folders(tmp_path / "cache")) == 2

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import both_trainers, cache_folders, lora_weights, run_cli, run_trainer
+
 
 LN2 = math.log(2)
 
@@ -75,13 +75,17 @@ def test_reference_pass_re_enables_the_adapter_even_when_it_fails(dpo, cli_args)
     assert lora_params and all(p.requires_grad for p in lora_params)
 
 
-@pytest.mark.parametrize("flags", [
-    {"use_adafactor": True},
-    {"use_8bit_adam": True},
-    {"sft": True},
-    {"loss_type": "hinge", "gradient_checkpointing": True},
-    {"loss_type": "ipo", "proportion_empty_prompts": 0.5, "random_crop": True},
-], ids=["adafactor", "8bit-adam", "sft", "hinge+checkpointing", "ipo+dropout+crop"])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"use_adafactor": True},
+        {"use_8bit_adam": True},
+        {"sft": True},
+        {"loss_type": "hinge", "gradient_checkpointing": True},
+        {"loss_type": "ipo", "proportion_empty_prompts": 0.5, "random_crop": True},
+    ],
+    ids=["adafactor", "8bit-adam", "sft", "hinge+checkpointing", "ipo+dropout+crop"],
+)
 def test_lora_weights_move_under_every_objective_and_optimizer(dpo, cli_args, tmp_path, flags):
     result = run_trainer(dpo, cli_args(learning_rate=1e-3, max_train_steps=2, **flags))
     assert result["global_step"] == 2 and all(math.isfinite(h["loss"]) for h in result["history"])
@@ -91,8 +95,19 @@ def test_lora_weights_move_under_every_objective_and_optimizer(dpo, cli_args, tm
 
 @both_trainers
 def test_accelerate_launch_runs_the_script(dpo, cli_args, tmp_path):
-    launcher = [__import__("sys").executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = [
+        __import__("sys").executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     completed = run_cli(dpo, cli_args(max_train_steps=2, report_to="tensorboard"), launcher=launcher)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert (tmp_path / "out" / dpo.LORA_WEIGHT_NAME).exists()
