@@ -408,6 +408,10 @@ def validate_args(args):
             "--enable_xformers_memory_efficient_attention needs xformers (CUDA only: `pip install xformers`); "
             "without the flag PyTorch's SDPA attention is used, which is as fast on recent PyTorch"
         )
+
+
+def check_output_dir(args):
+    """Refuses to train over an earlier run's results unless resuming it (reads the disk, so main calls it)."""
     if args.resume_from_checkpoint not in (None, "latest"):
         checkpoint = resolve_checkpoint(args)
         if checkpoint is None:
@@ -1612,6 +1616,7 @@ def push_to_hub(args, repo_id):
 
 def main(args):
     """Trains and saves; returns {'global_step', 'history': [per-step metrics], 'evaluations': [held-out metrics]}."""
+    check_output_dir(args)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,

@@ -23,7 +23,6 @@ from conftest import both_trainers, cache_folders, run_cli, run_trainer, tiny_as
         ({"loss_type": "kto"}, "invalid choice: 'kto'"),
         ({"lr_scheduler": "warmup_cosine"}, "invalid choice: 'warmup_cosine'"),
         ({"max_train_steps": 0}, "--max_train_steps must be at least 1"),
-        ({"resume_from_checkpoint": "checkpoint-99"}, "no such checkpoint folder"),
         ({"report_to": "wandb", "hub_token": "hf_secret"}, "would log your token"),
         ({"enable_xformers_memory_efficient_attention": True}, "needs xformers"),
         ({"use_8bit_adam": True, "use_adafactor": True}, "choose one of --use_8bit_adam and --use_adafactor"),
@@ -35,7 +34,6 @@ from conftest import both_trainers, cache_folders, run_cli, run_trainer, tiny_as
         "loss_type",
         "scheduler",
         "zero-steps",
-        "resume-path",
         "wandb-token",
         "xformers",
         "optimizers",
@@ -62,22 +60,24 @@ def test_8bit_adam_without_bitsandbytes(dpo, cli_args, capsys, monkeypatch):
     assert "--use_8bit_adam needs `pip install bitsandbytes`" in capsys.readouterr().err
 
 
-def test_an_earlier_run_is_never_overwritten(dpo, cli_args, capsys):
+def test_an_earlier_run_is_never_overwritten(dpo, cli_args):
     run_trainer(dpo, cli_args(max_train_steps=1))
-    with pytest.raises(SystemExit):
-        dpo.parse_args(cli_args(max_train_steps=1))
-    assert "already holds a trained model" in capsys.readouterr().err
+    with pytest.raises(dpo.InputError, match="already holds a trained model"):
+        run_trainer(dpo, cli_args(max_train_steps=1))
 
 
-def test_resume_needs_a_checkpoint_folder_and_never_restarts_over_a_finished_model(dpo, cli_args, tmp_path, capsys):
+def test_resume_never_restarts_over_a_finished_model(dpo, cli_args):
     run_trainer(dpo, cli_args(max_train_steps=1, checkpointing_steps=5))  # finished, no checkpoint written
-    with pytest.raises(SystemExit):
-        dpo.parse_args(cli_args(resume_from_checkpoint="latest"))
-    assert "holds a finished model but no checkpoint" in capsys.readouterr().err
+    with pytest.raises(dpo.InputError, match="holds a finished model but no checkpoint"):
+        run_trainer(dpo, cli_args(resume_from_checkpoint="latest"))
+
+
+def test_resume_needs_an_existing_checkpoint_folder(dpo, cli_args, tmp_path):
+    with pytest.raises(dpo.InputError, match="no such checkpoint folder"):
+        run_trainer(dpo, cli_args(resume_from_checkpoint="checkpoint-99"))
     (tmp_path / "not-a-checkpoint").mkdir()
-    with pytest.raises(SystemExit):
-        dpo.parse_args(cli_args(resume_from_checkpoint=tmp_path / "not-a-checkpoint"))
-    assert "expected a folder named checkpoint-<step>" in capsys.readouterr().err
+    with pytest.raises(dpo.InputError, match="expected a folder named checkpoint-<step>"):
+        run_trainer(dpo, cli_args(resume_from_checkpoint=tmp_path / "not-a-checkpoint"))
 
 
 def test_missing_columns_are_named(dpo, cli_args):
