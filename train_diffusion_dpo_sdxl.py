@@ -29,6 +29,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 import diffusers
@@ -593,6 +594,9 @@ def labels_and_captions(args, split, identity, num_shards):
 class PreferencePairs:
     """The decided pairs of one split, or a subset of them: each pair's row in the split, caption and which image
     won, from one pass over the label and caption columns. Images stay in the source until precompute streams them.
+
+    Names used throughout: these source pairs are `source_pairs` (`train_source`, `held_out_source`); the pairs
+    read back from their cache, CachedPreferencePairs, are `cached` (`train_pairs`, `held_out_pairs`).
     """
 
     def __init__(self, identity, rows, captions, second_is_winner, shard_starts):
@@ -664,28 +668,28 @@ def load_preference_pairs(args, split):
 def training_and_validation_pairs(args):
     """The training pairs and the held-out validation pairs (None without --validation_split_name or
     --num_validation_pairs). Held-out pairs come from their own split, or are set aside from the training split."""
-    train = load_preference_pairs(args, args.dataset_split_name)
-    validation = None
+    train_source = load_preference_pairs(args, args.dataset_split_name)
+    held_out_source = None
     if args.validation_split_name is not None:
-        validation = load_preference_pairs(args, args.validation_split_name)
+        held_out_source = load_preference_pairs(args, args.validation_split_name)
         if args.num_validation_pairs:
-            validation = validation.subset(validation.sample(args.num_validation_pairs, args.seed))
+            held_out_source = held_out_source.subset(held_out_source.sample(args.num_validation_pairs, args.seed))
     elif args.num_validation_pairs:
-        if args.num_validation_pairs >= len(train):
+        if args.num_validation_pairs >= len(train_source):
             raise InputError(
                 f"--num_validation_pairs {args.num_validation_pairs} leaves no training pairs "
-                f"(the split has {len(train)})"
+                f"(the split has {len(train_source)})"
             )
-        held_out = train.sample(args.num_validation_pairs, args.seed)
-        validation = train.subset(held_out)
-        train = train.subset(np.setdiff1d(np.arange(len(train)), held_out))
+        held_out = train_source.sample(args.num_validation_pairs, args.seed)
+        held_out_source = train_source.subset(held_out)
+        train_source = train_source.subset(np.setdiff1d(np.arange(len(train_source)), held_out))
     if args.max_train_samples is not None:
-        train = train.subset(train.sample(args.max_train_samples, args.seed))
+        train_source = train_source.subset(train_source.sample(args.max_train_samples, args.seed))
     logger.info(
-        f"Training on {len(train)} preference pairs"
-        + (f", validating on {len(validation)} held-out pairs." if validation is not None else ".")
+        f"Training on {len(train_source)} preference pairs"
+        + (f", validating on {len(held_out_source)} held-out pairs." if held_out_source is not None else ".")
     )
-    return train, validation
+    return train_source, held_out_source
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -724,19 +728,44 @@ def folder_identity(path, args, subfolders):
     return identity
 
 
-def precompute_cache_path(args, pairs, encode_dtype):
-    fields = {
+class CacheRequest(NamedTuple):
+    """A request for the cache of some source pairs, holding the latents that `epochs` training epochs read; epochs
+    None: a held-out set, each pair read as stored."""
+
+    source_pairs: PreferencePairs
+    epochs: int | None = None
+
+
+class CacheAddress(NamedTuple):
+    """A cache folder and the fields its name is hashed from (everything its contents depend on)."""
+
+    path: Path
+    key_fields: dict
+
+
+class PlannedCache(NamedTuple):
+    """A cache request resolved: the source pairs, their cache folder and key fields, and the latents the run reads
+    ((pairs, orientations) bool, see latents_read)."""
+
+    source_pairs: PreferencePairs
+    path: Path
+    key_fields: dict
+    needed: np.ndarray
+
+
+def precompute_cache_path(args, source_pairs, encode_dtype):
+    key_fields = {
         "format": CACHE_FORMAT_VERSION,
         "model": model_identity(args),
         "encode_dtype": [str(encode_dtype), str(vae_dtype(args, encode_dtype))],  # text encoders, VAE
         "resolution": args.resolution,
         "crop": f"random(seed={args.seed})" if args.random_crop else "center",
         "hflip": not args.no_hflip,
-        "pairs": pairs.fingerprint,  # changes with the data, the split, the subset and the order
+        "pairs": source_pairs.fingerprint,  # changes with the data, the split, the subset and the order
         "columns": [args.image_0_column, args.image_1_column, args.label_column, args.caption_column],
     }
-    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
-    return cache_root(args) / key, fields
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
+    return CacheAddress(cache_root(args) / key, key_fields)
 
 
 def decode_image(value):
@@ -764,13 +793,20 @@ def resize_and_crop(image, resolution, crop_rng):
     return image.crop((left, top, left + resolution, top + resolution)), (top, left, width)
 
 
+class PairsToDecode(NamedTuple):
+    """Source pairs for PairPixels to decode: those at `positions` (None: all)."""
+
+    source_pairs: PreferencePairs
+    positions: np.ndarray | None = None
+
+
 class PairPixels(torch.utils.data.IterableDataset):
     """Streams the source shards that hold pending pairs (each DataLoader worker its own shards) and yields those
     pairs decoded and cropped, winner first, plus their mirrored copies, with each image's SDXL time ids (original
-    height, original width, crop top, crop left, target height, target width). `jobs`: (PreferencePairs, positions
-    of the pairs to yield, None for all); items carry their job's number and the pair's position in it."""
+    height, original width, crop top, crop left, target height, target width). `to_decode`: a list of PairsToDecode;
+    items carry the number of theirs in it ("group") and the pair's position in its source pairs ("index")."""
 
-    def __init__(self, args, jobs, part=0, parts=1):
+    def __init__(self, args, to_decode, part=0, parts=1):
         self.args = args
         self.resolution = args.resolution
         self.random_crop = args.random_crop
@@ -778,15 +814,17 @@ class PairPixels(torch.utils.data.IterableDataset):
         self.seed = args.seed
         self.image_processor = VaeImageProcessor(do_resize=False)
         self.num_orientations = 2 if self.hflip else 1
-        self.jobs = jobs
-        self.tasks = {}  # (split, shard) -> {row in the split: [(job, position), ...]}
-        self.splits = {pairs.identity["split"]: pairs for pairs, _ in jobs}  # per split: its identity, shard starts
-        for job, (pairs, positions) in enumerate(jobs):
-            positions = np.arange(len(pairs)) if positions is None else positions
-            shards = np.searchsorted(pairs.shard_starts, pairs.rows[positions], side="right") - 1
+        self.to_decode = to_decode
+        self.tasks = {}  # (split, shard) -> {row in the split: [(group, position), ...]}
+        self.splits = {}  # per split: its source pairs (identity, shard starts)
+        for group, (source_pairs, positions) in enumerate(to_decode):
+            split = source_pairs.identity["split"]
+            self.splits[split] = source_pairs
+            positions = np.arange(len(source_pairs)) if positions is None else positions
+            shards = np.searchsorted(source_pairs.shard_starts, source_pairs.rows[positions], side="right") - 1
             for position, shard in zip(positions.tolist(), shards.tolist()):
-                rows = self.tasks.setdefault((pairs.identity["split"], shard), {})
-                rows.setdefault(int(pairs.rows[position]), []).append((job, position))
+                rows = self.tasks.setdefault((split, shard), {})
+                rows.setdefault(int(source_pairs.rows[position]), []).append((group, position))
         self.tasks = {task: self.tasks[task] for task in sorted(self.tasks)[part::parts]}  # this process's shards
         self.num_pairs = sum(len(found) for rows in self.tasks.values() for found in rows.values())
 
@@ -798,8 +836,8 @@ class PairPixels(torch.utils.data.IterableDataset):
             if split not in streams:
                 streams[split] = stream_split(self.args, split, columns)[0]
             stream, wanted = streams[split], self.tasks[(split, shard)]
-            source = self.splits[split]
-            row, unseen = int(source.shard_starts[shard]), {found for rows in wanted.values() for found in rows}
+            source_pairs = self.splits[split]
+            row, unseen = int(source_pairs.shard_starts[shard]), {found for rows in wanted.values() for found in rows}
             # .iter(), not a for loop over the stream: inside a DataLoader worker the latter splits the (one) shard
             # among the workers again, and all but one would see nothing
             batches = stream.shard(stream.num_shards, shard, contiguous=True).iter(batch_size=64)
@@ -808,32 +846,32 @@ class PairPixels(torch.utils.data.IterableDataset):
                     batch = next(batches, None)
                 except Exception as error:  # a broken file costs its pairs (counted skips), not the run
                     logger.warning(
-                        f"Skipping {len(unseen)} pairs of {source_file(source.identity, shard)}: "
+                        f"Skipping {len(unseen)} pairs of {source_file(source_pairs.identity, shard)}: "
                         f"unreadable ({type(error).__name__}: {error})",
                         main_process_only=False,
                     )
-                    yield from (self.skipped(job, position) for job, position in sorted(unseen))
+                    yield from (self.skipped(group, position) for group, position in sorted(unseen))
                     break
                 if batch is None:
                     break
                 for offset in range(len(batch[columns[0]])):
-                    for job, position in wanted.get(row + offset, ()):
-                        unseen.discard((job, position))
-                        yield self.decode(job, position, {column: batch[column][offset] for column in columns})
+                    for group, position in wanted.get(row + offset, ()):
+                        unseen.discard((group, position))
+                        yield self.decode(group, position, {column: batch[column][offset] for column in columns})
                 row += len(batch[columns[0]])
 
-    def skipped(self, job, position):
+    def skipped(self, group, position):
         shape = (self.num_orientations, 2, 3, self.resolution, self.resolution)
         return {
-            "job": job,
+            "group": group,
             "index": position,
             "ok": False,
             "pixels": torch.zeros(shape),
             "time_ids": torch.zeros(self.num_orientations, 2, 6),
         }
 
-    def decode(self, job, position, example):
-        item = self.skipped(job, position)
+    def decode(self, group, position, example):
+        item = self.skipped(group, position)
         try:
             images = [decode_image(example[column]) for column in (self.args.image_0_column, self.args.image_1_column)]
         except Exception as error:  # PIL raises OSError, ValueError, SyntaxError... for broken files
@@ -842,7 +880,7 @@ class PairPixels(torch.utils.data.IterableDataset):
                 main_process_only=False,
             )
             return item
-        if self.jobs[job][0].second_is_winner[position]:
+        if self.to_decode[group].source_pairs.second_is_winner[position]:
             images.reverse()
         crop_rng = np.random.default_rng([self.seed, position]) if self.random_crop else None
         crops, time_ids, flipped_time_ids = [], [], []
@@ -865,7 +903,7 @@ class PairPixels(torch.utils.data.IterableDataset):
         }
 
 
-def load_text_encoders_and_tokenizers(args, device, dtype):
+def load_text_encoders(args, device, dtype):
     """SDXL's two CLIP text encoders (the second with a projection) and their tokenizers."""
     encoders, tokenizers = [], []
     for suffix in ("", "_2"):
@@ -971,12 +1009,12 @@ def save_atomically(path, array):
     os.replace(partial, path)
 
 
-def create_cache(args, pairs, cache_path, cache_fields, text_encoders, tokenizers, latent_shape):
-    """A new cache folder with its text part and empty latent storage, written under a temporary name and renamed
-    when complete (an interrupted run never leaves a folder that looks valid)."""
-    partial = cache_path.with_name(f".{cache_path.name}.partial-{uuid.uuid4().hex[:8]}")
+def create_cache(args, planned, text_encoders, tokenizers, latent_shape):
+    """The new cache folder of a PlannedCache with its text part and empty latent storage, written under a temporary
+    name and renamed when complete (an interrupted run never leaves a folder that looks valid)."""
+    partial = planned.path.with_name(f".{planned.path.name}.partial-{uuid.uuid4().hex[:8]}")
     partial.mkdir(parents=True)
-    captions = [str(caption) for caption in pairs.captions]
+    captions = [str(caption) for caption in planned.source_pairs.captions]
     unique_captions = [""] + sorted(set(captions) - {""})  # row 0: the empty caption (prompt dropout)
     row_of = {caption: row for row, caption in enumerate(unique_captions)}
     np.save(partial / "caption_index.npy", np.array([row_of[c] for c in captions], dtype=np.int32))
@@ -1000,15 +1038,17 @@ def create_cache(args, pairs, cache_path, cache_fields, text_encoders, tokenizer
     np.save(partial / "encoded.npy", np.zeros((len(captions), n_orientations), dtype=bool))
     np.save(partial / "undecodable.npy", np.zeros(len(captions), dtype=bool))
     (partial / "cache_info.json").write_text(
-        json.dumps({**cache_fields, "pairs": len(captions), "unique_captions": len(unique_captions) - 1}, indent=2)
+        json.dumps(
+            {**planned.key_fields, "pairs": len(captions), "unique_captions": len(unique_captions) - 1}, indent=2
+        )
     )
-    os.replace(partial, cache_path)
+    os.replace(partial, planned.path)
 
 
-def create_missing_caches(args, jobs, accelerator, encode_dtype):
-    """Creates the caches of `jobs` (PreferencePairs, cache_path, cache_fields, needed) that do not exist yet: the
-    text part, each unique caption encoded once with the text encoders (loaded only if a cache is missing), and
-    empty latent storage that encode_latents fills. A cache folder holds:
+def create_missing_caches(args, planned_caches, accelerator, encode_dtype):
+    """Creates the caches of `planned_caches` (PlannedCache) that do not exist yet: the text part, each unique caption
+    encoded once with the text encoders (loaded only if a cache is missing), and empty latent storage that
+    encode_latents fills. A cache folder holds:
       caption_index.npy  (pairs,) int32 row of prompt_embeds; row 0 is the empty caption (prompt dropout)
       prompt_embeds.npy  (unique captions + 1, tokens, dim) float16, both encoders' hidden states concatenated
       pooled_prompt_embeds.npy  (unique captions + 1, dim) float16
@@ -1018,29 +1058,51 @@ def create_missing_caches(args, jobs, accelerator, encode_dtype):
       undecodable.npy    (pairs,) bool: pairs with an image that could not be decoded (skipped)
       encoded.part-<k>.npy, undecodable.part-<k>.npy  what process k of a machine encoded, until folded in
     """
-    device = accelerator.device
-    new_caches = [job for job in jobs if not job[1].exists()]
+    new_caches = [planned for planned in planned_caches if not planned.path.exists()]
     if new_caches:
         vae_config = load_vae_config(args)
         latent_size = args.resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
-        text_encoders, tokenizers = load_text_encoders_and_tokenizers(args, device, encode_dtype)
-        for pairs, cache_path, cache_fields, _ in new_caches:
-            logger.info(f"Creating the latent and text-embedding cache {cache_path}")
-            create_cache(
-                args,
-                pairs,
-                cache_path,
-                cache_fields,
-                text_encoders,
-                tokenizers,
-                (vae_config["latent_channels"], latent_size, latent_size),
-            )
+        latent_shape = (vae_config["latent_channels"], latent_size, latent_size)
+        text_encoders, tokenizers = load_text_encoders(args, accelerator.device, encode_dtype)
+        for planned in new_caches:
+            logger.info(f"Creating the latent and text-embedding cache {planned.path}")
+            create_cache(args, planned, text_encoders, tokenizers, latent_shape)
         del text_encoders
         free_memory()
 
 
-def encode_latents(args, jobs, accelerator, encode_dtype, part=0, parts=1):
-    """Encodes the latents in `needed` that the caches lack. With `parts` > 1 the processes of a machine share the
+class LatentCache:
+    """The latent storage of one cache, open for encoding: its masks, the latents this process encodes into it
+    (`todo`, (pairs, orientations) bool), and once `open`, the memory-mapped latents and time ids. Masks are saved as
+    encoded<suffix>.npy / undecodable<suffix>.npy (see fold_parts)."""
+
+    def __init__(self, path, needed, suffix=""):
+        self.path = path
+        self.suffix = suffix
+        self.encoded = np.load(path / "encoded.npy")
+        self.undecodable = np.load(path / "undecodable.npy")
+        self.todo = needed & ~self.encoded & ~self.undecodable[:, None]
+        self.pair_latents = self.time_ids = None
+
+    def open(self):
+        self.pair_latents = np.load(self.path / "pair_latents.npy", mmap_mode="r+")
+        self.time_ids = np.load(self.path / "time_ids.npy", mmap_mode="r+")
+
+    def store(self, index, orientation, latent, time_ids):
+        self.pair_latents[index, orientation] = latent
+        self.time_ids[index, orientation] = time_ids
+        self.encoded[index, orientation] = True
+
+    def commit(self):
+        """Latents reach the disk before the masks that say they are there."""
+        self.pair_latents.flush()
+        self.time_ids.flush()
+        save_atomically(self.path / f"encoded{self.suffix}.npy", self.encoded)
+        save_atomically(self.path / f"undecodable{self.suffix}.npy", self.undecodable)
+
+
+def encode_latents(args, planned_caches, accelerator, encode_dtype, part=0, parts=1):
+    """Encodes the latents the PlannedCaches need and lack. With `parts` > 1 the processes of a machine share the
     work: each streams its own source shards and saves its masks as encoded.part-<part>.npy (see fold_parts).
     Latents are committed every --precompute_commit_seconds: flushed to disk first, then the masks replaced
     atomically, so an interrupted precompute loses at most that much work and the next run resumes it."""
@@ -1048,39 +1110,27 @@ def encode_latents(args, jobs, accelerator, encode_dtype, part=0, parts=1):
     encode_dtype = vae_dtype(args, encode_dtype)
     # channels-last convolutions encode 1.4x faster on CPU (measured); on GPUs only with --channels_last
     memory_format = torch.channels_last if args.channels_last or device.type == "cpu" else torch.contiguous_format
-    caches = []  # per job: its masks, what to encode, and its latent storage once opened
-    for pairs, cache_path, _, needed in jobs:
-        encoded, undecodable = np.load(cache_path / "encoded.npy"), np.load(cache_path / "undecodable.npy")
-        todo = needed & ~encoded & ~undecodable[:, None]
-        if part == 0:
+    caches = [
+        LatentCache(planned.path, planned.needed, f".part-{part}" if parts > 1 else "") for planned in planned_caches
+    ]
+    if part == 0:
+        for cache in caches:
             logger.info(
-                f"Cache {cache_path.name}: {int(encoded.sum())} pair latents present, {int(todo.sum())} to "
-                f"encode{f' by {parts} processes' if parts > 1 else ''}"
+                f"Cache {cache.path.name}: {int(cache.encoded.sum())} pair latents present, {int(cache.todo.sum())} "
+                f"to encode{f' by {parts} processes' if parts > 1 else ''}"
             )
-        caches.append({"path": cache_path, "encoded": encoded, "undecodable": undecodable, "todo": todo})
     # The source is streamed shard by shard, reading only shards with pending pairs; JPEG decoding and resizing
     # run in loader workers (each its own shards), overlapping the VAE.
-    pixels = PairPixels(
-        args,
-        [(pairs, np.flatnonzero(cache["todo"].any(axis=1))) for (pairs, *_), cache in zip(jobs, caches)],
-        part,
-        parts,
-    )
+    to_decode = [
+        PairsToDecode(planned.source_pairs, np.flatnonzero(cache.todo.any(axis=1)))
+        for planned, cache in zip(planned_caches, caches)
+    ]
+    pixels = PairPixels(args, to_decode, part, parts)
     if pixels.num_pairs == 0:
         return
     vae = load_vae(args, encode_dtype).to(device).eval().requires_grad_(False).to(memory_format=memory_format)
     for cache in caches:
-        cache["pair_latents"] = np.load(cache["path"] / "pair_latents.npy", mmap_mode="r+")
-        cache["time_ids"] = np.load(cache["path"] / "time_ids.npy", mmap_mode="r+")
-
-    suffix = f".part-{part}" if parts > 1 else ""
-
-    def commit():  # latents reach the disk before the masks that say they are there
-        for cache in caches:
-            cache["pair_latents"].flush()
-            cache["time_ids"].flush()
-            save_atomically(cache["path"] / f"encoded{suffix}.npy", cache["encoded"])
-            save_atomically(cache["path"] / f"undecodable{suffix}.npy", cache["undecodable"])
+        cache.open()
 
     # without --dataloader_num_workers: up to 4 decoders per process, sharing the machine's cores (one decodes ~110
     # 1024 px JPEGs/s, measured on CPU; a GPU's VAE encodes several times that)
@@ -1093,13 +1143,13 @@ def encode_latents(args, jobs, accelerator, encode_dtype, part=0, parts=1):
     progress = tqdm(total=pixels.num_pairs, desc="Encoding images", disable=not accelerator.is_local_main_process)
     for batch in loader:
         progress.update(len(batch["index"]))
-        job, index, ok = batch["job"].numpy(), batch["index"].numpy(), batch["ok"].numpy()
-        for j, i in zip(job[~ok], index[~ok]):
-            caches[j]["undecodable"][i] = True
+        group, index, ok = batch["group"].numpy(), batch["index"].numpy(), batch["ok"].numpy()
+        for g, i in zip(group[~ok], index[~ok]):
+            caches[g].undecodable[i] = True
         if not ok.any():
             continue
-        job, index = job[ok], index[ok]
-        wanted = np.stack([caches[j]["todo"][i] for j, i in zip(job, index)])  # (pairs, orientations) to encode
+        group, index = group[ok], index[ok]
+        wanted = np.stack([caches[g].todo[i] for g, i in zip(group, index)])  # (pairs, orientations) to encode
         images = batch["pixels"][torch.from_numpy(ok)][torch.from_numpy(wanted)]  # (n, 2, 3, H, W)
         with torch.inference_mode():
             chunks = images.flatten(0, 1).split(args.vae_encode_batch_size)
@@ -1114,15 +1164,14 @@ def encode_latents(args, jobs, accelerator, encode_dtype, part=0, parts=1):
         n_images += 2 * len(latents)
         time_ids = batch["time_ids"][torch.from_numpy(ok)][torch.from_numpy(wanted)].numpy()
         for latent, image_time_ids, (row, orientation) in zip(latents, time_ids, zip(*np.nonzero(wanted))):
-            cache = caches[job[row]]  # (the order of the boolean indexing above)
-            cache["pair_latents"][index[row], orientation] = latent
-            cache["time_ids"][index[row], orientation] = image_time_ids
-            cache["encoded"][index[row], orientation] = True
+            caches[group[row]].store(index[row], orientation, latent, image_time_ids)  # the boolean indexing's order
         if time.monotonic() - last_commit > args.precompute_commit_seconds:
-            commit()
+            for cache in caches:
+                cache.commit()
             last_commit = time.monotonic()
     progress.close()
-    commit()
+    for cache in caches:
+        cache.commit()
     seconds = time.monotonic() - started
     logger.info(
         f"Process {accelerator.process_index} encoded {n_images} images of {len(pixels.tasks)} source shards "
@@ -1147,18 +1196,22 @@ def fold_parts(cache_path):
                 part.unlink()
 
 
-def load_or_precompute(args, jobs, accelerator, encode_dtype):
-    """`jobs`: (PreferencePairs, epochs), epochs None for a held-out set. Returns (cache folder, latents read) per job.
+def plan_cache(args, request, encode_dtype):
+    """The PlannedCache of a CacheRequest."""
+    address = precompute_cache_path(args, request.source_pairs, encode_dtype)
+    needed = latents_read(len(request.source_pairs), args, request.epochs)
+    return PlannedCache(request.source_pairs, address.path, address.key_fields, needed)
+
+
+def load_or_precompute(args, requests, accelerator, encode_dtype):
+    """The CachedPreferencePairs of each CacheRequest in `requests`, precomputing what their caches lack.
 
     The local main process of each machine creates missing caches (text embeddings); then every process of the
     machine encodes its share of the missing latents (its own source shards, on its own GPU). A file lock makes runs
     that share a cache folder (other machines on a shared disk, other jobs) take turns instead of encoding twice;
     inside it only the machine's own processes synchronise, so machines never wait for each other under it.
     """
-    full_jobs = [
-        (pairs, *precompute_cache_path(args, pairs, encode_dtype), latents_read(len(pairs), args, epochs))
-        for pairs, epochs in jobs
-    ]
+    planned_caches = [plan_cache(args, request, encode_dtype) for request in requests]
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     machine = None
     if accelerator.num_processes > 1:  # a process group of this machine's processes (every process takes part)
@@ -1168,21 +1221,21 @@ def load_or_precompute(args, jobs, accelerator, encode_dtype):
         if accelerator.is_local_main_process:
             cache_root(args).mkdir(parents=True, exist_ok=True)
             lock.acquire()
-            create_missing_caches(args, full_jobs, accelerator, encode_dtype)
-            for _, cache_path, _, _ in full_jobs:
-                fold_parts(cache_path)
+            create_missing_caches(args, planned_caches, accelerator, encode_dtype)
+            for planned in planned_caches:
+                fold_parts(planned.path)
         if machine is not None:
             torch.distributed.barrier(group=machine)
-        encode_latents(args, full_jobs, accelerator, encode_dtype, accelerator.local_process_index, per_machine)
+        encode_latents(args, planned_caches, accelerator, encode_dtype, accelerator.local_process_index, per_machine)
         if machine is not None:
             torch.distributed.barrier(group=machine)
         if accelerator.is_local_main_process:
-            for _, cache_path, _, _ in full_jobs:
-                fold_parts(cache_path)
-                undecodable = np.load(cache_path / "undecodable.npy")
+            for planned in planned_caches:
+                fold_parts(planned.path)
+                undecodable = np.load(planned.path / "undecodable.npy")
                 if undecodable.any():
                     logger.warning(
-                        f"Cache {cache_path.name}: skipping {int(undecodable.sum())} of {len(undecodable)} "
+                        f"Cache {planned.path.name}: skipping {int(undecodable.sum())} of {len(undecodable)} "
                         "pairs with an undecodable image."
                     )
     finally:
@@ -1191,7 +1244,7 @@ def load_or_precompute(args, jobs, accelerator, encode_dtype):
     accelerator.wait_for_everyone()
     if machine is not None:
         torch.distributed.destroy_process_group(machine)
-    return [(cache_path, needed) for _, cache_path, _, needed in full_jobs]
+    return [CachedPreferencePairs(planned.path, planned.needed) for planned in planned_caches]
 
 
 class CachedPreferencePairs(torch.utils.data.Dataset):
@@ -1237,8 +1290,8 @@ class PairSampler(torch.utils.data.Sampler):
     resumed run identical to an uninterrupted one.
     """
 
-    def __init__(self, pairs, seed, proportion_empty_prompts):
-        self.pairs = pairs
+    def __init__(self, cached, seed, proportion_empty_prompts):
+        self.cached = cached
         self.seed = seed
         self.proportion_empty_prompts = proportion_empty_prompts
         self.epoch = 0
@@ -1247,15 +1300,15 @@ class PairSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __len__(self):
-        return len(self.pairs)
+        return len(self.cached)
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self.pairs))
+        order = rng.permutation(len(self.cached))
         drop_caption = rng.random(len(order)) < self.proportion_empty_prompts
-        orientations = drawn_orientations(self.pairs.num_pairs, self.pairs.num_orientations, self.seed, self.epoch)
+        orientations = drawn_orientations(self.cached.num_pairs, self.cached.num_orientations, self.seed, self.epoch)
         for position, pair in enumerate(order):
-            index = int(self.pairs.valid_indices[pair])
+            index = int(self.cached.valid_indices[pair])
             yield index, int(orientations[index]), bool(drop_caption[position])
 
 
@@ -1342,12 +1395,20 @@ def implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)
     return -0.5 * beta * (model_diff - ref_diff)
 
 
+def implicit_accuracy(inside):
+    """The fraction of pairs whose implicit reward margin `inside` favours the winner; exact ties (inside == 0, e.g.
+    while the model equals the reference) count half."""
+    return ((inside > 0).float() + 0.5 * (inside == 0).float()).mean()
+
+
 def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, loss_type="sigmoid"):
     """Diffusion-DPO loss from four per-sample denoising errors (MSE averaged over latent dims).
 
     inside = -0.5 * beta * ((err_theta(w) - err_theta(l)) - (err_ref(w) - err_ref(l)));
     sigmoid (the paper): -logsigmoid(inside); hinge: relu(1 - inside); ipo: (inside / beta - 1 / (2 beta))^2.
-    `inside` is the implicit reward margin of winner over loser; implicit accuracy is the fraction with inside > 0.
+    `inside` is the implicit reward margin of winner over loser; implicit accuracy is the fraction with inside > 0,
+    exact ties (inside == 0, e.g. while the model equals the reference) counting half, in training logs and held-out
+    metrics alike.
     """
     inside = implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)
     if loss_type == "sigmoid":
@@ -1359,7 +1420,7 @@ def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, loss_type="si
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
     metrics = {
-        "implicit_acc": (inside > 0).float().mean(),
+        "implicit_acc": implicit_accuracy(inside),
         "reward_margin": inside.mean(),
         "model_mse_w": model_err_w.mean(),
         "model_mse_l": model_err_l.mean(),
@@ -1454,14 +1515,14 @@ def compute_loss(batch, unet, reference, noise_scheduler, args, generator):
 
 
 @torch.no_grad()
-def held_out_errors(model, pairs, indices, noise_scheduler, args, batch_size):
-    """Errors of `model` on the winners and losers of the given held-out pairs, each averaged over
-    --validation_timesteps (timestep, noise) draws fixed by (seed, pair, k): the same weights give the same numbers.
-    Returns a (2, pairs) tensor: winners' errors, losers' errors."""
+def held_out_errors(model, cached, indices, noise_scheduler, args, batch_size):
+    """Errors of `model` on the winners and losers of the given held-out pairs (indices into `cached`), each averaged
+    over --validation_timesteps (timestep, noise) draws fixed by (seed, pair, k): the same weights give the same
+    numbers. Returns a (2, pairs) tensor: winners' errors, losers' errors."""
     errors = []
     for start in range(0, len(indices), batch_size):
         chunk = [int(i) for i in indices[start : start + batch_size]]
-        batch = torch.utils.data.default_collate([pairs[(index, 0, False)] for index in chunk])
+        batch = torch.utils.data.default_collate([cached[(index, 0, False)] for index in chunk])
         pair_latents = batch["pair_latents"].to(model.device, torch.float32)
         latents = torch.cat([pair_latents[:, 0], pair_latents[:, 1]])
         conditioning = unet_conditioning(batch, model.device)
@@ -1477,19 +1538,19 @@ def held_out_errors(model, pairs, indices, noise_scheduler, args, batch_size):
     return torch.cat(errors, dim=1) if errors else torch.empty(2, 0, device=model.device)  # a rank may get no pairs
 
 
-def evaluate_held_out(accelerator, unet, reference, pairs, noise_scheduler, args, reference_errors=None):
-    """DPO loss, implicit accuracy (exact ties count half: 0.5 while the model equals the reference), reward margin
-    and mean errors of the trained model and the reference on held-out pairs, split across processes.
+def evaluate_held_out(accelerator, unet, reference, held_out_pairs, noise_scheduler, args, reference_errors=None):
+    """DPO loss, implicit accuracy, reward margin and mean errors of the trained model and the reference on the
+    held-out pairs (CachedPreferencePairs), split across processes; the metrics are dpo_loss's.
 
     The reference's errors never change, so they are returned and passed back in on the next call.
     """
-    indices = pairs.valid_indices[accelerator.process_index :: accelerator.num_processes]
+    indices = held_out_pairs.valid_indices[accelerator.process_index :: accelerator.num_processes]
     batch_size = 2 * args.train_batch_size  # no activations are kept for backward
     model = accelerator.unwrap_model(unet)
-    model_errors = held_out_errors(model, pairs, indices, noise_scheduler, args, batch_size)
+    model_errors = held_out_errors(model, held_out_pairs, indices, noise_scheduler, args, batch_size)
     if reference_errors is None:
         with reference_model(model, reference) as ref:
-            reference_errors = held_out_errors(ref, pairs, indices, noise_scheduler, args, batch_size)
+            reference_errors = held_out_errors(ref, held_out_pairs, indices, noise_scheduler, args, batch_size)
     # every process gets every pair's errors (a few floats per pair), in rank order
     rows = [
         row
@@ -1498,9 +1559,40 @@ def evaluate_held_out(accelerator, unet, reference, pairs, noise_scheduler, args
     ]
     model_err_w, model_err_l, ref_err_w, ref_err_l = torch.tensor(rows).reshape(-1, 4).T
     loss, metrics = dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type)
-    inside = implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo)
-    metrics["implicit_acc"] = ((inside > 0).float() + 0.5 * (inside == 0).float()).mean()
     return {f"eval/{name}": value.item() for name, value in {"loss": loss, **metrics}.items()}, reference_errors
+
+
+class HeldOutEvaluation:
+    """Held-out preference metrics during training (nothing without held-out pairs): logged as eval/... to the
+    trackers, the log and the progress bar, and kept in `evaluations`. Keeps the reference's errors, which never
+    change."""
+
+    def __init__(self, accelerator, reference, held_out_pairs, noise_scheduler, args, progress):
+        self.accelerator = accelerator
+        self.reference = reference
+        self.held_out_pairs = held_out_pairs
+        self.noise_scheduler = noise_scheduler
+        self.args = args
+        self.progress = progress
+        self.reference_errors = None
+        self.evaluations = []
+
+    def __call__(self, unet, global_step):
+        if self.held_out_pairs is None:
+            return
+        metrics, self.reference_errors = evaluate_held_out(
+            self.accelerator,
+            unet,
+            self.reference,
+            self.held_out_pairs,
+            self.noise_scheduler,
+            self.args,
+            self.reference_errors,
+        )
+        self.evaluations.append({"step": global_step, **metrics})
+        self.accelerator.log(metrics, step=global_step)
+        logger.info(f"Held-out pairs at step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        self.progress.show(eval_acc=f"{metrics['eval/implicit_acc']:.3f}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1714,13 +1806,12 @@ def push_to_hub(args, repo_id):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. main: load -> precompute -> train -> save
+# 7. main: load -> precompute -> train -> save, and the parts it is made of, in the order it calls them
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def main(args):
-    """Trains and saves; returns {'global_step', 'history': [per-step metrics], 'evaluations': [held-out metrics]}."""
-    check_output_dir(args)
+def setup_accelerator(args):
+    """The Accelerator, with logging configured, the seed set and TF32 allowed if asked."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -1745,72 +1836,79 @@ def main(args):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return accelerator
 
+
+def create_output(args, accelerator):
+    """Creates the output folder, and the Hub repo with --push_to_hub (failing on a bad token before hours of
+    training). Returns the repo id, or None."""
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-    repo_id = None
-    if args.push_to_hub and accelerator.is_main_process:  # fail on a bad token before hours of training
-        repo_id = create_repo(
+    if args.push_to_hub and accelerator.is_main_process:
+        return create_repo(
             repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
         ).repo_id
+    return None
 
-    # Data: pairs, then latents and text embeddings from the cache (encoded once, and only what this run reads).
-    with accelerator.local_main_process_first():  # labels and captions are read once per machine, then cached
-        train_source, held_out_source = training_and_validation_pairs(args)
 
-    def cached_pairs(n_train_pairs):
-        jobs = [(train_source, planned_epochs(args, n_train_pairs, accelerator.num_processes))]
-        jobs += [(held_out_source, None)] if held_out_source is not None else []
-        return [
-            CachedPreferencePairs(path, needed)
-            for path, needed in load_or_precompute(args, jobs, accelerator, weight_dtype)
-        ]
+def precompute_pairs(args, accelerator, train_source, held_out_source, encode_dtype):
+    """The cached training pairs and held-out pairs (None without held-out source pairs), precomputed as needed.
 
-    pairs, *held_out = cached_pairs(len(train_source))
-    if planned_epochs(args, len(pairs), accelerator.num_processes) > planned_epochs(
-        args, len(train_source), accelerator.num_processes
-    ):
-        pairs, *held_out = cached_pairs(len(pairs))  # skipped pairs shorten the epochs: more of them are needed
-    validation_pairs = held_out[0] if held_out else None
-    if len(pairs) == 0:
+    Pairs with an undecodable image are skipped, which shortens the epochs; when the usable pairs then need more
+    epochs than were planned for, the latents of the extra epochs are encoded too.
+    """
+    held_out_requests = [CacheRequest(held_out_source)] if held_out_source is not None else []
+    epochs = planned_epochs(args, len(train_source), accelerator.num_processes)
+    train_pairs, *held_out = load_or_precompute(
+        args, [CacheRequest(train_source, epochs), *held_out_requests], accelerator, encode_dtype
+    )
+    usable_epochs = planned_epochs(args, len(train_pairs), accelerator.num_processes)
+    if usable_epochs > epochs:
+        train_pairs, *held_out = load_or_precompute(
+            args, [CacheRequest(train_source, usable_epochs), *held_out_requests], accelerator, encode_dtype
+        )
+    if len(train_pairs) == 0:
         raise InputError(f"no pair of dataset '{args.dataset_name}' has two decodable images")
-    if len(pairs) < args.train_batch_size * accelerator.num_processes:
+    if len(train_pairs) < args.train_batch_size * accelerator.num_processes:
         raise InputError(
             f"--train_batch_size {args.train_batch_size} needs at least "
             f"{args.train_batch_size * accelerator.num_processes} usable pairs"
             f"{f' on {accelerator.num_processes} processes' if accelerator.num_processes > 1 else ''}; "
-            f"the data has {len(pairs)}"
+            f"the data has {len(train_pairs)}"
         )
-    sampler = PairSampler(pairs, args.seed, args.proportion_empty_prompts)
-    train_dataloader = torch.utils.data.DataLoader(
-        pairs,
+    return train_pairs, held_out[0] if held_out else None
+
+
+def training_dataloader(args, train_pairs):
+    return torch.utils.data.DataLoader(
+        train_pairs,
         batch_size=args.train_batch_size,
-        sampler=sampler,
+        sampler=PairSampler(train_pairs, args.seed, args.proportion_empty_prompts),
         num_workers=args.dataloader_num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=args.dataloader_num_workers > 0,
     )
 
-    # Models: the trained UNet and its reference.
+
+def load_noise_scheduler(args):
     noise_scheduler = DDPMScheduler.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
     )
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    set_seed(args.seed)  # precomputing draws random numbers: re-seed so LoRA init does not depend on a cache hit
-    unet, reference = build_unets(args, accelerator.device, weight_dtype)
-    register_checkpoint_hooks(accelerator, unet, args)
+    return noise_scheduler
 
-    # Optimizer and schedule.
-    pairs_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+
+def learning_rate(args, pairs_per_step):
+    """--learning_rate, scaled with --scale_lr; without it, the default of --train_mode."""
     if args.learning_rate is None:
-        args.learning_rate = 1e-5 if args.train_mode == "lora" else 1e-8 * (2000.0 / args.beta_dpo) * pairs_per_step
-    elif args.scale_lr:
-        args.learning_rate *= pairs_per_step
-    params = [p for p in unet.parameters() if p.requires_grad]
+        return 1e-5 if args.train_mode == "lora" else 1e-8 * (2000.0 / args.beta_dpo) * pairs_per_step
+    return args.learning_rate * pairs_per_step if args.scale_lr else args.learning_rate
+
+
+def build_optimizer(args, params, device):
     if args.use_adafactor:
-        optimizer = transformers.Adafactor(
+        return transformers.Adafactor(
             params,
             lr=args.learning_rate,
             weight_decay=args.adam_weight_decay,
@@ -1818,167 +1916,137 @@ def main(args):
             relative_step=False,
             warmup_init=False,
         )
-    else:
-        optimizer_class, optimizer_options = torch.optim.AdamW, {}
-        if args.use_8bit_adam:
-            import bitsandbytes
+    optimizer_class, optimizer_options = torch.optim.AdamW, {}
+    if args.use_8bit_adam:
+        import bitsandbytes
 
-            optimizer_class = bitsandbytes.optim.AdamW8bit
-        else:  # one fused kernel for the whole update instead of a few per parameter tensor
-            optimizer_options["fused"] = accelerator.device.type in ("cuda", "cpu")
-        optimizer = optimizer_class(
-            params,
-            lr=args.learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2),
-            weight_decay=args.adam_weight_decay,
-            eps=args.adam_epsilon,
-            **optimizer_options,
-        )
-
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch(args, len(pairs), accelerator.num_processes)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-        num_cycles=args.lr_num_cycles,
-        power=args.lr_power,
-    )
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        unet, optimizer, train_dataloader, lr_scheduler
-    )
-    updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
-
-    if accelerator.is_main_process:
-        tracker_config = {k: v for k, v in vars(args).items() if not isinstance(v, list) and k != "hub_token"}
-        accelerator.init_trackers(args.tracker_name, config=tracker_config)
-    logger.info(
-        f"***** Diffusion-DPO ({args.train_mode}{', SFT' if args.sft else ''}) *****\n"
-        f"  pairs = {len(pairs)}, pairs per optimizer step = {pairs_per_step}, steps = {args.max_train_steps}, "
-        f"epochs = {num_epochs}, learning rate = {args.learning_rate:g}, beta = {args.beta_dpo:g}"
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:  # one fused kernel for the whole update instead of a few per parameter tensor
+        optimizer_options["fused"] = device.type in ("cuda", "cpu")
+    return optimizer_class(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        **optimizer_options,
     )
 
-    # Resume: weights, optimizer and schedule from the checkpoint; data position from the step count.
-    global_step = 0
+
+def resume(accelerator, args):
+    """Loads weights, optimizer and schedule from the checkpoint to resume from, if any; returns its step (or 0)."""
     checkpoint = resolve_checkpoint(args) if args.resume_from_checkpoint else None
-    if args.resume_from_checkpoint and checkpoint is None:
-        logger.info("No checkpoint to resume from; starting a new run.")
-    if checkpoint is not None:
-        accelerator.load_state(checkpoint)
-        global_step = int(CHECKPOINT_PATTERN.match(Path(checkpoint).name).group(1))
-        logger.info(f"Resumed from {checkpoint} at step {global_step}")
-    first_epoch = global_step // updates_per_epoch
-    batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    if checkpoint is None:
+        if args.resume_from_checkpoint:
+            logger.info("No checkpoint to resume from; starting a new run.")
+        return 0
+    accelerator.load_state(checkpoint)
+    global_step = int(CHECKPOINT_PATTERN.match(Path(checkpoint).name).group(1))
+    logger.info(f"Resumed from {checkpoint} at step {global_step}")
+    return global_step
 
-    progress_bar = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
-    history, evaluations = [], []
-    skipped_steps = consecutive_skips = 0  # optimizer steps skipped for a non-finite loss or gradient
-    reference_errors = None
 
-    def evaluate():  # held-out preference metrics, logged as eval/...
-        nonlocal reference_errors
-        if validation_pairs is None:
-            return
-        metrics, reference_errors = evaluate_held_out(
-            accelerator, unet, reference, validation_pairs, noise_scheduler, args, reference_errors
+class TrainingProgress:
+    """The steps bar; its postfix shows the last step's loss, implicit_acc and lr, and the last held-out accuracy."""
+
+    def __init__(self, args, accelerator, global_step):
+        self.bar = tqdm(
+            range(args.max_train_steps),
+            initial=global_step,
+            desc="Steps",
+            disable=not accelerator.is_local_main_process,
         )
-        evaluations.append({"step": global_step, **metrics})
-        accelerator.log(metrics, step=global_step)
-        logger.info(f"Held-out pairs at step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        postfix["eval_acc"] = f"{metrics['eval/implicit_acc']:.3f}"
-        progress_bar.set_postfix(postfix)
+        self.postfix = {}
 
-    postfix = {}  # the progress bar's: loss, implicit_acc, lr, and the last held-out accuracy
-    if global_step == 0:
-        evaluate()  # the starting point: implicit accuracy 0.5, loss ln 2
-    unet.train()
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= args.max_train_steps:
-            break
-        skip = batches_to_skip if epoch == first_epoch else 0
-        epoch_batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        epoch_batches.set_epoch(epoch)  # accelerate's loaders pass their own epoch counter to the sampler
-        sums = {}
-        for batch_index, batch in enumerate(epoch_batches, start=skip):
-            generator = torch.Generator(accelerator.device).manual_seed(
-                step_seed(args.seed, accelerator.process_index, epoch, batch_index)
+    def step(self, logs):
+        self.bar.update(1)
+        self.show(**{name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc", "lr") if name in logs})
+
+    def show(self, **values):
+        self.postfix.update(values)
+        self.bar.set_postfix(self.postfix)
+
+
+def backward_and_step(accelerator, loss, params, optimizer, lr_scheduler, args):
+    """Backward, and on the last micro-batch of a step gradient clipping and the optimizer step, skipped when the
+    gradients are not finite. Returns False for a skipped step."""
+    accelerator.backward(loss)
+    finite = True
+    if accelerator.sync_gradients:  # gradients are all-reduced by now: every process decides the same
+        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm or math.inf)
+        # a NaN/inf loss gives NaN gradients; DeepSpeed clips and skips overflows itself
+        if accelerator.distributed_type != DistributedType.DEEPSPEED:
+            finite = bool(torch.isfinite(grad_norm))
+    if finite or accelerator.scaler is not None:  # fp16: the grad scaler skips and lowers its scale
+        optimizer.step()
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+class SkippedSteps:
+    """Counts the optimizer steps skipped for a non-finite loss or gradient (the weights keep their last finite
+    values; the step still consumed its data) and stops the run after --max_consecutive_skipped_steps in a row."""
+
+    def __init__(self, max_consecutive):
+        self.max_consecutive = max_consecutive
+        self.total = self.consecutive = 0
+
+    def record(self, global_step, skipped):
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.total, self.consecutive = self.total + 1, self.consecutive + 1
+        logger.warning(
+            f"Step {global_step}: non-finite loss or gradient, optimizer step skipped "
+            f"({self.total} so far, {self.consecutive} in a row)."
+        )
+        if self.consecutive >= self.max_consecutive:
+            raise TrainingStopped(
+                f"stopped at step {global_step}: {self.consecutive} steps in a row had a non-finite loss or "
+                f"gradient (the weights are those of step {global_step - self.consecutive}; checkpoints are "
+                "intact); lower --learning_rate, prefer bf16 to fp16, or check the data"
             )
-            with accelerator.accumulate(unet):
-                loss, metrics = compute_loss(batch, unet, reference, noise_scheduler, args, generator)
-                accelerator.backward(loss)
-                finite = True
-                if accelerator.sync_gradients:  # gradients are all-reduced by now: every process decides the same
-                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm or math.inf)
-                    # a NaN/inf loss gives NaN gradients; DeepSpeed clips and skips overflows itself
-                    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-                        finite = bool(torch.isfinite(grad_norm))
-                if finite or accelerator.scaler is not None:  # fp16: the grad scaler skips and lowers its scale
-                    optimizer.step()
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            for name, value in {"loss": loss.detach(), **metrics}.items():
-                sums[name] = sums.get(name, 0.0) + value
-            if not accelerator.sync_gradients:
-                continue
 
-            global_step += 1
-            if finite and not accelerator.optimizer_step_was_skipped:
-                consecutive_skips = 0
-            else:  # the weights keep their last finite values; the step still consumed its data
-                skipped_steps, consecutive_skips = skipped_steps + 1, consecutive_skips + 1
-                logger.warning(
-                    f"Step {global_step}: non-finite loss or gradient, optimizer step skipped "
-                    f"({skipped_steps} so far, {consecutive_skips} in a row)."
-                )
-                if consecutive_skips >= args.max_consecutive_skipped_steps:
-                    raise TrainingStopped(
-                        f"stopped at step {global_step}: {consecutive_skips} steps in a row had a non-finite loss or "
-                        f"gradient (the weights are those of step {global_step - consecutive_skips}; checkpoints are "
-                        "intact); lower --learning_rate, prefer bf16 to fp16, or check the data"
-                    )
-            micro_batches = (batch_index % args.gradient_accumulation_steps) + 1
-            names = list(sums)
-            means = accelerator.reduce(torch.stack([sums[n] for n in names]) / micro_batches, reduction="mean")
-            logs = {
-                **dict(zip(names, means.tolist())),
-                "lr": lr_scheduler.get_last_lr()[0],
-                "skipped_steps": skipped_steps,
-            }
-            sums = {}
-            history.append({"step": global_step, **logs})
-            accelerator.log(logs, step=global_step)
-            progress_bar.update(1)
-            postfix.update({k: f"{logs[k]:.4g}" for k in ("loss", "implicit_acc", "lr") if k in logs})
-            progress_bar.set_postfix(postfix)
 
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, global_step)
-            if global_step % args.validation_steps == 0:
-                evaluate()
-                if args.run_validation and accelerator.is_main_process:
-                    run_validation(args, accelerator, unet, reference, weight_dtype, global_step)
-            if global_step >= args.max_train_steps:
-                break
+class StepMetrics:
+    """Sums the metrics of a step's micro-batches; `reduce` gives their means over micro-batches and processes."""
 
-    if global_step % args.validation_steps != 0:
-        evaluate()
-    # Save the result: LoRA weights in diffusers format, or a complete pipeline folder.
+    def __init__(self):
+        self.sums, self.micro_batches = {}, 0
+
+    def add(self, metrics):
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.micro_batches += 1
+
+    def reduce(self, accelerator):
+        names = list(self.sums)
+        means = accelerator.reduce(torch.stack([self.sums[n] for n in names]) / self.micro_batches, reduction="mean")
+        self.sums, self.micro_batches = {}, 0
+        return dict(zip(names, means.tolist()))
+
+
+def check_weights_identical(accelerator, params):
+    """Only the main process saves: makes sure it holds what every process trained (warns if not)."""
+    with torch.no_grad():
+        checksum = [
+            sum(p.double().sum().item() for p in params),
+            sum(p.double().square().sum().item() for p in params),
+        ]
+    checksums = gather_object([checksum])
+    if all(c == checksums[0] for c in checksums):
+        logger.info(f"Trained weights identical on all {accelerator.num_processes} processes.")
+    else:
+        logger.warning(f"Trained weights differ between processes (checksums {checksums}); saving the main one's.")
+
+
+def save_final(args, accelerator, unet, reference, params, weight_dtype, global_step, repo_id):
+    """Saves the result (LoRA weights in diffusers format, or a complete pipeline folder) and its model card, renders
+    the last validation images, and pushes to the Hub if asked."""
     accelerator.wait_for_everyone()
-    if accelerator.num_processes > 1:  # only the main process saves: make sure it holds what every process trained
-        with torch.no_grad():
-            checksum = [
-                sum(p.double().sum().item() for p in params),
-                sum(p.double().square().sum().item() for p in params),
-            ]
-        checksums = gather_object([checksum])
-        if all(c == checksums[0] for c in checksums):
-            logger.info(f"Trained weights identical on all {accelerator.num_processes} processes.")
-        else:
-            logger.warning(f"Trained weights differ between processes (checksums {checksums}); saving the main one's.")
+    if accelerator.num_processes > 1:
+        check_weights_identical(accelerator, params)
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(unet)
         if args.run_validation and global_step % args.validation_steps != 0:
@@ -1998,12 +2066,117 @@ def main(args):
             push_to_hub(args, repo_id)
         logger.info(f"Saved the trained {'LoRA' if args.train_mode == 'lora' else 'pipeline'} to {args.output_dir}")
     accelerator.wait_for_everyone()  # the others wait for the main process to finish saving before the group ends
+
+
+def main(args):
+    """Trains and saves; returns {'global_step', 'history': [per-step metrics], 'evaluations': [held-out metrics]}."""
+    check_output_dir(args)
+    accelerator = setup_accelerator(args)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    repo_id = create_output(args, accelerator)
+
+    # Data: pairs, then latents and text embeddings from the cache (encoded once, and only what this run reads).
+    with accelerator.local_main_process_first():  # labels and captions are read once per machine, then cached
+        train_source, held_out_source = training_and_validation_pairs(args)
+    train_pairs, held_out_pairs = precompute_pairs(args, accelerator, train_source, held_out_source, weight_dtype)
+    train_dataloader = training_dataloader(args, train_pairs)
+
+    # Models: the trained UNet and its reference.
+    noise_scheduler = load_noise_scheduler(args)
+    set_seed(args.seed)  # precomputing draws random numbers: re-seed so LoRA init does not depend on a cache hit
+    unet, reference = build_unets(args, accelerator.device, weight_dtype)
+    register_checkpoint_hooks(accelerator, unet, args)
+
+    # Optimizer and schedule.
+    pairs_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    args.learning_rate = learning_rate(args, pairs_per_step)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = build_optimizer(args, params, accelerator.device)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch(
+            args, len(train_pairs), accelerator.num_processes
+        )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, train_dataloader, lr_scheduler
+    )
+    updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+
+    if accelerator.is_main_process:
+        tracker_config = {k: v for k, v in vars(args).items() if not isinstance(v, list) and k != "hub_token"}
+        accelerator.init_trackers(args.tracker_name, config=tracker_config)
+    logger.info(
+        f"***** Diffusion-DPO ({args.train_mode}{', SFT' if args.sft else ''}) *****\n"
+        f"  pairs = {len(train_pairs)}, pairs per optimizer step = {pairs_per_step}, steps = {args.max_train_steps}, "
+        f"epochs = {num_epochs}, learning rate = {args.learning_rate:g}, beta = {args.beta_dpo:g}"
+    )
+
+    # Resume: weights, optimizer and schedule from the checkpoint; data position from the step count.
+    global_step = resume(accelerator, args)
+    first_epoch = global_step // updates_per_epoch
+    batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    # Train.
+    progress = TrainingProgress(args, accelerator, global_step)
+    evaluate = HeldOutEvaluation(accelerator, reference, held_out_pairs, noise_scheduler, args, progress)
+    skipped_steps, step_metrics, history = SkippedSteps(args.max_consecutive_skipped_steps), StepMetrics(), []
+    if global_step == 0:
+        evaluate(unet, global_step)  # the starting point: implicit accuracy 0.5, loss ln 2
+    unet.train()
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= args.max_train_steps:
+            break
+        skip = batches_to_skip if epoch == first_epoch else 0
+        epoch_batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        epoch_batches.set_epoch(epoch)  # accelerate's loaders pass their own epoch counter to the sampler
+        for batch_index, batch in enumerate(epoch_batches, start=skip):
+            generator = torch.Generator(accelerator.device).manual_seed(
+                step_seed(args.seed, accelerator.process_index, epoch, batch_index)
+            )
+            with accelerator.accumulate(unet):
+                loss, metrics = compute_loss(batch, unet, reference, noise_scheduler, args, generator)
+                finite = backward_and_step(accelerator, loss, params, optimizer, lr_scheduler, args)
+            step_metrics.add({"loss": loss.detach(), **metrics})
+            if not accelerator.sync_gradients:
+                continue
+
+            global_step += 1
+            skipped_steps.record(global_step, skipped=not finite or accelerator.optimizer_step_was_skipped)
+            logs = {
+                **step_metrics.reduce(accelerator),
+                "lr": lr_scheduler.get_last_lr()[0],
+                "skipped_steps": skipped_steps.total,
+            }
+            history.append({"step": global_step, **logs})
+            accelerator.log(logs, step=global_step)
+            progress.step(logs)
+
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, global_step)
+            if global_step % args.validation_steps == 0:
+                evaluate(unet, global_step)
+                if args.run_validation and accelerator.is_main_process:
+                    run_validation(args, accelerator, unet, reference, weight_dtype, global_step)
+            if global_step >= args.max_train_steps:
+                break
+
+    if global_step % args.validation_steps != 0:
+        evaluate(unet, global_step)
+    save_final(args, accelerator, unet, reference, params, weight_dtype, global_step, repo_id)
     accelerator.end_training()
     if accelerator.num_processes > 1:
         # gloo's worker thread frees the last collectives' tensors, which needs the GIL; if the process group is torn
         # down (when the DDP model is freed) before it has, the exit deadlocks. Seen on CPU; a second avoids it.
         time.sleep(1)
-    return {"global_step": global_step, "history": history, "evaluations": evaluations}
+    return {"global_step": global_step, "history": history, "evaluations": evaluate.evaluations}
 
 
 if __name__ == "__main__":
