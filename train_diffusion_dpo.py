@@ -726,6 +726,7 @@ class PlannedCache(NamedTuple):
 
 
 def precompute_cache_path(args, source_pairs, encode_dtype):
+    """The CacheAddress of the cache of `source_pairs`: its name changes with anything its contents depend on."""
     key_fields = {
         "format": CACHE_FORMAT_VERSION,
         "model": model_identity(args),
