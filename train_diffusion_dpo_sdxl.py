@@ -24,7 +24,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +43,13 @@ import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import (
+    DistributedType,
+    ProjectConfiguration,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.optimization import SchedulerType, get_scheduler
@@ -49,11 +57,11 @@ from diffusers.training_utils import cast_training_params, free_memory
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft, make_image_grid
 from diffusers.utils.hub_utils import populate_model_card
 from diffusers.utils.import_utils import is_xformers_available
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 
@@ -81,6 +89,8 @@ CACHE_FORMAT_VERSION = 2
 MIN_SOURCE_SHARDS = 64
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# held by a run for its lifetime, so that a second run on the same --output_dir stops instead of overwriting it
+OUTPUT_DIR_LOCK_NAME = ".diffusion-dpo-run.lock"
 
 
 class InputError(ValueError):
@@ -89,6 +99,11 @@ class InputError(ValueError):
 
 class TrainingStopped(RuntimeError):
     """Training cannot usefully go on (e.g. only non-finite steps): reported as one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM ended the run at once (before training, or a second signal during it): reported as one line.
+    A KeyboardInterrupt, so that what handles Ctrl-C (precompute committing its progress) handles SIGTERM alike."""
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -413,6 +428,16 @@ def validate_args(args):
         raise InputError("--checkpoints_total_limit must be at least 1")
     if args.beta_dpo <= 0:
         raise InputError("--beta_dpo must be positive")
+    # NaN compares false to everything: each check below is written so that NaN fails it
+    if not math.isfinite(args.beta_dpo):
+        raise InputError(f"--beta_dpo must be a finite number, got {args.beta_dpo}")
+    if args.learning_rate is not None and not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise InputError(f"--learning_rate must be a positive finite number, got {args.learning_rate}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise InputError(f"--{name} must lie in [0, 1), got {getattr(args, name)}")
+    if not args.max_grad_norm >= 0:
+        raise InputError(f"--max_grad_norm must not be negative (0 disables clipping), got {args.max_grad_norm}")
     if "wandb" in args.report_to.split(",") and args.hub_token is not None:
         raise InputError(
             "--report_to wandb with --hub_token would log your token to wandb; log in with `hf auth login` instead"
@@ -770,10 +795,26 @@ def precompute_cache_path(args, source_pairs, encode_dtype):
 
 
 def decode_image(value):
-    """Raw bytes, a datasets Image dict, or a PIL image -> RGB PIL image (raises on undecodable data)."""
+    """Raw bytes, a datasets Image dict, or a PIL image -> RGB PIL image as an image viewer shows it (raises on
+    undecodable data): turned as its EXIF orientation says, the first frame of an animation, 16-bit and float images
+    scaled to 8 bit (float images in [0, 1] taken as 0..1, others as 0..255), transparency composited on white."""
     if isinstance(value, dict):
         value = value["bytes"] if value.get("bytes") is not None else Path(value["path"]).read_bytes()
     image = value if isinstance(value, Image.Image) else Image.open(io.BytesIO(value))
+    image.seek(0)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # convert("RGB") would clip these, not scale them
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        if image.mode == "F":
+            scale = 255.0 if pixels.max() <= 1.0 else 1.0
+        elif image.mode == "I" and pixels.max() <= 255:
+            scale = 1.0
+        else:
+            scale = 255.0 / 65535.0
+        image = Image.fromarray(np.clip(np.round(pixels * scale), 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert("RGB")  # also forces the full decode, so truncated files fail here
 
 
