@@ -15,6 +15,7 @@ numerically safe one is given (--pretrained_vae_model_name_or_path), and --is_tu
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import importlib.util
 import io
@@ -26,9 +27,11 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -37,6 +40,7 @@ import datasets
 import diffusers
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -62,6 +66,7 @@ from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageOps
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 
@@ -89,6 +94,9 @@ CACHE_FORMAT_VERSION = 2
 MIN_SOURCE_SHARDS = 64
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# Written into every checkpoint before it is renamed complete: what decides its data position, and each file's size.
+CHECKPOINT_RECORD_NAME = "checkpoint_record.json"
+CHECKPOINT_RECORD_FORMAT = 1
 # held by a run for its lifetime, so that a second run on the same --output_dir stops instead of overwriting it
 OUTPUT_DIR_LOCK_NAME = ".diffusion-dpo-run.lock"
 
@@ -549,13 +557,30 @@ def stream_split(args, split, columns=None):
         "shards": stream.num_shards,
     }
     if data_files is not None:  # Hub files are pinned to a commit, local ones carry their modification time
-        identity.update(files=list(data_files), origin=[list(origin) for origin in data_files.origin_metadata])
+        identity.update(
+            files=list(data_files),
+            origin=[list(origin) for origin in data_files.origin_metadata],
+            contents=[local_file_fingerprint(file) for file in data_files],
+        )
     if columns is not None:
         stream = stream.select_columns(columns)
         for column in columns:  # images as raw bytes even in an Image column, so a broken file is a counted skip
             if isinstance(stream.features[column], datasets.Image):
                 stream = stream.cast_column(column, datasets.Image(decode=False))
     return stream, identity
+
+
+def local_file_fingerprint(file, tail_bytes=65536):
+    """[size, hash of the last bytes] of a local file (None for a remote one): a file rewritten with other rows keeps
+    its modification time when it is restored by a copy or sync, or rewritten within the clock's resolution, but
+    not its footer (a parquet file's footer holds its row groups' offsets and statistics). Cheap for any size."""
+    if not os.path.isfile(file):
+        return None
+    with contextlib.suppress(OSError), open(file, "rb") as handle:  # an unreadable file is skipped when read
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, size - tail_bytes))
+        return [size, hashlib.sha256(handle.read()).hexdigest()[:16]]
+    return None
 
 
 def source_file(identity, shard):
@@ -569,13 +594,93 @@ def cache_root(args):
     )
 
 
+def check_cache_root_writable(args):
+    """Stops in one line when the cache folder cannot be created or written to (a path under a file, a read-only
+    mount, no permission), before any data is read or model loaded."""
+    root = cache_root(args)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as error:
+        raise InputError(
+            f"cannot write to the cache folder {root} ({error.strerror or error}); choose a writable one with "
+            "--precompute_cache_dir"
+        ) from None
+
+
+def format_bytes(n_bytes):
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.0f} {unit}" if unit == "bytes" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+
+
+@contextlib.contextmanager
+def removed_on_failure(partial):
+    """Yields `partial`, a file or folder being written under a temporary name, and removes it when the writing fails
+    or is interrupted. A full disk is reported in one line."""
+    try:
+        yield partial
+    except BaseException as error:
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise InputError(
+                f"the disk of {partial.parent} is full ({format_bytes(shutil.disk_usage(partial.parent).free)} "
+                "free); free some space or choose another folder with --precompute_cache_dir"
+            ) from None
+        raise
+
+
+def parse_label(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan  # an invalid label: counted and dropped
+
+
+def parse_labels_and_captions(batch, label_column, caption_column):
+    """A batch's labels as float64 and captions as strings, row by row: a label that is not a number (e.g. "left")
+    becomes NaN, an invalid label; a missing caption (null, or a float NaN as pandas writes one) becomes null, which
+    is trained as the empty caption."""
+    labels, captions = batch.column(label_column), batch.column(caption_column)
+    try:
+        labels = labels.cast(pa.float64())
+    except pa.ArrowException:  # not all numbers: parsed one by one
+        labels = pa.array([parse_label(value) for value in labels.to_pylist()], pa.float64())
+    if pa.types.is_floating(captions.type):  # not "nan"
+        captions = pc.if_else(pc.is_nan(captions), pa.scalar(None, captions.type), captions)
+    return pa.table({"label": labels, "caption": captions.cast(pa.string())})
+
+
+def read_labels_and_captions(path):
+    """The labels and captions cache at `path`, or None when there is none or it is damaged (a truncated copy, a full
+    disk): it is then read from the data again, and replaced."""
+    if not path.exists():
+        return None
+    try:
+        table = pq.read_table(path)
+        json.loads(table.schema.metadata[b"shard_starts"])
+        return table
+    except Exception as error:  # pyarrow raises several types for a damaged file
+        logger.warning(
+            f"The labels and captions cache {path} is damaged ({type(error).__name__}); reading them again.",
+            main_process_only=False,
+        )
+        return None
+
+
 def labels_and_captions(args, split, identity, num_shards):
     """Every row's label and caption, read shard by shard (so each shard's first row is known), and kept beside the
     latent caches: a later run, or another process of this one, starts without reading the data again."""
     columns = [args.label_column, args.caption_column]
     key = hashlib.sha256(json.dumps([identity, columns], sort_keys=True).encode()).hexdigest()[:20]
     path = cache_root(args) / f"pairs-{key}.parquet"
-    if not path.exists():
+    table = read_labels_and_captions(path)
+    if table is None:
         stream, _ = stream_split(args, split, columns)
         schema = pa.schema([("label", pa.float64()), ("caption", pa.string())])
 
@@ -583,8 +688,7 @@ def labels_and_captions(args, split, identity, num_shards):
             try:
                 batches = stream.shard(num_shards, shard, contiguous=True).with_format("arrow").iter(10_000)
                 return pa.concat_tables(
-                    [schema.empty_table()]
-                    + [b.select(columns).rename_columns(schema.names).cast(schema) for b in batches]
+                    [schema.empty_table()] + [parse_labels_and_captions(b, *columns).cast(schema) for b in batches]
                 )
             except Exception as error:  # a broken file costs its pairs, not the run
                 logger.warning(
@@ -608,10 +712,9 @@ def labels_and_captions(args, split, identity, num_shards):
             {"shard_starts": json.dumps(shard_starts)}
         )
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-        pq.write_table(table, partial)
-        os.replace(partial, path)
-    table = pq.read_table(path)
+        with removed_on_failure(path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")) as partial:
+            pq.write_table(table, partial)
+            os.replace(partial, path)
     shard_starts = np.asarray(json.loads(table.schema.metadata[b"shard_starts"]), dtype=np.int64)
     return table.column("label").to_numpy(zero_copy_only=False), table.column("caption").to_pylist(), shard_starts
 
@@ -693,6 +796,7 @@ def load_preference_pairs(args, split):
 def training_and_validation_pairs(args):
     """The training pairs and the held-out validation pairs (None without --validation_split_name or
     --num_validation_pairs). Held-out pairs come from their own split, or are set aside from the training split."""
+    check_cache_root_writable(args)
     train_source = load_preference_pairs(args, args.dataset_split_name)
     held_out_source = None
     if args.validation_split_name is not None:
@@ -1646,6 +1750,233 @@ def lora_layers(unet):
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
+def size_text(n_bytes):
+    return f"{n_bytes / 2**20:.1f} MiB"
+
+
+def current_umask():
+    """The process umask, read without changing it where Linux allows (os.umask can only set it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def give_usual_file_modes(folder):
+    """safetensors files are written through a temporary file, created 0600: give every file saved under `folder` the
+    mode a plain write gives (0644 under umask 022), so others who may read the output folder can read the weights."""
+    mode = 0o666 & ~current_umask()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), mode)
+
+
+def folder_files(folder):
+    """{path relative to `folder`: size in bytes} of every file under it."""
+    return {
+        os.path.relpath(os.path.join(root, name), folder): os.path.getsize(os.path.join(root, name))
+        for root, _, files in os.walk(folder)
+        for name in files
+    }
+
+
+def data_order(args, source_pairs, cached, num_processes):
+    """What decides which batches step N reads: a resumed run must agree with its checkpoint on all of it, or it
+    would skip other batches than those already trained on. Flags first, so a mismatch names the flag to fix."""
+    usable = hashlib.sha256(source_pairs.fingerprint.encode())
+    usable.update(np.asarray(cached.valid_indices, dtype=np.int64).tobytes())
+    return {
+        "--train_batch_size": args.train_batch_size,
+        "--gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "number of processes": num_processes,
+        "--seed": args.seed,
+        "--no_hflip": args.no_hflip,
+        "--proportion_empty_prompts": args.proportion_empty_prompts,
+        "--dataset_name": os.path.abspath(args.dataset_name)
+        if os.path.exists(args.dataset_name)
+        else args.dataset_name,
+        "--dataset_config_name": args.dataset_config_name,
+        "--dataset_split_name": args.dataset_split_name,
+        "--max_train_samples": args.max_train_samples,
+        "--validation_split_name": args.validation_split_name,
+        "--num_validation_pairs": args.num_validation_pairs,
+        # the pairs themselves (their source files, rows and which decoded): catches a dataset changed in place
+        "training pairs": f"{len(cached)} usable, fingerprint {usable.hexdigest()[:16]}",
+    }
+
+
+def write_checkpoint_record(folder, args, global_step):
+    record = {
+        "format": CHECKPOINT_RECORD_FORMAT,
+        "step": global_step,
+        "train_mode": args.train_mode,
+        "data_order": getattr(args, "data_order", None),
+        "files": folder_files(folder),
+    }
+    with open(os.path.join(folder, CHECKPOINT_RECORD_NAME), "w") as file:
+        json.dump(record, file, indent=2)
+
+
+def checkpoint_record(checkpoint):
+    """The record a checkpoint was written with, or None for a checkpoint written before records existed."""
+    path = os.path.join(checkpoint, CHECKPOINT_RECORD_NAME)
+    if not os.path.exists(path):
+        return None
+    with open(path) as file:
+        return json.load(file)
+
+
+def refuse_other_train_mode(checkpoint, written_by, args):
+    if written_by is not None and written_by != args.train_mode:
+        raise InputError(
+            f"checkpoint {checkpoint} was not written by a --train_mode {args.train_mode} run (it holds a "
+            f"--train_mode {written_by} run's state)"
+        )
+
+
+def checkpoint_damage(checkpoint, args):
+    """What is wrong with a checkpoint folder (a missing, truncated or unreadable file), or None when it is intact.
+    Reads file sizes and headers only. Raises InputError for an intact checkpoint of the other --train_mode."""
+    try:
+        record = checkpoint_record(checkpoint)
+        files = None if record is None else dict(record["files"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its {CHECKPOINT_RECORD_NAME} is unreadable ({type(error).__name__}: {error})"
+    if files is not None:
+        refuse_other_train_mode(checkpoint, record.get("train_mode"), args)
+        for name, size in files.items():
+            path = os.path.join(checkpoint, name)
+            if not os.path.isfile(path):
+                return f"{name} is missing"
+            if os.path.getsize(path) != size:
+                return f"{name} has {os.path.getsize(path)} bytes, {size} were written (truncated or overwritten)"
+        return None
+    # A checkpoint from before records: the files resume reads must be there and open.
+    has_lora, has_unet = (os.path.exists(os.path.join(checkpoint, name)) for name in (LORA_WEIGHT_NAME, "unet"))
+    if has_lora != has_unet:
+        refuse_other_train_mode(checkpoint, "lora" if has_lora else "full", args)
+    weights = [LORA_WEIGHT_NAME] if args.train_mode == "lora" else ["unet/config.json"]
+    if args.train_mode == "full" and os.path.isdir(os.path.join(checkpoint, "unet")):
+        weights += [f"unet/{n}" for n in sorted(os.listdir(os.path.join(checkpoint, "unet"))) if "safetensors" in n]
+    for name in [*weights, "optimizer.bin", "scheduler.bin"]:
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(path, framework="pt"):
+                    pass
+            elif name.endswith(".bin"):
+                zipfile.ZipFile(path).close()  # torch.save writes a zip archive; its directory is at the end
+        except Exception as error:  # safetensors and zipfile raise their own types; all mean "unreadable"
+            return f"{name} is unreadable ({str(error).strip().splitlines()[0] if str(error).strip() else error!r})"
+    return None
+
+
+def checkpoint_to_resume(args):
+    """The checkpoint folder to resume from, or None when there is none. `latest` passes over damaged checkpoints
+    (newest first) with a warning naming what is wrong; a damaged checkpoint named explicitly is refused."""
+    if args.resume_from_checkpoint != "latest":
+        checkpoint = resolve_checkpoint(args)
+        if checkpoint is not None and (damage := checkpoint_damage(checkpoint, args)):
+            raise InputError(f"cannot resume from damaged checkpoint {checkpoint}: {damage}")
+        return checkpoint
+    damaged = []
+    for checkpoint in reversed(complete_checkpoints(args.output_dir)):
+        damage = checkpoint_damage(checkpoint, args)
+        if damage is None:
+            if damaged:
+                logger.warning(f"Passed over damaged checkpoints ({'; '.join(damaged)}); resuming from {checkpoint}.")
+            return checkpoint
+        damaged.append(f"{checkpoint}: {damage}")
+    if damaged:
+        raise InputError(f"no intact checkpoint in {args.output_dir} to resume from ({'; '.join(damaged)})")
+    return None
+
+
+def check_data_order(checkpoint, record, expected):
+    """Refuses to resume with anything that moves the data position (see data_order) changed."""
+    recorded = None if record is None else record.get("data_order")
+    if recorded is None:
+        logger.warning(
+            f"{checkpoint} does not record its data order (an older checkpoint): the data position cannot be checked; "
+            "resume with the same batch size, accumulation, processes, data, --seed and flips as the run that wrote it"
+        )
+        return
+    for name, value in expected.items():
+        if name in recorded and recorded[name] != value:
+            raise InputError(
+                f"cannot resume from {checkpoint}: it was written with {name} {recorded[name]}, this run has "
+                f"{value}; the resumed run would skip other batches than those trained on (resume with the same "
+                "value, or start a new --output_dir)"
+            )
+
+
+def trained_parameters(accelerator):
+    return [p for model in accelerator._models for p in model.parameters() if p.requires_grad]
+
+
+def weights_finite(params):
+    """Whether every trained weight is finite (each process holds the same weights, so all decide alike)."""
+    with torch.no_grad():
+        return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+def last_checkpoint_note(args):
+    checkpoints = complete_checkpoints(args.output_dir)
+    if not checkpoints:
+        return "no checkpoint was written"
+    step = CHECKPOINT_PATTERN.match(Path(checkpoints[-1]).name).group(1)
+    return f"the last checkpoint, {checkpoints[-1]}, still holds the weights of step {step}"
+
+
+def checkpoint_bytes_needed(args, params):
+    """About what the next checkpoint takes: the last one's size, or without one the trained weights x 3 (the weights
+    and AdamW's two moments), plus room for the small files."""
+    checkpoints = complete_checkpoints(args.output_dir)
+    if checkpoints:
+        return sum(folder_files(checkpoints[-1]).values())
+    return 3 * sum(p.numel() * p.element_size() for p in params) + 2**16
+
+
+def write_into_output_dir(args, write, bytes_needed, global_step):
+    """Runs write(folder) on a hidden folder inside --output_dir, then moves what it wrote in (model_index.json
+    last), so a failed save never leaves a half-written weights file that looks finished. A full disk is one line
+    naming the space needed and the checkpoint that still holds the weights."""
+    partial = os.path.join(args.output_dir, ".result.partial")
+    free = shutil.disk_usage(args.output_dir).free
+    if free < bytes_needed:
+        raise TrainingStopped(
+            f"not enough space to save the result of step {global_step} in {args.output_dir}: about "
+            f"{size_text(bytes_needed)} needed, {size_text(free)} free; {last_checkpoint_note(args)} "
+            "(free space, then resume with --resume_from_checkpoint latest)"
+        )
+    try:
+        if os.path.exists(partial):
+            shutil.rmtree(partial)
+        os.makedirs(partial)
+        write(partial)
+        give_usual_file_modes(partial)
+        for name in sorted(os.listdir(partial), key=lambda name: name == "model_index.json"):
+            target = os.path.join(args.output_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(partial, name), target)
+        os.rmdir(partial)
+    except (OSError, RuntimeError) as error:  # a full disk reads as either, depending on who wrote
+        shutil.rmtree(partial, ignore_errors=True)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrainingStopped(
+            f"saving the result of step {global_step} to {args.output_dir} failed ({reason}); about "
+            f"{size_text(bytes_needed)} needed, {size_text(shutil.disk_usage(args.output_dir).free)} free; nothing "
+            f"half-written was left; {last_checkpoint_note(args)} (free space, then resume with "
+            "--resume_from_checkpoint latest)"
+        ) from None
+
+
 def save_lora(unet, directory):
     StableDiffusionXLPipeline.save_lora_weights(
         directory,
@@ -1702,11 +2033,35 @@ def save_checkpoint(accelerator, args, global_step):
     """Writes checkpoint-N atomically (a partial write never looks complete), then rotates old ones."""
     final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     partial = os.path.join(args.output_dir, f".checkpoint-{global_step}.partial")
+    params = trained_parameters(accelerator)
+    if not weights_finite(params):
+        raise TrainingStopped(
+            f"the weights of step {global_step} are not finite, so {final} was not written; "
+            f"{last_checkpoint_note(args)}"
+        )
     if accelerator.is_main_process and os.path.exists(partial):
         shutil.rmtree(partial)
+    needed, free = checkpoint_bytes_needed(args, params), shutil.disk_usage(args.output_dir).free
+    if free < needed:
+        raise TrainingStopped(
+            f"not enough space to write {final}: about {size_text(needed)} needed, {size_text(free)} free; "
+            f"{last_checkpoint_note(args)}"
+        )
     accelerator.wait_for_everyone()
-    accelerator.save_state(partial)
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(partial)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_checkpoint_record(partial, args, global_step)  # last: it lists every file the others wrote
+            give_usual_file_modes(partial)
+    except (OSError, RuntimeError) as error:  # a full disk: torch's writer says "enforce fail ... unexpected pos"
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrainingStopped(
+            f"writing {final} failed ({reason[:200]}); about {size_text(needed)} needed, "
+            f"{size_text(shutil.disk_usage(args.output_dir).free)} free; {last_checkpoint_note(args)}"
+        ) from None
     if accelerator.is_main_process:
         if os.path.exists(final):  # a rerun of the same step after a resume: replace it
             shutil.rmtree(final)
@@ -1842,7 +2197,7 @@ def push_to_hub(args, repo_id):
         repo_id=repo_id,
         folder_path=args.output_dir,
         commit_message="End of Diffusion-DPO training",
-        ignore_patterns=["checkpoint-*", ".checkpoint-*", "checkpoint-*/**", ".checkpoint-*/**"],
+        ignore_patterns=["checkpoint-*", ".checkpoint-*", "checkpoint-*/**", ".checkpoint-*/**", OUTPUT_DIR_LOCK_NAME],
         token=args.hub_token,
     )
 
@@ -1850,6 +2205,70 @@ def push_to_hub(args, repo_id):
 # ----------------------------------------------------------------------------------------------------------------
 # 7. main: load -> precompute -> train -> save, and the parts it is made of, in the order it calls them
 # ----------------------------------------------------------------------------------------------------------------
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (preemption, SLURM, Ctrl-C) for the run's lifetime; the previous handlers come back on exit.
+
+    Before training (loading, precompute) a signal ends the run at once, as Ctrl-C does: an Interrupted (a
+    KeyboardInterrupt, on which precompute commits its progress). During training the first signal only sets
+    `requested`: the training loop folds it into the step's metric reduction, so that every process finishes the same
+    optimizer step, writes a checkpoint and stops (`stop`). A second signal ends the run at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.phase = "before training"
+        self.requested = None  # the name of the first signal received during training
+        self.previous_handlers = {}
+        self.pid = os.getpid()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for signum in self.SIGNALS:
+                self.previous_handlers[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+
+    def training_started(self):
+        self.phase = "training"
+
+    def training_ended(self):
+        self.phase = "final save"
+
+    def handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked data loader worker: the run's own process decides, workers carry on
+            return
+        name = signal.Signals(signum).name
+        if self.phase == "before training":
+            raise Interrupted(
+                f"interrupted by {name} before training started; run the same command again to continue (latents "
+                "precomputed so far are kept)"
+            )
+        if self.requested is not None:
+            raise Interrupted(
+                f"stopped at once by a second {name}; --resume_from_checkpoint latest continues from the last "
+                "complete checkpoint"
+            )
+        self.requested = name
+        then = "finishing the final save" if self.phase == "final save" else "stopping after this optimizer step"
+        logger.warning(f"{name} received: {then}; a second signal stops at once.", main_process_only=False)
+
+    def stop(self, accelerator, args, global_step):
+        """Ends a run that was asked to stop: checkpoints this step (unless its scheduled checkpoint was just written)
+        and raises TrainingStopped. Every process calls it at the same step."""
+        if global_step % args.checkpointing_steps != 0:
+            save_checkpoint(accelerator, args, global_step)
+        accelerator.end_training()
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+        raise TrainingStopped(
+            f"stopped by {self.requested or 'a signal to another process'} after step {global_step} of "
+            f"{args.max_train_steps}; saved {checkpoint}; --resume_from_checkpoint latest continues the run"
+        )
 
 
 def setup_accelerator(args):
@@ -1879,6 +2298,42 @@ def setup_accelerator(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return accelerator
+
+
+def output_dir_problem(output_dir, error):
+    """One line on why --output_dir could not be created or written (`error`: the OSError that said so)."""
+    blocking = next((p for p in (Path(output_dir), *Path(output_dir).parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        where = "is a file" if blocking == Path(output_dir) else f"is under the file {blocking}"
+        return f"--output_dir {output_dir} {where}; choose a folder"
+    return f"--output_dir {output_dir} cannot be written ({error.strerror or error}); choose a writable folder"
+
+
+@contextlib.contextmanager
+def locked_output_dir(args, accelerator):
+    """Creates --output_dir and, on the main process, holds a lock file in it for the run's lifetime: a second run on
+    the same folder would silently overwrite this one's checkpoints and weights, so it stops instead. Also stops a
+    run whose folder cannot be created or written, before anything is loaded."""
+    lock, problem = None, None
+    if accelerator.is_main_process:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            lock = FileLock(os.path.join(args.output_dir, OUTPUT_DIR_LOCK_NAME))
+            lock.acquire(timeout=0)
+        except Timeout:
+            lock = None
+            problem = f"--output_dir {args.output_dir} is in use by another run; wait for it to end or choose another"
+        except OSError as error:
+            lock, problem = None, output_dir_problem(args.output_dir, error)
+    if accelerator.num_processes > 1:  # every process stops, not only the main one
+        problem = broadcast_object_list([problem])[0]
+    if problem is not None:
+        raise InputError(problem)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def create_output(args, accelerator):
@@ -1977,14 +2432,24 @@ def build_optimizer(args, params, device):
 
 def resume(accelerator, args):
     """Loads weights, optimizer and schedule from the checkpoint to resume from, if any; returns its step (or 0)."""
-    checkpoint = resolve_checkpoint(args) if args.resume_from_checkpoint else None
+    checkpoint = checkpoint_to_resume(args) if args.resume_from_checkpoint else None
     if checkpoint is None:
         if args.resume_from_checkpoint:
             logger.info("No checkpoint to resume from; starting a new run.")
         return 0
-    accelerator.load_state(checkpoint)
     global_step = int(CHECKPOINT_PATTERN.match(Path(checkpoint).name).group(1))
+    check_data_order(checkpoint, checkpoint_record(checkpoint), args.data_order)
+    if global_step > args.max_train_steps:  # its weights are past the steps asked for: saving them would mislabel
+        raise InputError(
+            f"{checkpoint} is already past --max_train_steps {args.max_train_steps}: nothing to train; resume from an "
+            "earlier checkpoint (--resume_from_checkpoint checkpoint-N) or raise --max_train_steps"
+        )
+    accelerator.load_state(checkpoint)
     logger.info(f"Resumed from {checkpoint} at step {global_step}")
+    if global_step == args.max_train_steps:  # e.g. the final save had failed: saving is all that is left
+        logger.warning(
+            f"Nothing to train: {checkpoint} is at --max_train_steps {global_step}; saving its weights as the result."
+        )
     return global_step
 
 
@@ -2032,11 +2497,12 @@ class SkippedSteps:
 
     def __init__(self, max_consecutive):
         self.max_consecutive = max_consecutive
-        self.total = self.consecutive = 0
+        self.total = self.consecutive = self.succeeded = 0
 
     def record(self, global_step, skipped):
         if not skipped:
             self.consecutive = 0
+            self.succeeded += 1
             return
         self.total, self.consecutive = self.total + 1, self.consecutive + 1
         logger.warning(
@@ -2048,6 +2514,15 @@ class SkippedSteps:
                 f"stopped at step {global_step}: {self.consecutive} steps in a row had a non-finite loss or "
                 f"gradient (the weights are those of step {global_step - self.consecutive}; checkpoints are "
                 "intact); lower --learning_rate, prefer bf16 to fp16, or check the data"
+            )
+
+    def check_something_trained(self, global_step):
+        """A run whose every optimizer step was skipped trained nothing: it must not end as a success."""
+        if self.total and not self.succeeded:
+            raise TrainingStopped(
+                f"no optimizer step of this run had a finite loss and gradient ({self.total} skipped, up to step "
+                f"{global_step}), so nothing was saved as trained; lower --learning_rate, prefer bf16 to fp16, or "
+                "check the data"
             )
 
 
@@ -2062,11 +2537,15 @@ class StepMetrics:
             self.sums[name] = self.sums.get(name, 0.0) + value
         self.micro_batches += 1
 
-    def reduce(self, accelerator):
+    def reduce(self, accelerator, stop_requested=False):
+        """The step's metric means, and whether any process was asked to stop: the flag rides in the same
+        all-reduce, so every process learns it at the same step without another collective."""
         names = list(self.sums)
-        means = accelerator.reduce(torch.stack([self.sums[n] for n in names]) / self.micro_batches, reduction="mean")
+        means = torch.stack([self.sums[n] for n in names]) / self.micro_batches
+        means = torch.cat([means, means.new_tensor([float(bool(stop_requested))])])
+        means = accelerator.reduce(means, reduction="mean").tolist()
         self.sums, self.micro_batches = {}, 0
-        return dict(zip(names, means.tolist()))
+        return dict(zip(names, means[:-1])), means[-1] > 0
 
 
 def check_weights_identical(accelerator, params):
@@ -2089,20 +2568,30 @@ def save_final(args, accelerator, unet, reference, params, weight_dtype, global_
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:
         check_weights_identical(accelerator, params)
+    if not weights_finite(params):
+        raise TrainingStopped(
+            f"the trained weights of step {global_step} are not finite, so nothing was saved; "
+            f"{last_checkpoint_note(args)}"
+        )
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(unet)
         if args.run_validation and global_step % args.validation_steps != 0:
             run_validation(args, accelerator, unet, reference, weight_dtype, global_step)
-        if args.train_mode == "lora":
-            save_lora(trained, args.output_dir)
-        else:
-            StableDiffusionXLPipeline.from_pretrained(  # the base pipeline's own VAE, with the trained UNet
-                args.pretrained_model_name_or_path,
-                unet=trained,
-                revision=args.revision,
-                variant=args.variant,
-                cache_dir=args.cache_dir,
-            ).save_pretrained(args.output_dir)
+
+        def write(folder):
+            if args.train_mode == "lora":
+                save_lora(trained, folder)
+            else:
+                StableDiffusionXLPipeline.from_pretrained(  # the base pipeline's own VAE, with the trained UNet
+                    args.pretrained_model_name_or_path,
+                    unet=trained,
+                    revision=args.revision,
+                    variant=args.variant,
+                    cache_dir=args.cache_dir,
+                ).save_pretrained(folder)
+
+        saved = lora_layers(trained) if args.train_mode == "lora" else trained.state_dict()
+        write_into_output_dir(args, write, sum(t.numel() * t.element_size() for t in saved.values()), global_step)
         save_model_card(args, repo_id or os.path.abspath(args.output_dir), global_step)
         if args.push_to_hub:
             push_to_hub(args, repo_id)
@@ -2111,9 +2600,20 @@ def save_final(args, accelerator, unet, reference, params, weight_dtype, global_
 
 
 def main(args):
-    """Trains and saves; returns {'global_step', 'history': [per-step metrics], 'evaluations': [held-out metrics]}."""
-    check_output_dir(args)
-    accelerator = setup_accelerator(args)
+    """Trains and saves; returns {'global_step', 'history': [per-step metrics], 'evaluations': [held-out metrics]}.
+
+    For the run's lifetime SIGTERM and SIGINT are handled (StopSignals) and --output_dir is locked; both are released
+    when main returns or raises (tests call it in-process)."""
+    with contextlib.ExitStack() as run_lifetime:
+        stop_signals = run_lifetime.enter_context(StopSignals())
+        accelerator = setup_accelerator(args)
+        run_lifetime.enter_context(locked_output_dir(args, accelerator))
+        check_output_dir(args)  # under the lock: no other run can write an earlier run's results meanwhile
+        return train_and_save(args, accelerator, stop_signals)
+
+
+def train_and_save(args, accelerator, stop_signals):
+    """Loads, precomputes, trains and saves: main's work once the run holds its output folder."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     repo_id = create_output(args, accelerator)
 
@@ -2162,6 +2662,7 @@ def main(args):
     )
 
     # Resume: weights, optimizer and schedule from the checkpoint; data position from the step count.
+    args.data_order = data_order(args, train_source, train_pairs, accelerator.num_processes)  # checkpoints record it
     global_step = resume(accelerator, args)
     first_epoch = global_step // updates_per_epoch
     batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
@@ -2172,6 +2673,7 @@ def main(args):
     skipped_steps, step_metrics, history = SkippedSteps(args.max_consecutive_skipped_steps), StepMetrics(), []
     if global_step == 0:
         evaluate(unet, global_step)  # the starting point: implicit accuracy 0.5, loss ln 2
+    stop_signals.training_started()  # from here a first signal stops after the current step, with a checkpoint
     unet.train()
     for epoch in range(first_epoch, num_epochs):
         if global_step >= args.max_train_steps:
@@ -2192,8 +2694,9 @@ def main(args):
 
             global_step += 1
             skipped_steps.record(global_step, skipped=not finite or accelerator.optimizer_step_was_skipped)
+            step_means, stop_requested = step_metrics.reduce(accelerator, stop_signals.requested)
             logs = {
-                **step_metrics.reduce(accelerator),
+                **step_means,
                 "lr": lr_scheduler.get_last_lr()[0],
                 "skipped_steps": skipped_steps.total,
             }
@@ -2203,6 +2706,9 @@ def main(args):
 
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args, global_step)
+            if stop_requested:
+                progress.bar.close()  # the one-line message that follows gets a line of its own
+                stop_signals.stop(accelerator, args, global_step)
             if global_step % args.validation_steps == 0:
                 evaluate(unet, global_step)
                 if args.run_validation and accelerator.is_main_process:
@@ -2210,6 +2716,8 @@ def main(args):
             if global_step >= args.max_train_steps:
                 break
 
+    stop_signals.training_ended()
+    skipped_steps.check_something_trained(global_step)
     if global_step % args.validation_steps != 0:
         evaluate(unet, global_step)
     save_final(args, accelerator, unet, reference, params, weight_dtype, global_step, repo_id)
@@ -2226,3 +2734,5 @@ if __name__ == "__main__":
         main(parse_args())
     except (InputError, TrainingStopped) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt as interrupted:  # Ctrl-C or SIGTERM (an Interrupted says when and what is kept)
+        sys.exit(f"error: {interrupted or 'interrupted'}")
