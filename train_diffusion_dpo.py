@@ -62,7 +62,7 @@ from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageOps
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 
@@ -85,6 +85,11 @@ DEFAULT_VALIDATION_PROMPTS = [
 MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 CACHE_FORMAT_VERSION = 2
+# the conditioning this script gives the UNet (its config's values): text embeddings alone
+UNET_CONDITIONING = {"addition_embed_type": None, "class_embed_type": None}
+OTHER_MODELS_HINT = "this script trains SD 1.x/2.x-class models; train SDXL models with train_diffusion_dpo_sdxl.py"
+# the .npy files of a cache folder
+CACHE_ARRAYS = ("caption_index", "prompt_embeds", "pair_latents", "encoded", "undecodable")
 # Precompute streams the source shard by shard, spread over processes and loader workers: a split with fewer files
 # than this is split into its parquet row groups instead (a split of many files is not: that costs a read per file).
 MIN_SOURCE_SHARDS = 64
@@ -93,6 +98,8 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Written into every checkpoint before it is renamed complete: what decides its data position, and each file's size.
 CHECKPOINT_RECORD_NAME = "checkpoint_record.json"
 CHECKPOINT_RECORD_FORMAT = 1
+# What a failed write of weights raises; a full disk reads as any of them, depending on who wrote.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 # held by a run for its lifetime, so that a second run on the same --output_dir stops instead of overwriting it
 OUTPUT_DIR_LOCK_NAME = ".diffusion-dpo-run.lock"
 
@@ -468,6 +475,24 @@ def check_output_dir(args):
         )
 
 
+def check_unet_conditioning(args):
+    """Refuses, before any data is read, a model whose UNet needs other conditioning than this script gives it (see
+    UNET_CONDITIONING): it would fail only at the first training step, after the precompute."""
+    try:
+        config = UNet2DConditionModel.load_config(
+            args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, cache_dir=args.cache_dir
+        )
+    except Exception:  # nothing to read (offline, a typo in a Hub id): loading the UNet reports it
+        return
+    differing = {name: config.get(name) for name, value in UNET_CONDITIONING.items() if config.get(name) != value}
+    if differing:
+        found = ", ".join(f"{name} {value!r}" for name, value in differing.items())
+        raise InputError(
+            f"model '{args.pretrained_model_name_or_path}' has a UNet this script cannot condition ({found}): "
+            f"{OTHER_MODELS_HINT}"
+        )
+
+
 def has_validation_pairs(args):
     return args.validation_split_name is not None or args.num_validation_pairs > 0
 
@@ -776,6 +801,7 @@ def load_preference_pairs(args, split):
 def training_and_validation_pairs(args):
     """The training pairs and the held-out validation pairs (None without --validation_split_name or
     --num_validation_pairs). Held-out pairs come from their own split, or are set aside from the training split."""
+    check_unet_conditioning(args)
     check_cache_root_writable(args)
     train_source = load_preference_pairs(args, args.dataset_split_name)
     held_out_source = None
@@ -1070,44 +1096,101 @@ def latents_read(n_pairs, args, epochs=None):
     return needed
 
 
+def image_latent_shape(args):
+    """(channels, height, width) of one image's latent, from the VAE's config alone."""
+    vae_config = load_vae_config(args)
+    latent_size = args.resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return (vae_config["latent_channels"], latent_size, latent_size)
+
+
+def caption_embedding_bytes(args):
+    """Bytes one caption's text embeddings take in the cache (float16), from the text encoder's config alone."""
+    config = transformers.AutoConfig.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="text_encoder", revision=args.revision, cache_dir=args.cache_dir
+    )
+    return 2 * config.max_position_embeddings * config.hidden_size
+
+
+def latent_chunk_bytes(args):
+    """{cache file: bytes one (pair, orientation) takes in it}: the winner's and loser's latents (float16)."""
+    return {"pair_latents": 2 * 2 * math.prod(image_latent_shape(args))}
+
+
+def precompute_bytes(args, planned_caches):
+    """Bytes the precompute will write to disk for `planned_caches`: a new cache's text embeddings, caption index and
+    masks, and the latents still to encode. The latent files are sparse: each latent written takes whole disk
+    blocks, but all of them no more than the file's full size."""
+
+    def on_disk(n_bytes, block=4096):
+        return -(-n_bytes // block) * block
+
+    total = 0
+    for planned in planned_caches:
+        (n_pairs, n_orientations), todo = planned.needed.shape, planned.needed
+        if planned.path.exists():
+            todo = todo & ~np.load(planned.path / "encoded.npy") & ~np.load(planned.path / "undecodable.npy")[:, None]
+        else:
+            n_captions = len({str(caption) for caption in planned.source_pairs.captions} | {""})
+            total += on_disk(n_captions * caption_embedding_bytes(args))
+            total += 3 * on_disk(n_pairs * (4 + n_orientations + 1))  # caption index, masks and their copies
+        if todo.any():
+            for chunk in latent_chunk_bytes(args).values():
+                total += min(on_disk(n_pairs * n_orientations * chunk), int(todo.sum()) * on_disk(chunk + 4096))
+    return total
+
+
+def check_free_space(args, planned_caches):
+    """Stops in one line, before any encoder is loaded, when the cache folder's disk cannot hold what the precompute
+    writes (the latents are memory-mapped: a full disk would kill the process with SIGBUS, without a message)."""
+    root = cache_root(args)
+    needed, free = precompute_bytes(args, planned_caches), shutil.disk_usage(root).free
+    if needed > free:
+        raise InputError(
+            f"not enough disk space for the precompute cache in {root}: it needs {format_bytes(needed)}, "
+            f"{format_bytes(free)} are free; free some space or choose another folder with --precompute_cache_dir"
+        )
+
+
 def save_atomically(path, array):
-    partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}.npy")
-    np.save(partial, array)
-    os.replace(partial, path)
+    with removed_on_failure(path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}.npy")) as partial:
+        np.save(partial, array)
+        os.replace(partial, path)
 
 
 def create_cache(args, planned, text_encoder, tokenizer, latent_shape):
     """The new cache folder of a PlannedCache with its text part and empty latent storage, written under a temporary
     name and renamed when complete (an interrupted run never leaves a folder that looks valid)."""
-    partial = planned.path.with_name(f".{planned.path.name}.partial-{uuid.uuid4().hex[:8]}")
-    partial.mkdir(parents=True)
-    captions = [str(caption) for caption in planned.source_pairs.captions]
-    unique_captions = [""] + sorted(set(captions) - {""})  # row 0: the empty caption (prompt dropout)
-    row_of = {caption: row for row, caption in enumerate(unique_captions)}
-    np.save(partial / "caption_index.npy", np.array([row_of[c] for c in captions], dtype=np.int32))
-    np.save(
-        partial / "prompt_embeds.npy",
-        encode_captions(unique_captions, text_encoder, tokenizer).to(torch.float16).numpy(),
-    )
-    logger.info(
-        f"Encoded {len(unique_captions) - 1} unique captions for {len(captions)} pairs ({captions.count('')} empty)."
-    )
-    n_orientations = 1 if args.no_hflip else 2
-    # allocated, not written: the file stays sparse on disk until latents are encoded into it
-    np.lib.format.open_memmap(
-        partial / "pair_latents.npy",
-        mode="w+",
-        dtype=np.float16,
-        shape=(len(captions), n_orientations, 2, *latent_shape),
-    )
-    np.save(partial / "encoded.npy", np.zeros((len(captions), n_orientations), dtype=bool))
-    np.save(partial / "undecodable.npy", np.zeros(len(captions), dtype=bool))
-    (partial / "cache_info.json").write_text(
-        json.dumps(
-            {**planned.key_fields, "pairs": len(captions), "unique_captions": len(unique_captions) - 1}, indent=2
+    partial_name = f".{planned.path.name}.partial-{uuid.uuid4().hex[:8]}"
+    with removed_on_failure(planned.path.with_name(partial_name)) as partial:
+        partial.mkdir(parents=True)
+        captions = [str(caption) for caption in planned.source_pairs.captions]
+        unique_captions = [""] + sorted(set(captions) - {""})  # row 0: the empty caption (prompt dropout)
+        row_of = {caption: row for row, caption in enumerate(unique_captions)}
+        np.save(partial / "caption_index.npy", np.array([row_of[c] for c in captions], dtype=np.int32))
+        np.save(
+            partial / "prompt_embeds.npy",
+            encode_captions(unique_captions, text_encoder, tokenizer).to(torch.float16).numpy(),
         )
-    )
-    os.replace(partial, planned.path)
+        logger.info(
+            f"Encoded {len(unique_captions) - 1} unique captions for {len(captions)} pairs "
+            f"({captions.count('')} empty)."
+        )
+        n_orientations = 1 if args.no_hflip else 2
+        # allocated, not written: the file stays sparse on disk until latents are encoded into it
+        np.lib.format.open_memmap(
+            partial / "pair_latents.npy",
+            mode="w+",
+            dtype=np.float16,
+            shape=(len(captions), n_orientations, 2, *latent_shape),
+        )
+        np.save(partial / "encoded.npy", np.zeros((len(captions), n_orientations), dtype=bool))
+        np.save(partial / "undecodable.npy", np.zeros(len(captions), dtype=bool))
+        (partial / "cache_info.json").write_text(
+            json.dumps(
+                {**planned.key_fields, "pairs": len(captions), "unique_captions": len(unique_captions) - 1}, indent=2
+            )
+        )
+        os.replace(partial, planned.path)
 
 
 def create_missing_caches(args, planned_caches, accelerator, encode_dtype):
@@ -1123,9 +1206,7 @@ def create_missing_caches(args, planned_caches, accelerator, encode_dtype):
     """
     new_caches = [planned for planned in planned_caches if not planned.path.exists()]
     if new_caches:
-        vae_config = load_vae_config(args)
-        latent_size = args.resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
-        latent_shape = (vae_config["latent_channels"], latent_size, latent_size)
+        latent_shape = image_latent_shape(args)
         text_encoder, tokenizer = load_text_encoders(args, accelerator.device, encode_dtype)
         for planned in new_caches:
             logger.info(f"Creating the latent and text-embedding cache {planned.path}")
@@ -1200,36 +1281,38 @@ def encode_latents(args, planned_caches, accelerator, encode_dtype, part=0, part
     started = last_commit = time.monotonic()
     n_images = 0
     progress = tqdm(total=pixels.num_pairs, desc="Encoding images", disable=not accelerator.is_local_main_process)
-    for batch in loader:
-        progress.update(len(batch["index"]))
-        group, index, ok = batch["group"].numpy(), batch["index"].numpy(), batch["ok"].numpy()
-        for g, i in zip(group[~ok], index[~ok]):
-            caches[g].undecodable[i] = True
-        if not ok.any():
-            continue
-        group, index = group[ok], index[ok]
-        wanted = np.stack([caches[g].todo[i] for g, i in zip(group, index)])  # (pairs, orientations) to encode
-        images = batch["pixels"][torch.from_numpy(ok)][torch.from_numpy(wanted)]  # (n, 2, 3, H, W)
-        with torch.inference_mode():
-            chunks = images.flatten(0, 1).split(args.vae_encode_batch_size)
-            latents = torch.cat(
-                [
-                    vae.encode(chunk.to(device, encode_dtype, memory_format=memory_format)).latent_dist.mean
-                    for chunk in chunks
-                ]
-            )
-        latents = (latents.float() * vae.config.scaling_factor).view(*images.shape[:2], *latents.shape[1:])
-        latents = latents.cpu().to(torch.float16).numpy()
-        n_images += 2 * len(latents)
-        for latent, (row, orientation) in zip(latents, zip(*np.nonzero(wanted))):  # the boolean indexing's order
-            caches[group[row]].store(index[row], orientation, latent)
-        if time.monotonic() - last_commit > args.precompute_commit_seconds:
-            for cache in caches:
-                cache.commit()
-            last_commit = time.monotonic()
-    progress.close()
-    for cache in caches:
-        cache.commit()
+    try:
+        for batch in loader:
+            progress.update(len(batch["index"]))
+            group, index, ok = batch["group"].numpy(), batch["index"].numpy(), batch["ok"].numpy()
+            for g, i in zip(group[~ok], index[~ok]):
+                caches[g].undecodable[i] = True
+            if not ok.any():
+                continue
+            group, index = group[ok], index[ok]
+            wanted = np.stack([caches[g].todo[i] for g, i in zip(group, index)])  # (pairs, orientations) to encode
+            images = batch["pixels"][torch.from_numpy(ok)][torch.from_numpy(wanted)]  # (n, 2, 3, H, W)
+            with torch.inference_mode():
+                chunks = images.flatten(0, 1).split(args.vae_encode_batch_size)
+                latents = torch.cat(
+                    [
+                        vae.encode(chunk.to(device, encode_dtype, memory_format=memory_format)).latent_dist.mean
+                        for chunk in chunks
+                    ]
+                )
+            latents = (latents.float() * vae.config.scaling_factor).view(*images.shape[:2], *latents.shape[1:])
+            latents = latents.cpu().to(torch.float16).numpy()
+            n_images += 2 * len(latents)
+            for latent, (row, orientation) in zip(latents, zip(*np.nonzero(wanted))):  # the boolean indexing's order
+                caches[group[row]].store(index[row], orientation, latent)
+            if time.monotonic() - last_commit > args.precompute_commit_seconds:
+                for cache in caches:
+                    cache.commit()
+                last_commit = time.monotonic()
+    finally:  # interrupted (Ctrl-C, SIGTERM) or failed: what was encoded is kept, and the next run goes on from there
+        progress.close()
+        for cache in caches:
+            cache.commit()
     seconds = time.monotonic() - started
     logger.info(
         f"Process {accelerator.process_index} encoded {n_images} images of {len(pixels.tasks)} source shards "
@@ -1252,6 +1335,59 @@ def fold_parts(cache_path):
             )
             for part in parts:
                 part.unlink()
+
+
+def damaged_cache_file(file, reason):
+    return InputError(
+        f"the cache file {file} is damaged ({reason}); delete the folder {file.parent} and run again to rebuild it"
+    )
+
+
+def check_cache_files(cache_path):
+    """Opens every array of an existing cache folder and checks that their shapes agree, so that a damaged file (a
+    truncated copy, a disk that filled up) stops the run here, before any encoding or training, in one line."""
+    arrays = {}
+    part_names = [part.name[: -len(".npy")] for part in sorted(cache_path.glob("*.part-*.npy"))]
+    for name in [*CACHE_ARRAYS, *part_names]:
+        file = cache_path / f"{name}.npy"
+        try:
+            arrays[name] = np.load(file, mmap_mode="r")
+        except Exception as error:  # numpy raises ValueError, OSError, EOFError... for a damaged file
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise damaged_cache_file(file, f"{type(error).__name__}: {reason}" if reason else type(error).__name__)
+    if arrays["encoded"].ndim != 2:
+        raise damaged_cache_file(cache_path / "encoded.npy", f"shape {arrays['encoded'].shape}")
+    n_pairs, n_orientations = arrays["encoded"].shape
+    n_captions = len(arrays["prompt_embeds"])
+    leading_dims = {  # what each array's shape must start with
+        "encoded": (n_pairs, n_orientations),
+        "undecodable": (n_pairs,),
+        "caption_index": (n_pairs,),
+        "pair_latents": (n_pairs, n_orientations, 2),
+        "time_ids": (n_pairs, n_orientations, 2, 6),
+        "pooled_prompt_embeds": (n_captions,),
+    }
+    for name, array in arrays.items():
+        expected = leading_dims.get(name.split(".")[0], ())
+        if array.shape[: len(expected)] != expected:
+            raise damaged_cache_file(cache_path / f"{name}.npy", f"shape {array.shape}, expected {expected} first")
+    caption_index = np.asarray(arrays["caption_index"])
+    if n_pairs and not 0 <= caption_index.min() <= caption_index.max() < n_captions:
+        raise damaged_cache_file(cache_path / "caption_index.npy", f"rows outside the {n_captions} embeddings")
+
+
+def remove_leftover_partials(args, planned_caches):
+    """Removes what runs killed while writing (SIGKILL; SIGBUS on a full disk) left under temporary names: cache
+    folders and their mask files are written only under the precompute lock, which this process holds."""
+    leftovers = [p for p in cache_root(args).glob(".*.partial-*") if p.is_dir()]
+    for planned in planned_caches:
+        leftovers += planned.path.glob(".*.partial-*") if planned.path.is_dir() else []
+    for leftover in leftovers:
+        logger.info(f"Removing {leftover}, left by an interrupted run")
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def plan_cache(args, request, encode_dtype):
@@ -1278,10 +1414,22 @@ def load_or_precompute(args, requests, accelerator, encode_dtype):
     try:
         if accelerator.is_local_main_process:
             cache_root(args).mkdir(parents=True, exist_ok=True)
-            lock.acquire()
-            create_missing_caches(args, planned_caches, accelerator, encode_dtype)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:  # another run holds it: say why nothing happens, then take turns as always
+                logger.info(
+                    f"Waiting for the cache lock {lock.lock_file}: another run is precomputing into "
+                    f"{cache_root(args)}",
+                    main_process_only=False,
+                )
+                lock.acquire()
+            remove_leftover_partials(args, planned_caches)
             for planned in planned_caches:
-                fold_parts(planned.path)
+                if planned.path.exists():
+                    check_cache_files(planned.path)
+                    fold_parts(planned.path)
+            check_free_space(args, planned_caches)
+            create_missing_caches(args, planned_caches, accelerator, encode_dtype)
         if machine is not None:
             torch.distributed.barrier(group=machine)
         encode_latents(args, planned_caches, accelerator, encode_dtype, accelerator.local_process_index, per_machine)
@@ -1863,7 +2011,7 @@ def write_into_output_dir(args, write, bytes_needed, global_step):
                 shutil.rmtree(target)
             os.replace(os.path.join(partial, name), target)
         os.rmdir(partial)
-    except (OSError, RuntimeError) as error:  # a full disk reads as either, depending on who wrote
+    except WRITE_ERRORS as error:
         shutil.rmtree(partial, ignore_errors=True)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TrainingStopped(
@@ -1951,7 +2099,7 @@ def save_checkpoint(accelerator, args, global_step):
         if accelerator.is_main_process:
             write_checkpoint_record(partial, args, global_step)  # last: it lists every file the others wrote
             give_usual_file_modes(partial)
-    except (OSError, RuntimeError) as error:  # a full disk: torch's writer says "enforce fail ... unexpected pos"
+    except WRITE_ERRORS as error:  # a full disk: torch's writer says "enforce fail ... unexpected pos"
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
