@@ -1,0 +1,244 @@
+"""A run's lifecycle: flag values refused up front, an output folder that cannot be used or is in use by another run,
+and SIGTERM/SIGINT (preemption, SLURM, Ctrl-C) ending a run with a checkpoint and one line."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from filelock import FileLock
+from testing_utils import ROOT, assert_same_tensors, lora_weights, run_trainer
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ({"learning_rate": 0}, "--learning_rate must be a positive finite number, got 0.0"),
+        ({"learning_rate": -0.5}, "--learning_rate must be a positive finite number"),
+        ({"learning_rate": "nan"}, "--learning_rate must be a positive finite number, got nan"),
+        ({"learning_rate": "inf"}, "--learning_rate must be a positive finite number, got inf"),
+        ({"adam_beta1": 1.0}, "--adam_beta1 must lie in [0, 1), got 1.0"),
+        ({"adam_beta1": -0.1}, "--adam_beta1 must lie in [0, 1)"),
+        ({"adam_beta2": "nan"}, "--adam_beta2 must lie in [0, 1), got nan"),
+        ({"adam_beta2": 1.5}, "--adam_beta2 must lie in [0, 1)"),
+        ({"beta_dpo": "nan"}, "--beta_dpo must be a finite number, got nan"),
+        ({"beta_dpo": "inf"}, "--beta_dpo must be a finite number, got inf"),
+        ({"max_grad_norm": -1}, "--max_grad_norm must not be negative"),
+        ({"max_grad_norm": "nan"}, "--max_grad_norm must not be negative (0 disables clipping), got nan"),
+    ],
+    ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None,
+)
+@pytest.mark.both_trainers
+def test_bad_flag_values_stop_before_anything_loads(dpo, cli_args, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        dpo.parse_args(cli_args(**flags))
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()  # one line, no usage dump
+    assert message in line
+
+
+@pytest.mark.both_trainers
+def test_good_flag_values_at_the_edges_are_accepted(dpo, cli_args):
+    args = dpo.parse_args(cli_args(adam_beta1=0, adam_beta2=0.9999, max_grad_norm=0, learning_rate=1e-9))
+    assert args.learning_rate == 1e-9 and dpo.parse_args(cli_args()).learning_rate is None  # None: the default
+
+
+@pytest.fixture
+def nothing_loads(dpo, monkeypatch):
+    """Fails the test if the run gets as far as loading data or models."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the run went on to load data and models")
+
+    monkeypatch.setattr(dpo, "train_and_save", loaded)
+
+
+@pytest.mark.both_trainers
+def test_an_output_dir_that_is_a_file_is_refused(dpo, cli_args, tmp_path, nothing_loads):
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(dpo.InputError, match=f"^--output_dir {tmp_path / 'out'} is a file; choose a folder$"):
+        run_trainer(dpo, cli_args(output_dir=tmp_path / "out"))
+
+
+@pytest.mark.both_trainers
+def test_an_output_dir_under_a_file_is_refused(dpo, cli_args, tmp_path, nothing_loads):
+    (tmp_path / "file").write_text("not a folder")
+    output_dir = tmp_path / "file" / "runs" / "out"
+    with pytest.raises(dpo.InputError, match=f"^--output_dir {output_dir} is under the file {tmp_path / 'file'};"):
+        run_trainer(dpo, cli_args(output_dir=output_dir))
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only tmpfs mount (as root chmod does not stop writes); skips when mounting is not allowed here."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mount.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.both_trainers
+@pytest.mark.parametrize("inside", [".", "new"], ids=["the-folder", "a-folder-to-create"])
+def test_a_read_only_output_dir_is_refused(dpo, cli_args, read_only_folder, nothing_loads, inside):
+    output_dir = os.path.normpath(read_only_folder / inside)
+    with pytest.raises(dpo.InputError, match=f"^--output_dir {output_dir} cannot be written \\(Read-only file sys"):
+        run_trainer(dpo, cli_args(output_dir=output_dir))
+
+
+@pytest.mark.both_trainers
+def test_a_second_run_on_the_same_output_dir_stops_in_one_line(dpo, cli_args, tmp_path, nothing_loads):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    # flock is per open file: this lock blocks the trainer's own FileLock on the path, as another run's would
+    with FileLock(output_dir / dpo.OUTPUT_DIR_LOCK_NAME):
+        with pytest.raises(dpo.InputError, match=f"^--output_dir {output_dir} is in use by another run;"):
+            run_trainer(dpo, cli_args(output_dir=output_dir))
+    assert not dpo.holds_earlier_run(str(output_dir))  # the lock file is no earlier run
+
+
+def test_the_lock_is_released_at_the_end_and_is_neither_an_earlier_run_nor_pushed(dpo, cli_args, tmp_path):
+    output_dir = tmp_path / "out"
+    previous_handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+    run_trainer(dpo, cli_args(output_dir=output_dir, max_train_steps=1))
+    lock_file = output_dir / dpo.OUTPUT_DIR_LOCK_NAME
+    assert lock_file.exists()
+    FileLock(lock_file).acquire(timeout=0)  # released when main returned
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == previous_handlers
+
+    # a run that ends with an error releases the lock and restores the handlers too
+    with pytest.raises(dpo.InputError, match="already holds a trained model"):
+        run_trainer(dpo, cli_args(output_dir=output_dir, max_train_steps=1))
+    FileLock(lock_file).acquire(timeout=0)
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == previous_handlers
+
+    # --push_to_hub uploads the folder without its lock file
+    from huggingface_hub.utils import filter_repo_objects
+
+    uploads = {}
+    dpo_upload_folder = dpo.upload_folder
+    try:
+        dpo.upload_folder = lambda **kwargs: uploads.update(kwargs)
+        dpo.push_to_hub(dpo.parse_args(cli_args(output_dir=output_dir)), "user/repo")
+    finally:
+        dpo.upload_folder = dpo_upload_folder
+    files = [p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*") if p.is_file()]
+    uploaded = list(filter_repo_objects(files, ignore_patterns=uploads["ignore_patterns"]))
+    assert dpo.LORA_WEIGHT_NAME in uploaded and dpo.OUTPUT_DIR_LOCK_NAME not in uploaded
+
+
+def test_the_stop_flag_rides_in_the_step_metric_reduction(dpo):
+    import torch
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    metrics = dpo.StepMetrics()
+    metrics.add({"loss": torch.tensor(1.0)})
+    metrics.add({"loss": torch.tensor(3.0)})
+    assert metrics.reduce(accelerator) == ({"loss": 2.0}, False)
+    metrics.add({"loss": torch.tensor(1.0)})
+    assert metrics.reduce(accelerator, stop_requested="SIGTERM") == ({"loss": 1.0}, True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Signals: the trainer runs as a separate process, as it does under SLURM or a cloud scheduler.
+
+
+def launch(dpo, argv, log):
+    """Starts a trainer process writing its output to `log` (a pipe nobody reads could fill up and block it)."""
+    with open(log, "w") as output:
+        return subprocess.Popen(
+            [sys.executable, dpo.__file__, *argv],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            cwd=ROOT,
+        )
+
+
+def signal_when(process, condition, signum, timeout=300):
+    """Sends `signum` as soon as condition() holds (checked every millisecond), then waits for the process to end;
+    False if it ended first."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if condition():
+            process.send_signal(signum)
+            process.wait(timeout=timeout)
+            return True
+        time.sleep(0.001)
+    process.wait(timeout=timeout)
+    return False
+
+
+def last_line(log):
+    return [line for line in re.split(r"[\r\n]+", Path(log).read_text()) if line.strip()][-1]
+
+
+@pytest.mark.both_trainers
+def test_sigterm_during_training_checkpoints_the_step_and_resume_gives_the_uninterrupted_weights(
+    dpo, cli_args, tmp_path
+):
+    # checkpoints every 3 steps: the signal arrives after checkpoint-3, so the stop writes a checkpoint of its own
+    common = dict(max_train_steps=9, checkpointing_steps=3, learning_rate=1e-3, lr_scheduler="cosine")
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "straight", **common))
+
+    out, log = tmp_path / "stopped", tmp_path / "stopped.log"
+    argv = cli_args(output_dir=out, **common)
+    process = launch(dpo, argv, log)
+    assert signal_when(process, lambda: (out / "checkpoint-3").exists(), signal.SIGTERM), log.read_text()[-3000:]
+    assert process.returncode != 0
+    assert "Traceback" not in log.read_text()
+    stopped = re.fullmatch(
+        r"error: stopped by SIGTERM after step (\d+) of 9; saved (\S+); --resume_from_checkpoint latest continues "
+        r"the run",
+        last_line(log),
+    )
+    assert stopped, log.read_text()[-3000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < 9 and stopped.group(2) == str(out / f"checkpoint-{step}")
+    assert dpo.complete_checkpoints(str(out))[-1] == str(out / f"checkpoint-{step}")
+    assert not (out / dpo.LORA_WEIGHT_NAME).exists()  # stopped, not finished
+
+    resumed_log = tmp_path / "resumed.log"
+    resumed = launch(dpo, argv + ["--resume_from_checkpoint", "latest"], resumed_log)
+    assert resumed.wait() == 0, resumed_log.read_text()[-3000:]
+    assert f"Resumed from {out / f'checkpoint-{step}'} at step {step}" in resumed_log.read_text()
+    assert_same_tensors(lora_weights(out), lora_weights(tmp_path / "straight"), atol=0)
+
+
+@pytest.mark.both_trainers
+def test_sigint_during_precompute_ends_in_one_line_and_the_same_command_continues(dpo, cli_args, tmp_path):
+    for attempt in range(3):  # precompute on tiny data lasts moments: polling may miss it, so try again
+        out, log = tmp_path / f"out-{attempt}", tmp_path / f"interrupted-{attempt}.log"
+        argv = cli_args(
+            output_dir=out,
+            precompute_cache_dir=tmp_path / f"cache-{attempt}",
+            vae_encode_batch_size=1,
+            precompute_commit_seconds=0,
+        )
+        process = launch(dpo, argv, log)
+        started = signal_when(process, lambda: "to encode" in log.read_text(), signal.SIGINT)
+        if started and "***** Diffusion-DPO" not in log.read_text():  # interrupted before the models were set up
+            break
+    else:
+        pytest.fail("no run was interrupted during precompute")
+    assert process.returncode != 0
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    assert last_line(log) == (
+        "error: interrupted by SIGINT before training started; run the same command again to continue (latents "
+        "precomputed so far are kept)"
+    )
+    rerun_log = tmp_path / "rerun.log"
+    rerun = launch(dpo, argv, rerun_log)
+    assert rerun.wait() == 0, rerun_log.read_text()[-3000:]
+    assert (out / dpo.LORA_WEIGHT_NAME).exists()
