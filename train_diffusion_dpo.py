@@ -628,11 +628,15 @@ def removed_on_failure(partial):
     try:
         yield partial
     except BaseException as error:
+        # numpy reports a short write without an errno: then the disk is (all but) full
+        disk_full = isinstance(error, OSError) and (
+            error.errno in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(partial.parent).free < 2**20
+        )
         if partial.is_dir():
             shutil.rmtree(partial, ignore_errors=True)
         else:
             partial.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        if disk_full:
             raise InputError(
                 f"the disk of {partial.parent} is full ({format_bytes(shutil.disk_usage(partial.parent).free)} "
                 "free); free some space or choose another folder with --precompute_cache_dir"

@@ -2,9 +2,14 @@
 full or unwritable disk, an interrupted precompute, a model the trainer cannot condition. Each ends in a counted
 skip, a one-line message, or a refusal, never a silent wrong result."""
 
+import json
 import logging
 import os
 import random
+import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -13,6 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import tiny_assets
 from testing_utils import cache_folders, run_trainer
+
+import train_diffusion_dpo
 
 
 def jpeg_pair(rng):
@@ -106,3 +113,198 @@ def test_a_data_file_rewritten_with_its_old_mtime_is_not_read_from_the_old_cache
     args = dpo.parse_args(cli_args(dataset_name=data, output_dir=tmp_path / "c"))
     captions = pq.read_table(path).column("caption").to_pylist()
     assert dpo.load_preference_pairs(args, "train").captions == captions
+
+
+# ---- a damaged cache -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.both_trainers
+def test_a_damaged_cache_file_is_named_in_one_line_before_anything_is_encoded(dpo, cli_args, tmp_path, monkeypatch):
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "a", max_train_steps=1))
+    (cache,) = cache_folders(tmp_path / "cache")
+    np.save(cache / "encoded.part-1.npy", np.load(cache / "encoded.npy"))  # a part file left by a killed process
+    pristine = tmp_path / "pristine"
+    shutil.copytree(cache, pristine)
+    monkeypatch.setattr(dpo, "load_vae", must_not_load)
+    damages = {"truncated": lambda data: data[: len(data) // 2], "overwritten": lambda data: b"\0" * len(data)}
+    for name in [*dpo.CACHE_ARRAYS, "encoded.part-1"]:
+        for damage, damaged in damages.items():
+            file = cache / f"{name}.npy"
+            file.write_bytes(damaged(file.read_bytes()))
+            with pytest.raises(dpo.InputError) as error:
+                run_trainer(dpo, cli_args(output_dir=tmp_path / f"{name}-{damage}", max_train_steps=1))
+            message = str(error.value)
+            assert f"the cache file {file} is damaged" in message, (name, damage)
+            assert f"delete the folder {cache} and run again" in message and "\n" not in message
+            shutil.copyfile(pristine / file.name, file)
+
+
+@pytest.mark.both_trainers
+def test_arrays_that_disagree_in_shape_are_named(dpo, cli_args, tmp_path):
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "a", max_train_steps=1))
+    (cache,) = cache_folders(tmp_path / "cache")
+    np.save(cache / "undecodable.npy", np.zeros(3, dtype=bool))  # another cache's mask, copied in by hand
+    with pytest.raises(dpo.InputError, match=f"the cache file {cache / 'undecodable.npy'} is damaged"):
+        run_trainer(dpo, cli_args(output_dir=tmp_path / "b", max_train_steps=1))
+
+
+@pytest.mark.both_trainers
+def test_a_damaged_labels_and_captions_cache_is_read_again(dpo, cli_args, tmp_path, caplog):
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "a", max_train_steps=1))
+    (labels_cache,) = (tmp_path / "cache").glob("pairs-*.parquet")
+    intact = labels_cache.read_bytes()
+    labels_cache.write_bytes(intact[: len(intact) // 2])
+    caplog.set_level(logging.WARNING)
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "b", max_train_steps=1))
+    assert f"The labels and captions cache {labels_cache} is damaged" in caplog.text
+    assert pq.read_table(labels_cache).equals(pq.read_table(pa.BufferReader(intact)))
+
+
+def must_not_load(*args, **kwargs):
+    raise AssertionError("a model was loaded although the run should have stopped before")
+
+
+# ---- the cache lock ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.both_trainers
+def test_waiting_for_another_runs_cache_lock_is_said(dpo, cli_args, tmp_path, caplog):
+    lock_file = tmp_path / "cache" / ".precompute.lock"
+    lock_file.parent.mkdir()
+    hold = "import sys, time, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); print(1, flush=True)"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold + "; time.sleep(2)", str(lock_file)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "1"  # the other run holds the lock
+        caplog.set_level(logging.INFO)
+        run_trainer(dpo, cli_args(max_train_steps=1))  # waits its turn, then precomputes and trains
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"Waiting for the cache lock {lock_file}" in caplog.text
+    assert len(cache_folders(tmp_path / "cache")) == 1
+
+
+# ---- disk space ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.both_trainers
+def test_a_cache_folder_that_cannot_be_written_is_refused_before_anything_loads(dpo, cli_args, tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setattr(dpo.UNet2DConditionModel, "from_pretrained", must_not_load)
+    monkeypatch.setattr(dpo, "load_text_encoders", must_not_load)
+    with pytest.raises(dpo.InputError, match=f"cannot write to the cache folder {tmp_path / 'a-file' / 'cache'}"):
+        run_trainer(dpo, cli_args(precompute_cache_dir=tmp_path / "a-file" / "cache"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root), unmounted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def fill(disk, leave_free):
+    """Fills `disk` with a dummy file so that `leave_free` bytes stay free."""
+    (disk / "dummy").write_bytes(bytes(shutil.disk_usage(disk).free - leave_free))
+    assert shutil.disk_usage(disk).free == leave_free
+
+
+def partials(folder):
+    return [path for path in folder.rglob("*") if ".partial-" in path.name]
+
+
+@pytest.mark.both_trainers
+def test_a_cache_that_does_not_fit_on_the_disk_stops_before_the_encoders_load(
+    dpo, cli_args, small_disk, tmp_path, monkeypatch
+):
+    fill(small_disk, 48 * 1024)  # the labels and captions fit, the text embeddings and latents do not
+    monkeypatch.setattr(dpo, "load_text_encoders", must_not_load)
+    monkeypatch.setattr(dpo, "load_vae", must_not_load)
+    with pytest.raises(dpo.InputError) as error:
+        run_trainer(dpo, cli_args(precompute_cache_dir=small_disk / "cache"))
+    needed, free = re.match(
+        f"not enough disk space for the precompute cache in {small_disk / 'cache'}: it needs ([0-9.]+) KiB, "
+        "([0-9.]+) KiB are free",
+        str(error.value),
+    ).groups()
+    assert float(needed) > 48 >= float(free)  # the labels and captions cache took a little of the 48 KiB
+    assert not cache_folders(small_disk / "cache") and not partials(small_disk)
+
+
+@pytest.mark.both_trainers
+def test_a_disk_that_fills_up_while_the_cache_is_written_leaves_no_partial_files(
+    dpo, cli_args, small_disk, monkeypatch
+):
+    fill(small_disk, 16 * 1024)
+    monkeypatch.setattr(dpo, "check_free_space", lambda *args: None)  # as if another program filled the disk
+    with pytest.raises(dpo.InputError, match=f"the disk of {small_disk / 'cache'} is full"):
+        run_trainer(dpo, cli_args(precompute_cache_dir=small_disk / "cache"))
+    assert not cache_folders(small_disk / "cache") and not partials(small_disk)
+
+
+# ---- an interrupted precompute -------------------------------------------------------------------------------------
+
+
+@pytest.mark.both_trainers
+def test_an_interrupt_while_encoding_keeps_the_latents_encoded_so_far(dpo, cli_args, tmp_path, monkeypatch):
+    load_vae = dpo.load_vae
+
+    def vae_interrupted_at_the_third_batch(*args, **kwargs):
+        vae = load_vae(*args, **kwargs)
+        encode, calls = vae.encode, []
+
+        def encode_or_interrupt(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt  # Ctrl-C (SIGTERM arrives as one too)
+            return encode(*args, **kwargs)
+
+        vae.encode = encode_or_interrupt
+        return vae
+
+    monkeypatch.setattr(dpo, "load_vae", vae_interrupted_at_the_third_batch)
+    flags = dict(vae_encode_batch_size=2, precompute_commit_seconds=3600)  # a pair per batch; no periodic commit
+    with pytest.raises(KeyboardInterrupt):
+        run_trainer(dpo, cli_args(output_dir=tmp_path / "a", **flags))
+    (cache,) = cache_folders(tmp_path / "cache")
+    kept = np.load(cache / "encoded.npy")
+    assert kept.sum() == 2  # the two batches encoded before the interrupt
+    monkeypatch.setattr(dpo, "load_vae", load_vae)
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "b", **flags))
+    encoded = np.load(cache / "encoded.npy")
+    assert (encoded | ~kept).all() and encoded.any(axis=1).sum() == np.count_nonzero(
+        ~np.load(cache / "undecodable.npy")
+    )
+
+
+# ---- a model the trainer cannot condition --------------------------------------------------------------------------
+
+
+def test_the_sd_trainer_refuses_an_sdxl_model_before_reading_any_data(cli_args, tiny_sdxl_model, tmp_path):
+    dpo = train_diffusion_dpo
+    with pytest.raises(dpo.InputError, match="train SDXL models with train_diffusion_dpo_sdxl.py") as error:
+        run_trainer(dpo, cli_args(pretrained_model_name_or_path=tiny_sdxl_model))
+    assert "addition_embed_type 'text_time'" in str(error.value)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.both_trainers
+def test_a_unet_with_a_class_embedding_is_refused(dpo, cli_args, tiny_pipeline, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, model)
+    config = json.loads((model / "unet" / "config.json").read_text())
+    (model / "unet" / "config.json").write_text(json.dumps({**config, "class_embed_type": "timestep"}))
+    with pytest.raises(
+        dpo.InputError, match="has a UNet this script cannot condition \\(class_embed_type 'timestep'\\)"
+    ):
+        run_trainer(dpo, cli_args(pretrained_model_name_or_path=model))
