@@ -13,8 +13,9 @@ on the same 2B latents: about 4 forward-units against 3 for an SFT step on 2B la
 
 Ratio table (default): for each --modes entry, the real trainer (`main(args)`) runs on the same model, data and
 cache: DPO at --train_batch_size B, and the trainer's --sft at batch 2B, i.e. the same 2B images through the trained
-UNet with no reference; --repeats interleaved rounds, the fastest of each kept. Step time is the steady state
-between the --warmup-th and the last step. The first run also measures precompute from a cold cache: captions/s
+UNet with no reference; --repeats interleaved rounds, the fastest of each kept. Step time is per optimizer step (with
+--gradient_accumulation_steps G after `--`, G micro-batches; pairs/s counts all of them), the steady state between
+the --warmup-th and the last step. The first run also measures precompute from a cold cache: captions/s
 (tokenizer + text encoder, from the first call to the last) and images/s (everything after: VAE load, JPEG decode
 and resize in the loader, VAE encode, cache write). Peak memory is CUDA max allocated on a GPU, and on a CPU the
 process's resident set sampled every 5 ms during the run (so it includes what earlier runs left allocated).
@@ -45,13 +46,14 @@ import numpy as np
 import torch
 
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # for repo_paths: the rest of the repository
 
-import tiny_assets  # noqa: E402
+import repo_paths
+import testing_utils
+import tiny_assets
 
-import train_diffusion_dpo  # noqa: E402
-import train_diffusion_dpo_sdxl  # noqa: E402
+import train_diffusion_dpo
+import train_diffusion_dpo_sdxl
 
 
 class PeakMemory:
@@ -121,23 +123,22 @@ class Timers:
 
 def run_trainer(dpo, argv):
     """One `main(args)` of a trainer in this process: (result, timers, peak memory, wall seconds)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    args = dpo.parse_args(argv)
     with Timers(dpo, ["create_missing_caches", "encode_latents", "compute_loss"]) as timers, PeakMemory() as memory:
         start = time.perf_counter()
-        result = dpo.main(args)
+        result = testing_utils.run_trainer(dpo, argv)
         wall = time.perf_counter() - start
     return result, timers, memory, wall
 
 
-def steady_step_seconds(compute_loss_calls, warmup):
-    """Seconds per optimizer step between the start of step `warmup` and the start of the last step."""
-    starts = [start for start, _ in compute_loss_calls][warmup:]
+def steady_step_seconds(compute_loss_calls, accumulation_steps, warmup):
+    """Seconds per optimizer step between the start of step `warmup` and the start of the last step.
+
+    compute_loss runs once per micro-batch, accumulation_steps times per optimizer step: an optimizer step starts
+    with the first of its micro-batches."""
+    starts = [start for start, _ in compute_loss_calls][::accumulation_steps][warmup:]
     if len(starts) < 2:
-        raise SystemExit(f"error: --steps must exceed --warmup + 1 (got {len(compute_loss_calls)} steps)")
+        steps = len(compute_loss_calls) // accumulation_steps
+        raise SystemExit(f"error: --steps must exceed --warmup + 1 (got {steps} optimizer steps)")
     return (starts[-1] - starts[0]) / (len(starts) - 1)
 
 
@@ -221,15 +222,17 @@ def ratio_table(args, dpo, model_dir, data_dir, run_dir, trainer_flags):
                     str(run_dir / f"{mode}-{kind}-{repeat}"),
                 ] + (["--sft"] if kind == "SFT" else [])
                 result, timers, memory, wall = run_trainer(dpo, argv)
-                step = steady_step_seconds(timers.calls["compute_loss"], args.warmup)
+                accumulation = dpo.parse_args(argv).gradient_accumulation_steps
+                step = steady_step_seconds(timers.calls["compute_loss"], accumulation, args.warmup)
                 if precompute is None:  # the first run found the cache empty
                     precompute = precompute_figures(timers, run_dir / "cache")
                 row = {
                     "mode": mode,
                     "kind": kind,
                     "batch": batch,
+                    "accumulation": accumulation,
                     "step_s": step,
-                    "pairs_per_s": batch / step,
+                    "pairs_per_s": batch * accumulation / step,
                     "peak_gib": memory.gib,
                     "first_loss": result["history"][0]["loss"],
                     "wall_s": wall,
@@ -257,7 +260,8 @@ def ratio_table(args, dpo, model_dir, data_dir, run_dir, trainer_flags):
     )
     print("|---|---|---|---|---|---|---|---|")
     for dpo_row, sft_row in zip(rows[::2], rows[1::2]):
-        achieved = step_tflops(unet_gflops, dpo_row["mode"], "DPO", args.train_batch_size) / dpo_row["step_s"]
+        pairs = args.train_batch_size * dpo_row["accumulation"]
+        achieved = step_tflops(unet_gflops, dpo_row["mode"], "DPO", pairs) / dpo_row["step_s"]
         utilisation = f" ({achieved / peak:.1%})" if peak else ""
         print(
             f"| {dpo_row['mode']} | {dpo_row['step_s']:.4f} | {sft_row['step_s']:.4f} | "
@@ -342,7 +346,7 @@ def comparison(args, model_dir, data_dir, run_dir, trainer_flags):
         str(args.dataloader_num_workers),
         *trainer_flags,
     ]
-    ours = ROOT / ("train_diffusion_dpo_sdxl.py" if args.sdxl else "train_diffusion_dpo.py")
+    ours = repo_paths.ROOT / ("train_diffusion_dpo_sdxl.py" if args.sdxl else "train_diffusion_dpo.py")
     scripts = {
         "ours": [str(ours), "--precompute_cache_dir", str(run_dir / "latent-cache")],
         "diffusers": [args.compare_with, *args.baseline_flags],

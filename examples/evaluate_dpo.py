@@ -25,6 +25,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import repo_paths  # noqa: F401  (puts the trainer scripts on sys.path)
 import datasets
 import torch
 import torch.nn.functional as F
@@ -33,11 +34,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, CLIPImageProcessor, CLIPModel
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the trainers: their loaders and held-out evaluation
-import train_diffusion_dpo  # noqa: E402
-import train_diffusion_dpo_sdxl  # noqa: E402
-from train_diffusion_dpo import LORA_WEIGHT_NAME, InputError, OneLineErrorParser  # noqa: E402
+import train_diffusion_dpo
+import train_diffusion_dpo_sdxl
+from train_diffusion_dpo import LORA_WEIGHT_NAME, InputError, OneLineErrorParser
 
 
 INPUT_ERRORS = (InputError, train_diffusion_dpo_sdxl.InputError)  # each trainer is self-contained: two classes
@@ -496,32 +495,40 @@ def implicit_accuracy(args):
     is_sdxl = "XL" in DiffusionPipeline.load_config(args.base_model, revision=args.revision)["_class_name"]
     trainer = train_diffusion_dpo_sdxl if is_sdxl else train_diffusion_dpo
     lora = args.tuned_kind == "lora"
-    flags = {
-        "pretrained_model_name_or_path": args.base_model,
-        "revision": args.revision,
-        "variant": args.variant,
-        "dataset_name": args.preference_dataset,
-        "dataset_split_name": args.preference_split,
-        "validation_timesteps": args.validation_timesteps,
-        "beta_dpo": args.beta_dpo,
-        "resolution": args.resolution,
-        "precompute_cache_dir": args.precompute_cache_dir,
-        "seed": args.seed,
-        "report_to": "none",
-        "train_mode": "lora" if lora else "full",
-        "train_batch_size": args.batch_size,
-        "no_hflip": True,
-        "rank": lora_rank(args.tuned) if lora else None,
-        "output_dir": os.path.join(args.output_dir, "unused"),
-    }
-    trainer_args = trainer.parse_args(
-        [
-            item
-            for name, value in flags.items()
-            if value not in (None, False)
-            for item in ((f"--{name}",) if value is True else (f"--{name}", str(value)))
-        ]
-    )
+    # The trainer's own flags, parsed by its parse_args (which reads nothing from disk): its defaults fill in the rest.
+    # No --output_dir: nothing is trained or written there.
+    argv = [
+        "--pretrained_model_name_or_path",
+        args.base_model,
+        "--dataset_name",
+        args.preference_dataset,
+        "--dataset_split_name",
+        args.preference_split,
+        "--validation_timesteps",
+        str(args.validation_timesteps),
+        "--beta_dpo",
+        str(args.beta_dpo),
+        "--resolution",
+        str(args.resolution),
+        "--seed",
+        str(args.seed),
+        "--report_to",
+        "none",
+        "--train_mode",
+        "lora" if lora else "full",
+        "--train_batch_size",
+        str(args.batch_size),
+        "--no_hflip",
+    ]
+    for flag, value in (
+        ("--revision", args.revision),
+        ("--variant", args.variant),
+        ("--precompute_cache_dir", args.precompute_cache_dir),
+        ("--rank", lora_rank(args.tuned) if lora else None),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    trainer_args = trainer.parse_args(argv)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
 

@@ -10,7 +10,7 @@ One sitting, top to bottom, reproducible from --seed, on a CPU in a few minutes:
   4. save:  a complete StableDiffusionPipeline folder (safetensors; UNet and VAE stored in fp16, ~4.6 MiB in all),
             loadable with from_pretrained; its DDPMScheduler samples well in 20 steps;
   5. eval:  samples from the saved pipeline: the fraction classified warm (target ~0.5) and the fraction plausible
-            (tiny_assets.is_plausible, target >= 0.8), and a grid of 32 samples, samples.png, next to the weights.
+            (demo_scoring.is_plausible, target >= 0.8), and a grid of 32 samples, samples.png, next to the weights.
 
 The model learns the unconditional mix of shapes: no caption mentions a colour, so a ~50/50 warm/cool sampler is
 what the DPO demo then shifts towards warm.
@@ -21,25 +21,16 @@ what the DPO demo then shifts towards warm.
 import argparse
 import copy
 import random
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from demo_scoring import classify_warm, is_plausible
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.utils import make_image_grid
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_assets import (  # noqa: E402
-    CAPTION_POOL,
-    build_tiny_sd_components,
-    classify_warm,
-    is_plausible,
-    make_shape_image,
-)
+from tiny_assets import CAPTION_POOL, build_tiny_sd_components, make_shape_image
 
 
 # -- settings (the defaults produce the committed examples/assets/tiny-shapes-sd) --------------------------------

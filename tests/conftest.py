@@ -1,10 +1,8 @@
-"""Shared fixtures: tiny offline pipelines and Pick-a-Pic-format datasets, and helpers that run the real trainer."""
+"""Fixtures: tiny offline pipelines and Pick-a-Pic-format datasets, and the trainer under test. Helpers that are not
+fixtures (running a trainer, reading its outputs) are in testing_utils.py."""
 
 import os
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
 
 # Everything offline, and the datasets cache out of the user's home, before the libraries read their config.
@@ -12,27 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="dpo-tests-hf-home-")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import pytest
+import tiny_assets
+import torch
+from testing_utils import N_PAIRS, RESOLUTION, TRAINERS, command_line
 
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
-
-import tiny_assets  # noqa: E402
-
-import train_diffusion_dpo  # noqa: E402
-import train_diffusion_dpo_sdxl  # noqa: E402
-
-
-TRAINERS = {"sd15": train_diffusion_dpo, "sdxl": train_diffusion_dpo_sdxl}
-# Test files whose behaviour both scripts must share mark themselves with this: each test then runs once per script.
-both_trainers = pytest.mark.parametrize("dpo", sorted(TRAINERS), indirect=True)
-
-N_PAIRS = 8  # decided pairs in the default dataset; it also holds 2 ties and 1 pair with a corrupt image
-RESOLUTION = 32
+import train_diffusion_dpo_sdxl
 
 
 @pytest.fixture(scope="session")
@@ -104,9 +87,22 @@ def tiny_clip_scorer(tiny_model, tmp_path_factory):
     return folder
 
 
-@pytest.fixture(params=["sd15"])
+def pytest_generate_tests(metafunc):
+    """A test that takes the `dpo` fixture runs on the SD 1.5 trainer, or once per trainer when it is marked
+    `both_trainers` (the behaviour both scripts must share); an explicit parametrize of `dpo` wins."""
+    if "dpo" not in metafunc.fixturenames:
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        if "dpo" in (names.replace(" ", "").split(",") if isinstance(names, str) else names):
+            return
+    both = metafunc.definition.get_closest_marker("both_trainers") is not None
+    metafunc.parametrize("dpo", sorted(TRAINERS) if both else ["sd15"], indirect=True)
+
+
+@pytest.fixture
 def dpo(request):
-    """The trainer script under test (its module): SD 1.5 unless a test is marked `both_trainers`."""
+    """The trainer script under test (its module), chosen by pytest_generate_tests."""
     return TRAINERS[request.param]
 
 
@@ -133,77 +129,9 @@ def cli_args(tiny_pipeline, pickapic_data, tmp_path):
             "seed": 0,
         }
         flags.update(overrides)
-        argv = []
-        for name, value in flags.items():
-            if value is True:
-                argv.append(f"--{name}")
-            elif value is not None and value is not False:
-                argv += [f"--{name}", *(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])]
-        return argv
+        return command_line(flags)
 
     return build
-
-
-def run_trainer(module, argv):
-    """Runs the real trainer (`module`: one of the two scripts) in this process and returns main's result."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    return module.main(module.parse_args(argv))
-
-
-def run_cli(module, argv, launcher=None, env=None):
-    """Runs a trainer script as a separate process: with this Python, or through a launcher (`accelerate launch`)."""
-    launcher = launcher or [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        [*launcher, module.__file__, *argv], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
-    )
-
-
-def pipeline_class(module):
-    return module.StableDiffusionXLPipeline if module is train_diffusion_dpo_sdxl else module.StableDiffusionPipeline
-
-
-def unet_output(unet):
-    """The UNet's prediction on fixed random inputs (with SDXL's added conditioning when it has one)."""
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, 4, 16, 16, generator=generator)
-    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
-    extra = {}
-    if unet.config.addition_embed_type == "text_time":
-        pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        extra["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(1, pooled_dim, generator=generator),
-            "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]),
-        }
-    with torch.no_grad():
-        return unet(sample, torch.tensor([500]), text, **extra).sample
-
-
-def dataset_rows(folder, split="train"):
-    """Every row of a split of a parquet dataset folder, in file order: the rows PreferencePairs.rows index."""
-    import pyarrow.parquet as pq
-
-    files = sorted(Path(folder).glob(f"**/{split}-*.parquet"))
-    return [row for file in files for row in pq.read_table(file).to_pylist()]
-
-
-def cache_folders(cache_root, n_pairs=None):
-    """The latent caches under a --precompute_cache_dir (not its lock file), optionally only those of n_pairs pairs."""
-    folders = sorted(p for p in Path(cache_root).iterdir() if p.is_dir() and not p.name.startswith("."))
-    return [p for p in folders if n_pairs is None or len(np.load(p / "encoded.npy")) == n_pairs]
-
-
-def lora_weights(output_dir):
-    return load_file(os.path.join(output_dir, train_diffusion_dpo.LORA_WEIGHT_NAME))
-
-
-def assert_same_tensors(first, second, atol=1e-6):
-    assert first.keys() == second.keys()
-    for name in first:
-        torch.testing.assert_close(first[name], second[name], atol=atol, rtol=0, msg=name)
 
 
 @pytest.fixture(autouse=True)

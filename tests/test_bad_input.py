@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import both_trainers, cache_folders, run_cli, run_trainer, tiny_assets
+import tiny_assets
+from testing_utils import cache_folders, run_cli, run_trainer
 
 
 @pytest.mark.parametrize(
@@ -39,7 +40,7 @@ from conftest import both_trainers, cache_folders, run_cli, run_trainer, tiny_as
         "optimizers",
     ],
 )
-@both_trainers
+@pytest.mark.both_trainers
 def test_flag_errors_stop_before_anything_loads(dpo, cli_args, capsys, flags, message):
     if "enable_xformers_memory_efficient_attention" in flags and dpo.is_xformers_available():
         pytest.skip("xformers is installed here")
@@ -72,9 +73,12 @@ def test_resume_never_restarts_over_a_finished_model(dpo, cli_args):
         run_trainer(dpo, cli_args(resume_from_checkpoint="latest"))
 
 
-def test_resume_needs_an_existing_checkpoint_folder(dpo, cli_args, tmp_path):
+def test_resume_from_a_missing_checkpoint_folder_is_refused(dpo, cli_args):
     with pytest.raises(dpo.InputError, match="no such checkpoint folder"):
         run_trainer(dpo, cli_args(resume_from_checkpoint="checkpoint-99"))
+
+
+def test_resume_from_a_folder_not_named_like_a_checkpoint_is_refused(dpo, cli_args, tmp_path):
     (tmp_path / "not-a-checkpoint").mkdir()
     with pytest.raises(dpo.InputError, match="expected a folder named checkpoint-<step>"):
         run_trainer(dpo, cli_args(resume_from_checkpoint=tmp_path / "not-a-checkpoint"))
@@ -96,7 +100,7 @@ def test_an_unloadable_dataset_names_the_alternatives(dpo, cli_args, tmp_path):
         run_trainer(dpo, cli_args(dataset_name=str(tmp_path / "no-such-dataset")))
 
 
-@both_trainers
+@pytest.mark.both_trainers
 def test_the_command_line_prints_one_line_and_no_traceback(dpo, cli_args):
     completed = run_cli(dpo, cli_args(caption_column="prompt"))
     assert completed.returncode == 1
@@ -110,11 +114,16 @@ def image_bytes(image, format="JPEG"):
     return buffer.getvalue()
 
 
-@both_trainers
+@pytest.mark.both_trainers
 def test_odd_images_captions_and_labels_are_converted_skipped_or_dropped(dpo, cli_args, tmp_path):
     rng = random.Random(0)
-    warm = lambda: tiny_assets.make_shape_image(True, rng, 40)  # noqa: E731
-    cool = lambda: tiny_assets.make_shape_image(False, rng, 40)  # noqa: E731
+
+    def warm():
+        return tiny_assets.make_shape_image(True, rng, 40)
+
+    def cool():
+        return tiny_assets.make_shape_image(False, rng, 40)
+
     good = image_bytes(warm())
     # (caption, winner bytes, loser bytes, label_0); label 1: the first image is preferred
     rows = [
@@ -156,7 +165,7 @@ def test_odd_images_captions_and_labels_are_converted_skipped_or_dropped(dpo, cl
     assert caption_index[5] == caption_index[6] == 0  # None and "" both read the empty caption's embedding
 
 
-@both_trainers
+@pytest.mark.both_trainers
 def test_unreadable_source_files_cost_their_pairs_not_the_run(dpo, cli_args, tmp_path):
     data = tiny_assets.build_pickapic_dataset(str(tmp_path / "data"), n_pairs=12, n_ties=0, n_shards=3)
     # file 1: labels and captions read, but its image column does not decompress (a damaged download)
@@ -186,6 +195,9 @@ def test_a_model_folder_missing_a_part_is_named(dpo, cli_args, tiny_model, tmp_p
     with pytest.raises(SystemExit):
         dpo.parse_args(cli_args(pretrained_model_name_or_path=broken))
     assert f"model folder '{broken}' lacks ['vae']" in capsys.readouterr().err
+
+
+def test_a_missing_model_folder_is_named(dpo, cli_args, tmp_path, capsys):
     with pytest.raises(SystemExit):
         dpo.parse_args(cli_args(pretrained_model_name_or_path=tmp_path / "no-such-model"))
     assert "no such model folder" in capsys.readouterr().err

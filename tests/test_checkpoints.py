@@ -3,8 +3,8 @@
 import shutil
 
 import pytest
-from conftest import assert_same_tensors, both_trainers, lora_weights, run_trainer
 from safetensors.torch import load_file
+from testing_utils import assert_same_tensors, lora_weights, run_trainer
 
 
 def final_weights(output_dir, train_mode):
@@ -23,7 +23,7 @@ def final_weights(output_dir, train_mode):
     ],
     ids=["lora-mid-epoch", "full-accumulation"],
 )
-@both_trainers
+@pytest.mark.both_trainers
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
     dpo, cli_args, tmp_path, train_mode, flags, resume_step
 ):

@@ -3,39 +3,44 @@
 import json
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pytest
-from conftest import (
+import transformers
+from demo_scoring import classify_warm
+from PIL import Image
+from testing_utils import (
     N_PAIRS,
     assert_same_tensors,
-    both_trainers,
     cache_folders,
     dataset_rows,
     lora_weights,
     run_trainer,
-    tiny_assets,
 )
-from PIL import Image
 
 
-@both_trainers
+@pytest.mark.both_trainers
 def test_ties_are_dropped_and_label_0_swaps_the_pair(dpo, cli_args, pickapic_data):
-    args = dpo.parse_args(cli_args())
-    pairs = dpo.load_preference_pairs(args, "train")
+    pairs = dpo.load_preference_pairs(dpo.parse_args(cli_args()), "train")
     assert len(pairs) == N_PAIRS + 1  # ties gone; the pair with a corrupt image is only found when decoding
     rows = dataset_rows(pickapic_data)
     assert [rows[r]["label_0"] == 0.0 for r in pairs.rows] == pairs.second_is_winner.tolist()
     assert [rows[r]["caption"] for r in pairs.rows] == pairs.captions
     assert 0 < pairs.second_is_winner.sum() < len(pairs)  # both orientations occur
 
+
+@pytest.mark.both_trainers
+def test_each_pair_streams_once_winner_first_with_its_mirror_image(dpo, cli_args):
+    args = dpo.parse_args(cli_args())
+    pairs = dpo.load_preference_pairs(args, "train")
     items = list(dpo.PairPixels(args, [(pairs, None)]))
     assert sorted(item["index"] for item in items) == list(range(len(pairs)))  # each pair streamed once
     decodable = [item for item in items if item["ok"]]
     assert len(decodable) == N_PAIRS
     for item in decodable:  # the dataset's preferred image is always the warm one: it must come first
         winner, loser = ((item["pixels"][0] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        assert tiny_assets.classify_warm(Image.fromarray(winner))
-        assert not tiny_assets.classify_warm(Image.fromarray(loser))
+        assert classify_warm(Image.fromarray(winner))
+        assert not classify_warm(Image.fromarray(loser))
         # the second orientation is the mirror image of the first
         np.testing.assert_array_equal(item["pixels"][1].numpy(), item["pixels"][0].flip(-1).numpy())
 
@@ -60,9 +65,11 @@ def test_a_subset_comes_from_as_few_shards_as_hold_it_and_only_those_are_streame
     assert [shard for _, shard in streamed.tasks] == list(shards_of(picked[0]))  # the other files are not read
     assert sorted(item["index"] for item in streamed) == [0, 1, 2, 3]
 
-    train, validation = dpo.training_and_validation_pairs(
-        dpo.parse_args(cli_args(dataset_name=data, max_train_samples=3))
-    )
+
+@pytest.mark.parametrize("layout", ["sharded_pickapic", "row_grouped_pickapic"])
+def test_max_train_samples_takes_its_pairs_from_one_shard(dpo, cli_args, layout, request):
+    args = dpo.parse_args(cli_args(dataset_name=request.getfixturevalue(layout), max_train_samples=3))
+    train, validation = dpo.training_and_validation_pairs(args)
     assert len(train) == 3 and validation is None and len(shards_of(train)) == 1
 
 
@@ -88,7 +95,7 @@ def test_training_streams_the_data_and_writes_no_copy_of_it(dpo, cli_args, shard
     assert labels_and_captions.stat().st_mtime_ns == before and len(cache_folders(tmp_path / "cache")) == 1
 
 
-@both_trainers
+@pytest.mark.both_trainers
 def test_cache_holds_one_embedding_per_unique_caption_and_skips_broken_pairs(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(max_train_steps=1))
     (cache,) = cache_folders(tmp_path / "cache")
@@ -109,52 +116,67 @@ def cache_state(cache):
     return {name: np.load(cache / f"{name}.npy") for name in ("encoded", "undecodable", "pair_latents")}
 
 
-def test_later_runs_encode_only_what_is_missing(dpo, cli_args, tmp_path, monkeypatch):
+def must_not_load(*args, **kwargs):
+    raise AssertionError("an encoder was loaded although the cache holds everything this run reads")
+
+
+def test_an_identical_run_loads_no_encoder_rewrites_nothing_and_trains_the_same(dpo, cli_args, tmp_path, monkeypatch):
     run_trainer(dpo, cli_args(output_dir=tmp_path / "a"))
     (cache,) = cache_folders(tmp_path / "cache")
     first = cache_state(cache)
-
-    def must_not_load(*args, **kwargs):
-        raise AssertionError("an encoder was loaded although the cache holds everything this run reads")
-
-    with monkeypatch.context() as patch:  # an identical run loads no encoder and rewrites nothing
-        patch.setattr(dpo, "load_text_encoder_and_tokenizer", must_not_load)
-        patch.setattr(dpo.diffusers.AutoencoderKL, "from_pretrained", must_not_load)
-        run_trainer(dpo, cli_args(output_dir=tmp_path / "b"))
-    assert_same_tensors(lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b"))  # and trains the same
+    for encoder in (transformers.CLIPTextModel, transformers.CLIPTextModelWithProjection, diffusers.AutoencoderKL):
+        monkeypatch.setattr(encoder, "from_pretrained", must_not_load)
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "b"))
+    assert_same_tensors(lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b"))
     assert all(np.array_equal(first[k], v) for k, v in cache_state(cache).items())
 
-    run_trainer(dpo, cli_args(output_dir=tmp_path / "c", max_train_steps=20))  # 4 epochs: both orientations
+
+def test_a_longer_run_encodes_only_the_orientations_still_missing(dpo, cli_args, tmp_path):
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "a"))  # one epoch: one orientation of each pair
+    (cache,) = cache_folders(tmp_path / "cache")
+    first = cache_state(cache)
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "b", max_train_steps=20))  # 4 epochs: both orientations
     more = cache_state(cache)
     assert more["encoded"].sum() > first["encoded"].sum() and (more["encoded"] | ~first["encoded"]).all()
     np.testing.assert_array_equal(more["pair_latents"][first["encoded"]], first["pair_latents"][first["encoded"]])
 
-    # lost progress (an interrupted precompute) is redone, and gives the same latents
-    lost = more["encoded"].copy()
-    lost[::2] = False
+
+def test_lost_precompute_progress_is_redone_with_the_same_latents(dpo, cli_args, tmp_path):
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "a", max_train_steps=20))
+    (cache,) = cache_folders(tmp_path / "cache")
+    complete = cache_state(cache)
+    lost = complete["encoded"].copy()
+    lost[::2] = False  # as an interrupted precompute leaves it: these latents were never committed
     np.save(cache / "encoded.npy", lost)
-    run_trainer(dpo, cli_args(output_dir=tmp_path / "d", max_train_steps=20))
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "b", max_train_steps=20))
     again = cache_state(cache)
-    np.testing.assert_array_equal(again["encoded"], more["encoded"])
+    np.testing.assert_array_equal(again["encoded"], complete["encoded"])
     np.testing.assert_allclose(
-        again["pair_latents"][more["encoded"]].astype(np.float32),
-        more["pair_latents"][more["encoded"]].astype(np.float32),
+        again["pair_latents"][complete["encoded"]].astype(np.float32),
+        complete["pair_latents"][complete["encoded"]].astype(np.float32),
         atol=1e-3,
     )
 
-    # a killed multi-process precompute leaves the masks each process saved as part files: their latents count
-    base = again["encoded"].copy()
-    base[1::2] = False
-    np.save(cache / "encoded.npy", base)
-    np.save(cache / "encoded.part-1.npy", again["encoded"])
-    with monkeypatch.context() as patch:
-        patch.setattr(dpo.diffusers.AutoencoderKL, "from_pretrained", must_not_load)
-        run_trainer(dpo, cli_args(output_dir=tmp_path / "d2", max_train_steps=20))
-    assert not list(cache.glob("*.part-*"))
-    np.testing.assert_array_equal(np.load(cache / "encoded.npy"), again["encoded"])
 
-    run_trainer(dpo, cli_args(output_dir=tmp_path / "e", resolution=16))  # changed settings: new caches
-    run_trainer(dpo, cli_args(output_dir=tmp_path / "f", no_hflip=True))
+def test_the_part_files_of_a_killed_multi_process_precompute_count(dpo, cli_args, tmp_path, monkeypatch):
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "a", max_train_steps=20))
+    (cache,) = cache_folders(tmp_path / "cache")
+    complete = cache_state(cache)["encoded"]
+    # the main process had folded in only its own mask; another process saved the rest as a part file
+    folded = complete.copy()
+    folded[1::2] = False
+    np.save(cache / "encoded.npy", folded)
+    np.save(cache / "encoded.part-1.npy", complete)
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", must_not_load)
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "b", max_train_steps=20))
+    assert not list(cache.glob("*.part-*"))
+    np.testing.assert_array_equal(np.load(cache / "encoded.npy"), complete)
+
+
+def test_changed_resolution_or_flipping_gets_its_own_cache(dpo, cli_args, tmp_path):
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "a"))
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "b", resolution=16))
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "c", no_hflip=True))
     shapes = {np.load(c / "pair_latents.npy", mmap_mode="r").shape[1:] for c in cache_folders(tmp_path / "cache")}
     assert shapes == {(2, 2, 4, 16, 16), (2, 2, 4, 8, 8), (1, 2, 4, 16, 16)}
 
@@ -170,7 +192,14 @@ def test_sampler_is_a_function_of_seed_and_epoch(dpo, cli_args, tmp_path):
     assert list(again) != epoch_0
     assert sorted(index for index, _, _ in epoch_0) == list(pairs.valid_indices)
     assert {drop for _, _, drop in epoch_0} == {True, False}
-    # a dropped caption reads the empty-caption embedding (row 0)
-    index, orientation, _ = epoch_0[0]
-    empty = pairs[(index, orientation, True)]["prompt_embeds"].numpy()
-    np.testing.assert_array_equal(empty, np.load(cache / "prompt_embeds.npy")[0])
+
+
+def test_a_dropped_caption_reads_the_empty_caption_embedding(dpo, cli_args, tmp_path):
+    run_trainer(dpo, cli_args(max_train_steps=1))
+    (cache,) = cache_folders(tmp_path / "cache")
+    pairs = dpo.CachedPreferencePairs(cache)
+    index, orientation, _ = next(iter(dpo.PairSampler(pairs, seed=0, proportion_empty_prompts=0.0)))
+    dropped = pairs[(index, orientation, True)]["prompt_embeds"].numpy()
+    np.testing.assert_array_equal(dropped, np.load(cache / "prompt_embeds.npy")[0])  # row 0: the empty caption
+    kept = pairs[(index, orientation, False)]["prompt_embeds"].numpy()
+    assert not np.array_equal(kept, dropped)

@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import both_trainers
 
 
-pytestmark = both_trainers
+pytestmark = pytest.mark.both_trainers
 
 
 ERRORS = {  # four per-sample error vectors of a batch of 3 pairs
@@ -24,7 +23,16 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_margin(dpo):
     loss, metrics = dpo.dpo_loss(err_w, err_l, err_w.clone(), err_l.clone(), beta=2000)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert metrics["reward_margin"].item() == 0
-    assert metrics["implicit_acc"].item() == 0  # a tie is not counted as correct
+    assert metrics["implicit_acc"].item() == 0.5  # every pair an exact tie, each counted half
+
+
+def test_implicit_accuracy_counts_wins_and_half_of_exact_ties(dpo):
+    # inside per pair: > 0 (the policy prefers the winner more than the reference does), == 0, < 0, == 0
+    model_err_w = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    model_err_l = torch.tensor([0.2, 0.2, 0.2, 0.4])
+    reference = torch.full((4,), 0.25)
+    _, metrics = dpo.dpo_loss(model_err_w, model_err_l, reference, reference, beta=100)
+    assert metrics["implicit_acc"].item() == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
 
 
 @pytest.mark.parametrize("beta", [1.0, 2000.0, 5000.0])
@@ -34,18 +42,29 @@ def test_sigmoid_loss_is_the_papers_formula(dpo, beta):
     loss, metrics = dpo.dpo_loss(**e, beta=beta, loss_type="sigmoid")
     torch.testing.assert_close(loss, -F.logsigmoid(inside).mean())
     torch.testing.assert_close(metrics["reward_margin"], inside.mean())
-    assert metrics["implicit_acc"].item() == pytest.approx((inside > 0).float().mean().item())
+    assert metrics["implicit_acc"].item() == pytest.approx((inside > 0).float().mean().item())  # no exact ties
 
 
-def test_hinge_and_ipo_formulas_by_hand(dpo):
-    # pair 0: model_diff - ref_diff = (-0.1) - 0 = -0.1 -> inside = 0.05 * beta
-    e = {k: v[:1] for k, v in ERRORS.items()}
-    beta = 10.0
-    inside = 0.05 * beta  # 0.5
-    hinge, _ = dpo.dpo_loss(**e, beta=beta, loss_type="hinge")
-    ipo, _ = dpo.dpo_loss(**e, beta=beta, loss_type="ipo")
-    assert hinge.item() == pytest.approx(max(0.0, 1 - inside))  # 0.5
-    assert ipo.item() == pytest.approx((inside / beta - 1 / (2 * beta)) ** 2)  # (0.05 - 0.05)^2 = 0
+# With beta 2, ERRORS give inside = -0.5 * 2 * ((w - l) - (ref_w - ref_l)) = -(-0.1 - 0), -(0.2 - 0.1), -(0 + 0.2):
+# 0.1, -0.1, -0.2
+BY_HAND_BETA = 2.0
+
+
+def test_hinge_formula_by_hand(dpo):
+    hinge, _ = dpo.dpo_loss(**ERRORS, beta=BY_HAND_BETA, loss_type="hinge")
+    # relu(1 - inside): 0.9, 1.1, 1.2
+    assert hinge.item() == pytest.approx((0.9 + 1.1 + 1.2) / 3)
+
+
+def test_ipo_formula_by_hand(dpo):
+    ipo, _ = dpo.dpo_loss(**ERRORS, beta=BY_HAND_BETA, loss_type="ipo")
+    # (inside / beta - 1 / (2 beta))^2 = (inside / 2 - 0.25)^2: (0.05 - 0.25)^2, (-0.05 - 0.25)^2, (-0.1 - 0.25)^2
+    assert ipo.item() == pytest.approx((0.04 + 0.09 + 0.1225) / 3)
+
+
+def test_ipo_is_zero_at_its_target_margin(dpo):
+    # IPO regresses inside towards 1/2: pair 0 alone at beta 10 has inside = 0.05 * 10 = 0.5
+    ipo, _ = dpo.dpo_loss(**{name: errors[:1] for name, errors in ERRORS.items()}, beta=10.0, loss_type="ipo")
     assert ipo.item() == pytest.approx(0.0, abs=1e-12)
 
 

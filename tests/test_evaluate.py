@@ -7,8 +7,9 @@ import datasets
 import evaluate_dpo
 import numpy as np
 import pytest
-from conftest import RESOLUTION, both_trainers, cache_folders, run_trainer, tiny_assets
-from PIL import Image
+import tiny_assets
+from PIL import Image, ImageDraw, ImageFont
+from testing_utils import RESOLUTION, cache_folders, run_trainer
 
 
 PROMPTS = list(tiny_assets.CAPTION_POOL)  # 6 prompts the tiny tokenizer knows
@@ -107,27 +108,41 @@ def test_full_fine_tune_as_a_pipeline_folder_or_a_unet_checkpoint_with_prompts_f
         np.testing.assert_array_equal(pipeline_image, checkpoint_image)
 
 
-def test_win_rate_with_ci():
+def test_all_wins_give_a_win_rate_of_one_with_a_one_sided_interval():
     all_wins = evaluate_dpo.win_rate_with_ci([0.0] * 20, [1.0] * 20)
     assert all_wins["win_rate"] == 1 and all_wins["ci_high"] == 1 and all_wins["ci_low"] > 0.5
     assert all_wins["wins"] == 20 and all_wins["ties"] == all_wins["losses"] == 0
 
+
+def test_a_tie_counts_half_a_win():
     # 2 wins, 2 ties, 1 loss: (2 + 2 / 2) / 5
     mixed = evaluate_dpo.win_rate_with_ci([0, 0, 1, 1, 1], [1, 1, 1, 1, 0])
     assert mixed["win_rate"] == pytest.approx(0.6) and (mixed["wins"], mixed["ties"], mixed["losses"]) == (2, 2, 1)
     assert mixed["ci_low"] < 0.6 < mixed["ci_high"]
 
+
+def test_the_interval_of_a_rate_of_one_half_is_symmetric_and_narrows_with_more_prompts():
     all_ties = evaluate_dpo.win_rate_with_ci([3.0] * 10, [3.0] * 10)
     assert all_ties["win_rate"] == 0.5 and all_ties["ci_low"] < 0.5 < all_ties["ci_high"]
-    # Wilson's interval is symmetric around 1/2 for a rate of 1/2, and narrows as n grows
-    assert all_ties["ci_low"] == pytest.approx(1 - all_ties["ci_high"])
+    assert all_ties["ci_low"] == pytest.approx(1 - all_ties["ci_high"])  # Wilson's interval around 1/2
     many_ties = evaluate_dpo.win_rate_with_ci([3.0] * 1000, [3.0] * 1000)
     assert many_ties["ci_high"] - many_ties["ci_low"] < all_ties["ci_high"] - all_ties["ci_low"]
 
 
-def test_a_grid_with_no_rows_says_so_instead_of_failing():
+def ink(image):
+    """The dark pixels of an image, cropped to their bounding box."""
+    dark = np.asarray(image.convert("L")) < 128
+    rows, cols = np.nonzero(dark)
+    return dark[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+
+
+def test_a_grid_with_no_rows_says_none_under_its_title():
     grid = evaluate_dpo.comparison_grid([], "pickscore", "Biggest wins of the tuned model")
     assert grid.size[0] == 2 * evaluate_dpo.GRID_CELL
+    word = Image.new("RGB", (200, 40), "white")
+    ImageDraw.Draw(word).text((0, 0), "none", fill="black", font=ImageFont.load_default(size=15))
+    below_title = grid.crop((0, 30, grid.width, grid.height))
+    np.testing.assert_array_equal(ink(below_title), ink(word))  # the word "none", and nothing else
 
 
 @pytest.mark.parametrize(
@@ -203,7 +218,7 @@ def test_sdxl_lora_from_the_sdxl_trainer(dpo, cli_args, eval_args, tiny_sdxl_mod
     assert any(changed) and Image.open(results["per_prompt"][0]["base_image"]).size == (RESOLUTION, RESOLUTION)
 
 
-@both_trainers
+@pytest.mark.both_trainers
 @pytest.mark.parametrize("train_mode", ["lora", "full"])
 def test_implicit_accuracy_mode_reproduces_the_trainers_held_out_numbers(
     dpo, cli_args, tiny_pipeline, pickapic_data, tmp_path, train_mode

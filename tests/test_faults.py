@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_same_tensors, both_trainers, cache_folders, lora_weights, run_cli, run_trainer
+from testing_utils import ROOT, assert_same_tensors, cache_folders, lora_weights, run_cli, run_trainer
 
 
 def poison_pair(cache, index):
@@ -165,7 +165,7 @@ LAUNCH_TWO = [
 ]
 
 
-@both_trainers
+@pytest.mark.both_trainers
 def test_two_cpu_processes_train_one_model_and_write_it_once(dpo, cli_args, sharded_pickapic, tmp_path):
     argv = cli_args(
         dataset_name=sharded_pickapic,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import N_PAIRS, both_trainers, cache_folders, run_trainer
+from testing_utils import N_PAIRS, cache_folders, run_trainer
 
 
 EVAL_KEYS = {
@@ -19,7 +19,7 @@ EVAL_KEYS = {
     "eval/ref_mse_l",
 }
 
-pytestmark = both_trainers
+pytestmark = pytest.mark.both_trainers
 
 
 def test_held_out_pairs_are_set_aside_from_training(dpo, cli_args):

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import RESOLUTION, both_trainers, pipeline_class, run_trainer, unet_output
 from diffusers import UNet2DConditionModel
 from PIL import Image
+from testing_utils import RESOLUTION, pipeline_class, run_trainer, unet_output
 
 
-pytestmark = both_trainers
+pytestmark = pytest.mark.both_trainers
 
 
 @pytest.mark.parametrize("weights_dir", ["out", "out/checkpoint-2"])

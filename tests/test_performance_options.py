@@ -1,11 +1,12 @@
 """Speed options change how fast a step runs, never what it computes; the benchmark script keeps working."""
 
+import importlib.util
 import math
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, assert_same_tensors, lora_weights, run_trainer
+from testing_utils import ROOT, assert_same_tensors, lora_weights, run_trainer
 
 
 LN2 = math.log(2)
@@ -49,3 +50,18 @@ def test_benchmark_prints_dpo_and_sft_step_times(tmp_path):
         assert ratio == pytest.approx(dpo_step / sft_step, rel=0.01)
     assert "DPO first-step loss 0.6931" in result.stdout
     assert "images/s" in result.stdout and "captions/s" in result.stdout
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_dpo", ROOT / "benchmarks" / "benchmark_dpo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_step_time_is_per_optimizer_step_under_gradient_accumulation():
+    benchmark = load_benchmark()
+    # compute_loss runs once per micro-batch: 1 s apart, 3 micro-batches per optimizer step, 5 steps
+    calls = [(float(second), second + 0.5) for second in range(15)]
+    assert benchmark.steady_step_seconds(calls, accumulation_steps=3, warmup=1) == pytest.approx(3.0)
+    assert benchmark.steady_step_seconds(calls, accumulation_steps=1, warmup=1) == pytest.approx(1.0)

@@ -4,9 +4,9 @@ import io
 
 import pytest
 import torch
-from conftest import RESOLUTION, cache_folders, dataset_rows, run_trainer
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
+from testing_utils import RESOLUTION, cache_folders, dataset_rows, run_trainer
 
 import train_diffusion_dpo_sdxl as dpo_xl
 

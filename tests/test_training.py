@@ -4,14 +4,14 @@ import math
 
 import pytest
 import torch
-from conftest import both_trainers, cache_folders, lora_weights, run_cli, run_trainer
+from testing_utils import ACCELERATE_LAUNCH, cache_folders, lora_weights, run_cli, run_trainer
 
 
 LN2 = math.log(2)
 
 
 @pytest.mark.parametrize("train_mode", ["lora", "full"])
-@both_trainers
+@pytest.mark.both_trainers
 def test_first_step_loss_is_ln2_when_policy_equals_reference(dpo, cli_args, train_mode):
     result = run_trainer(dpo, cli_args(train_mode=train_mode, max_train_steps=1))
     first = result["history"][0]
@@ -25,6 +25,11 @@ def test_v_prediction_model_trains_from_ln2(dpo, cli_args, tiny_vpred_model):
     assert result["history"][0]["loss"] == pytest.approx(LN2, abs=1e-4)
 
 
+def error_margin(metrics):
+    """How much more the policy errs on the winner than on the loser, beyond the reference's own difference."""
+    return (metrics["model_mse_w"] - metrics["model_mse_l"]) - (metrics["ref_mse_w"] - metrics["ref_mse_l"])
+
+
 def first_batch(dpo, args, tmp_path):
     """Precomputes the cache through a 1-step run and returns the first training batch of 4 pairs."""
     run_trainer(dpo, args + ["--max_train_steps", "1"])
@@ -35,7 +40,7 @@ def first_batch(dpo, args, tmp_path):
 
 
 @pytest.mark.parametrize("train_mode", ["lora", "full"])
-@both_trainers
+@pytest.mark.both_trainers
 def test_a_gradient_step_lowers_the_winners_error_relative_to_the_losers(dpo, cli_args, tmp_path, train_mode):
     args_list = cli_args(train_mode=train_mode, output_dir=tmp_path / "precompute")
     batch = first_batch(dpo, args_list, tmp_path)
@@ -55,8 +60,7 @@ def test_a_gradient_step_lowers_the_winners_error_relative_to_the_losers(dpo, cl
         for p in trainable:
             p -= 1e-3 * p.grad / (p.grad.norm() + 1e-12)  # a small normalised descent step
     _, after = loss_and_metrics()
-    margin = lambda m: (m["model_mse_w"] - m["model_mse_l"]) - (m["ref_mse_w"] - m["ref_mse_l"])  # noqa: E731
-    assert margin(after) < margin(before)  # the winner's error fell relative to the loser's
+    assert error_margin(after) < error_margin(before)  # the winner's error fell relative to the loser's
     assert after["reward_margin"] > 0 and after["implicit_acc"] > 0
     # the reference did not move: LoRA's adapter-off pass is the base model, the full copy is frozen
     assert after["ref_mse_w"] == before["ref_mse_w"] and after["ref_mse_l"] == before["ref_mse_l"]
@@ -64,7 +68,7 @@ def test_a_gradient_step_lowers_the_winners_error_relative_to_the_losers(dpo, cl
     assert all(p.requires_grad for p in trainable)
 
 
-@both_trainers
+@pytest.mark.both_trainers
 def test_reference_pass_re_enables_the_adapter_even_when_it_fails(dpo, cli_args):
     args = dpo.parse_args(cli_args())
     unet, _ = dpo.build_unets(args, torch.device("cpu"), torch.float32)
@@ -93,22 +97,9 @@ def test_lora_weights_move_under_every_objective_and_optimizer(dpo, cli_args, tm
     assert lora_up and any(w.abs().max() > 0 for w in lora_up)  # LoRA B starts at zero: non-zero means it trained
 
 
-@both_trainers
+@pytest.mark.both_trainers
 def test_accelerate_launch_runs_the_script(dpo, cli_args, tmp_path):
-    launcher = [
-        __import__("sys").executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    completed = run_cli(dpo, cli_args(max_train_steps=2, report_to="tensorboard"), launcher=launcher)
+    completed = run_cli(dpo, cli_args(max_train_steps=2, report_to="tensorboard"), launcher=ACCELERATE_LAUNCH)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert (tmp_path / "out" / dpo.LORA_WEIGHT_NAME).exists()
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents*"))

@@ -1,0 +1,113 @@
+"""What the tests (and benchmarks/benchmark_dpo.py) repeat: running the real trainers, building their command lines,
+and reading what a run left behind. Fixtures live in conftest.py."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+import train_diffusion_dpo
+import train_diffusion_dpo_sdxl
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINERS = {"sd15": train_diffusion_dpo, "sdxl": train_diffusion_dpo_sdxl}
+
+N_PAIRS = 8  # decided pairs in the default dataset; it also holds 2 ties and 1 pair with a corrupt image
+RESOLUTION = 32
+
+# `accelerate launch` on one CPU process, without an accelerate config file; a trainer script follows it.
+ACCELERATE_LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--num_processes",
+    "1",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
+
+
+def command_line(flags):
+    """A trainer command line from {flag name: value}: True is a bare switch, None and False leave the flag out,
+    a list or tuple gives several values."""
+    argv = []
+    for name, value in flags.items():
+        if value is True:
+            argv.append(f"--{name}")
+        elif value is not None and value is not False:
+            argv += [f"--{name}", *(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])]
+    return argv
+
+
+def run_trainer(module, argv):
+    """Runs the real trainer (`module`: one of the two scripts) in this process and returns main's result.
+
+    accelerate keeps its state in class attributes; it is reset first, so every run starts as a fresh process would.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return module.main(module.parse_args(argv))
+
+
+def run_cli(module, argv, launcher=None, env=None):
+    """Runs a trainer script as a separate process: with this Python, or through a launcher (ACCELERATE_LAUNCH)."""
+    launcher = launcher or [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [*launcher, module.__file__, *argv], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+    )
+
+
+def pipeline_class(module):
+    return module.StableDiffusionXLPipeline if module is train_diffusion_dpo_sdxl else module.StableDiffusionPipeline
+
+
+def unet_output(unet):
+    """The UNet's prediction on fixed random inputs (with SDXL's added conditioning when it has one)."""
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 16, 16, generator=generator)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":
+        pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, pooled_dim, generator=generator),
+            "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]),
+        }
+    with torch.no_grad():
+        return unet(sample, torch.tensor([500]), text, **extra).sample
+
+
+def dataset_rows(folder, split="train"):
+    """Every row of a split of a parquet dataset folder, in file order: the rows PreferencePairs.rows index."""
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(folder).glob(f"**/{split}-*.parquet"))
+    return [row for file in files for row in pq.read_table(file).to_pylist()]
+
+
+def cache_folders(cache_root, n_pairs=None):
+    """The latent caches under a --precompute_cache_dir (not its lock file), optionally only those of n_pairs pairs."""
+    folders = sorted(p for p in Path(cache_root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [p for p in folders if n_pairs is None or len(np.load(p / "encoded.npy")) == n_pairs]
+
+
+def lora_weights(output_dir):
+    return load_file(os.path.join(output_dir, train_diffusion_dpo.LORA_WEIGHT_NAME))
+
+
+def assert_same_tensors(first, second, atol=1e-6):
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], atol=atol, rtol=0, msg=name)
