@@ -242,3 +242,60 @@ def test_sigint_during_precompute_ends_in_one_line_and_the_same_command_continue
     rerun = launch(dpo, argv, rerun_log)
     assert rerun.wait() == 0, rerun_log.read_text()[-3000:]
     assert (out / dpo.LORA_WEIGHT_NAME).exists()
+
+
+def process_of_rank(rank, output_dir):
+    """The pid of the trainer process of `rank` writing to output_dir (read from /proc), or None."""
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if str(output_dir).encode() in cmdline and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+def test_a_signal_to_one_process_stops_all_of_them_at_the_same_step(dpo, cli_args, sharded_pickapic, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "two.log"
+    argv = cli_args(dataset_name=sharded_pickapic, output_dir=out, max_train_steps=9, checkpointing_steps=2)
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29541",
+    ]
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            [*launcher, dpo.__file__, *argv],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"},
+            cwd=ROOT,
+        )
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint-2").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    rank_1 = process_of_rank(1, out)
+    assert rank_1 is not None, log.read_text()[-3000:]
+    os.kill(rank_1, signal.SIGTERM)  # only rank 1 is signalled; rank 0 learns it from the step's reduction
+    process.wait(timeout=300)
+    text = log.read_text()
+    assert process.returncode != 0
+    signalled = re.search(r"error: stopped by SIGTERM after step (\d+) of 9", text)
+    told = re.search(r"error: stopped by a signal to another process after step (\d+) of 9", text)
+    assert signalled and told, text[-3000:]
+    step = int(signalled.group(1))
+    assert int(told.group(1)) == step and step < 9
+    assert dpo.complete_checkpoints(str(out))[-1] == str(out / f"checkpoint-{step}")
