@@ -506,10 +506,6 @@ def implicit_accuracy(args):
         args.preference_split,
         "--validation_timesteps",
         str(args.validation_timesteps),
-        "--beta_dpo",
-        str(args.beta_dpo),
-        "--resolution",
-        str(args.resolution),
         "--seed",
         str(args.seed),
         "--report_to",
@@ -520,7 +516,9 @@ def implicit_accuracy(args):
         str(args.batch_size),
         "--no_hflip",
     ]
-    for flag, value in (
+    for flag, value in (  # unset here: the trainer's own default
+        ("--beta_dpo", args.beta_dpo),
+        ("--resolution", args.resolution),
         ("--revision", args.revision),
         ("--variant", args.variant),
         ("--precompute_cache_dir", args.precompute_cache_dir),
@@ -535,8 +533,7 @@ def implicit_accuracy(args):
     dataset = trainer.load_preference_pairs(trainer_args, args.preference_split)
     if args.num_pairs is not None:
         dataset = dataset.subset(dataset.sample(args.num_pairs, args.seed))
-    ((cache, needed),) = trainer.load_or_precompute(trainer_args, [(dataset, None)], accelerator, weight_dtype)
-    pairs = trainer.CachedPreferencePairs(cache, needed)
+    (pairs,) = trainer.load_or_precompute(trainer_args, [trainer.CacheRequest(dataset)], accelerator, weight_dtype)
     scheduler = trainer.DDPMScheduler.from_pretrained(args.base_model, subfolder="scheduler", revision=args.revision)
     if lora:  # the base UNet with the tuned adapter; the reference is the same UNet with the adapter off
         unet, reference = trainer.build_unets(trainer_args, accelerator.device, weight_dtype)

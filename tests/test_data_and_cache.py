@@ -33,7 +33,7 @@ def test_ties_are_dropped_and_label_0_swaps_the_pair(dpo, cli_args, pickapic_dat
 def test_each_pair_streams_once_winner_first_with_its_mirror_image(dpo, cli_args):
     args = dpo.parse_args(cli_args())
     pairs = dpo.load_preference_pairs(args, "train")
-    items = list(dpo.PairPixels(args, [(pairs, None)]))
+    items = list(dpo.PairPixels(args, [dpo.PairsToDecode(pairs)]))
     assert sorted(item["index"] for item in items) == list(range(len(pairs)))  # each pair streamed once
     decodable = [item for item in items if item["ok"]]
     assert len(decodable) == N_PAIRS
@@ -61,7 +61,7 @@ def test_a_subset_comes_from_as_few_shards_as_hold_it_and_only_those_are_streame
     assert len(shards_of(pairs.subset(pairs.sample(5, 0)))) == 2
     assert list(pairs.sample(4, 0)) == list(pairs.sample(4, 0))  # a function of the seed
 
-    streamed = dpo.PairPixels(args, [(picked[0], None)])
+    streamed = dpo.PairPixels(args, [dpo.PairsToDecode(picked[0])])
     assert [shard for _, shard in streamed.tasks] == list(shards_of(picked[0]))  # the other files are not read
     assert sorted(item["index"] for item in streamed) == [0, 1, 2, 3]
 

@@ -21,7 +21,7 @@ def test_time_ids_record_each_images_own_size_and_crop(xl_args, pickapic_data):
     pairs = dpo_xl.load_preference_pairs(args, "train")
     rows = dataset_rows(pickapic_data)
     differing = 0
-    for item in dpo_xl.PairPixels(args, [(pairs, None)]):
+    for item in dpo_xl.PairPixels(args, [dpo_xl.PairsToDecode(pairs)]):
         if not item["ok"]:
             continue
         row = rows[pairs.rows[item["index"]]]
