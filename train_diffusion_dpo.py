@@ -1832,12 +1832,11 @@ def folder_files(folder):
     }
 
 
-def data_order(args, source_pairs, cached, num_processes):
+def data_order(args, num_processes, source_pairs=None, cached=None):
     """What decides which batches step N reads: a resumed run must agree with its checkpoint on all of it, or it
-    would skip other batches than those already trained on. Flags first, so a mismatch names the flag to fix."""
-    usable = hashlib.sha256(source_pairs.fingerprint.encode())
-    usable.update(np.asarray(cached.valid_indices, dtype=np.int64).tobytes())
-    return {
+    would skip other batches than those already trained on. Flags first, so a mismatch names the flag to fix; the
+    pairs themselves only once they are known (without them: the flags alone, checked before the precompute)."""
+    order = {
         "--train_batch_size": args.train_batch_size,
         "--gradient_accumulation_steps": args.gradient_accumulation_steps,
         "number of processes": num_processes,
@@ -1852,9 +1851,12 @@ def data_order(args, source_pairs, cached, num_processes):
         "--max_train_samples": args.max_train_samples,
         "--validation_split_name": args.validation_split_name,
         "--num_validation_pairs": args.num_validation_pairs,
-        # the pairs themselves (their source files, rows and which decoded): catches a dataset changed in place
-        "training pairs": f"{len(cached)} usable, fingerprint {usable.hexdigest()[:16]}",
     }
+    if cached is not None:  # the pairs themselves (source files, rows, which decoded): a dataset changed in place
+        usable = hashlib.sha256(source_pairs.fingerprint.encode())
+        usable.update(np.asarray(cached.valid_indices, dtype=np.int64).tobytes())
+        order["training pairs"] = f"{len(cached)} usable, fingerprint {usable.hexdigest()[:16]}"
+    return order
 
 
 def write_checkpoint_record(folder, args, global_step):
@@ -1946,22 +1948,32 @@ def checkpoint_to_resume(args):
     return None
 
 
-def check_data_order(checkpoint, record, expected):
+def check_data_order(checkpoint, record, expected, warn=True):
     """Refuses to resume with anything that moves the data position (see data_order) changed."""
     recorded = None if record is None else record.get("data_order")
-    if recorded is None:
+    if recorded is None and warn:
         logger.warning(
             f"{checkpoint} does not record its data order (an older checkpoint): the data position cannot be checked; "
             "resume with the same batch size, accumulation, processes, data, --seed and flips as the run that wrote it"
         )
         return
     for name, value in expected.items():
-        if name in recorded and recorded[name] != value:
+        if recorded is not None and name in recorded and recorded[name] != value:
             raise InputError(
                 f"cannot resume from {checkpoint}: it was written with {name} {recorded[name]}, this run has "
                 f"{value}; the resumed run would skip other batches than those trained on (resume with the same "
                 "value, or start a new --output_dir)"
             )
+
+
+def check_resume_flags(args, num_processes):
+    """Refuses a resume with a changed data flag before the precompute (hours on a large dataset) instead of after
+    it; resume checks the pairs themselves, and warns about a checkpoint without a record."""
+    if args.resume_from_checkpoint is None:
+        return
+    checkpoint = checkpoint_to_resume(args)
+    if checkpoint is not None:
+        check_data_order(checkpoint, checkpoint_record(checkpoint), data_order(args, num_processes), warn=False)
 
 
 def trained_parameters(accelerator):
@@ -2665,6 +2677,7 @@ def train_and_save(args, accelerator, stop_signals):
     """Loads, precomputes, trains and saves: main's work once the run holds its output folder."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     repo_id = create_output(args, accelerator)
+    check_resume_flags(args, accelerator.num_processes)
 
     # Data: pairs, then latents and text embeddings from the cache (encoded once, and only what this run reads).
     with accelerator.local_main_process_first():  # labels and captions are read once per machine, then cached
@@ -2711,7 +2724,7 @@ def train_and_save(args, accelerator, stop_signals):
     )
 
     # Resume: weights, optimizer and schedule from the checkpoint; data position from the step count.
-    args.data_order = data_order(args, train_source, train_pairs, accelerator.num_processes)  # checkpoints record it
+    args.data_order = data_order(args, accelerator.num_processes, train_source, train_pairs)  # checkpoints record it
     global_step = resume(accelerator, args)
     first_epoch = global_step // updates_per_epoch
     batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps

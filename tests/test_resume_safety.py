@@ -51,16 +51,24 @@ def test_resume_with_a_changed_data_flag_is_refused_naming_both_values(dpo, cli_
         ({"max_train_samples": 6}, "--max_train_samples None, this run has 6"),
         ({"dataset_name": sharded_pickapic}, f"this run has {sharded_pickapic}"),
     ]
+    caches = cache_folders(tmp_path / "cache")
     for flags, message in changes:
         with pytest.raises(dpo.InputError, match=re.escape(message)) as refused:
             run_trainer(dpo, cli_args(max_train_steps=3, resume_from_checkpoint="latest", **flags))
         assert "\n" not in str(refused.value)
+    assert cache_folders(tmp_path / "cache") == caches  # refused before precomputing the changed data
 
     # A checkpoint written by 2 processes (as its record says) is refused by a run of 1.
     record = record_of(checkpoint, dpo)
     record["data_order"]["number of processes"] = 2
     (checkpoint / dpo.CHECKPOINT_RECORD_NAME).write_text(json.dumps(record))
     with pytest.raises(dpo.InputError, match="number of processes 2, this run has 1"):
+        run_trainer(dpo, cli_args(max_train_steps=3, resume_from_checkpoint="latest"))
+
+    # The same flags over other pairs (a dataset changed in place) are refused once the pairs are known.
+    record["data_order"].update({"number of processes": 1, "training pairs": "8 usable, fingerprint 0"})
+    (checkpoint / dpo.CHECKPOINT_RECORD_NAME).write_text(json.dumps(record))
+    with pytest.raises(dpo.InputError, match="written with training pairs 8 usable, fingerprint 0, this run has"):
         run_trainer(dpo, cli_args(max_train_steps=3, resume_from_checkpoint="latest"))
 
 
