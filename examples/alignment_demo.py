@@ -141,7 +141,7 @@ def show_progress(output, log):
             if bar is None:
                 continue
             if on_terminal:
-                print(f"\r  {text}", end="", flush=True)
+                print(f"\r  {text}\x1b[K", end="", flush=True)  # ESC [K: clear the rest of a longer bar
             elif latest_step is not None and int(bar.group(1)) != latest_step and latest_step % VALIDATION_STEPS == 0:
                 print(f"  {latest}", flush=True)
             latest, latest_step = text, int(bar.group(1))
