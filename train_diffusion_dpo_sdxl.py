@@ -1348,6 +1348,42 @@ class LatentCache:
         save_atomically(self.path / f"undecodable{self.suffix}.npy", self.undecodable)
 
 
+class VaeEncoder:
+    """VAE latents (distribution means) of images, `batch_size` images per forward (--vae_encode_batch_size). On
+    CUDA out-of-memory the batch size halves (logged once) and the failed batch is encoded again, down to one image;
+    the smaller size is kept for the rest of the precompute."""
+
+    def __init__(self, vae, batch_size, device, dtype, memory_format):
+        self.vae, self.batch_size = vae, batch_size
+        self.device, self.dtype, self.memory_format = device, dtype, memory_format
+        self.backed_off = False
+
+    @torch.inference_mode()
+    def __call__(self, images):
+        latents, start = [], 0
+        while start < len(images):
+            chunk = images[start : start + self.batch_size]
+            try:
+                pixels = chunk.to(self.device, self.dtype, memory_format=self.memory_format)
+                latents.append(self.vae.encode(pixels).latent_dist.mean)
+                start += len(chunk)
+                continue
+            except torch.cuda.OutOfMemoryError:
+                if len(chunk) == 1:
+                    raise
+            # outside the except clause: the failed forward's tensors, held by its traceback, are released by now
+            self.batch_size = len(chunk) // 2
+            free_memory()
+            if not self.backed_off:
+                logger.warning(
+                    f"CUDA out of memory encoding {len(chunk)} images at once: VAE batch halved to "
+                    f"{self.batch_size} (halved again if needed); a lower --vae_encode_batch_size avoids the retry",
+                    main_process_only=False,
+                )
+                self.backed_off = True
+        return torch.cat(latents)
+
+
 def encode_latents(args, planned_caches, accelerator, encode_dtype, part=0, parts=1):
     """Encodes the latents the PlannedCaches need and lack. With `parts` > 1 the processes of a machine share the
     work: each streams its own source shards and saves its masks as encoded.part-<part>.npy (see fold_parts).
@@ -1385,6 +1421,7 @@ def encode_latents(args, planned_caches, accelerator, encode_dtype, part=0, part
     loader = torch.utils.data.DataLoader(
         pixels, batch_size=max(1, args.vae_encode_batch_size // 2), num_workers=min(len(pixels.tasks), decoders)
     )
+    encoder = VaeEncoder(vae, args.vae_encode_batch_size, device, encode_dtype, memory_format)
     started = last_commit = time.monotonic()
     n_images = 0
     progress = tqdm(total=pixels.num_pairs, desc="Encoding images", disable=not accelerator.is_local_main_process)
@@ -1399,14 +1436,7 @@ def encode_latents(args, planned_caches, accelerator, encode_dtype, part=0, part
             group, index = group[ok], index[ok]
             wanted = np.stack([caches[g].todo[i] for g, i in zip(group, index)])  # (pairs, orientations) to encode
             images = batch["pixels"][torch.from_numpy(ok)][torch.from_numpy(wanted)]  # (n, 2, 3, H, W)
-            with torch.inference_mode():
-                chunks = images.flatten(0, 1).split(args.vae_encode_batch_size)
-                latents = torch.cat(
-                    [
-                        vae.encode(chunk.to(device, encode_dtype, memory_format=memory_format)).latent_dist.mean
-                        for chunk in chunks
-                    ]
-                )
+            latents = encoder(images.flatten(0, 1))
             latents = (latents.float() * vae.config.scaling_factor).view(*images.shape[:2], *latents.shape[1:])
             latents = latents.cpu().to(torch.float16).numpy()
             n_images += 2 * len(latents)
@@ -1425,7 +1455,8 @@ def encode_latents(args, planned_caches, accelerator, encode_dtype, part=0, part
     seconds = time.monotonic() - started
     logger.info(
         f"Process {accelerator.process_index} encoded {n_images} images of {len(pixels.tasks)} source shards "
-        f"in {seconds:.1f} s ({n_images / seconds:.1f} images/s)",
+        f"in {seconds:.1f} s ({n_images / seconds:.1f} images/s)"
+        + (f"; VAE batch {encoder.batch_size} after out-of-memory" if encoder.backed_off else ""),
         main_process_only=False,
     )
     del vae  # the caches' memmaps close with this function
