@@ -88,7 +88,7 @@ DEFAULT_VALIDATION_PROMPTS = [
 # subfolders of a pipeline folder the trainer reads
 MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3  # 3: row 0 follows force_zeros_for_empty_prompt
 # the conditioning this script gives the UNet (its config's values): SDXL's added text and time embeddings
 UNET_CONDITIONING = {"addition_embed_type": "text_time", "class_embed_type": None}
 OTHER_MODELS_HINT = "this script trains SDXL-class models; train SD 1.x/2.x models with train_diffusion_dpo.py"
@@ -170,7 +170,8 @@ def parse_args(input_args=None):
     model.add_argument(
         "--is_turbo",
         action="store_true",
-        help="SDXL-Turbo: train on its 4-step timestep grid (249, 499, 749, 999); validation uses guidance 0.",
+        help="SDXL-Turbo: train on its 4-step timestep grid (249, 499, 749, 999) with zero terminal SNR, as it was "
+        "distilled; validation defaults to 4 steps and guidance 0.",
     )
     model.add_argument("--revision", type=str, default=None, help="Revision (branch, tag or commit) of the model.")
     model.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. 'fp16'.")
@@ -226,7 +227,9 @@ def parse_args(input_args=None):
         "--proportion_empty_prompts",
         type=float,
         default=0.0,
-        help="Fraction of pairs trained with an empty caption (classifier-free-guidance prompt dropout).",
+        help="Fraction of pairs trained with the pipeline's unconditional input (classifier-free-guidance prompt "
+        "dropout): all zeros when the model's force_zeros_for_empty_prompt is set (SDXL base's default, read from "
+        "model_index.json), otherwise the empty caption's embedding.",
     )
 
     cache = parser.add_argument_group("precomputed latents and text embeddings")
@@ -394,8 +397,13 @@ def parse_args(input_args=None):
     log.add_argument("--run_validation", action="store_true", help="Render --validation_prompts during training.")
     log.add_argument("--validation_steps", type=int, default=200, help="Render validation images every N steps.")
     log.add_argument("--validation_prompts", type=str, nargs="+", default=DEFAULT_VALIDATION_PROMPTS)
-    log.add_argument("--num_validation_inference_steps", type=int, default=25)
-    log.add_argument("--validation_guidance_scale", type=float, default=5.0, help="Ignored with --is_turbo (0).")
+    log.add_argument("--num_validation_inference_steps", type=int, default=None, help="Default 25; 4 with --is_turbo.")
+    log.add_argument(
+        "--validation_guidance_scale",
+        type=float,
+        default=None,
+        help="Default 5.0; 0 with --is_turbo (SDXL-Turbo is distilled to sample without guidance).",
+    )
 
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true", help="Upload the result (not the checkpoints).")
@@ -406,7 +414,11 @@ def parse_args(input_args=None):
 
 
 def validate_args(args):
-    """Rejects bad flag combinations before anything heavy is loaded."""
+    """Rejects bad flag combinations before anything heavy is loaded; fills the defaults that follow --is_turbo."""
+    if args.num_validation_inference_steps is None:
+        args.num_validation_inference_steps = 4 if args.is_turbo else 25
+    if args.validation_guidance_scale is None:
+        args.validation_guidance_scale = 0.0 if args.is_turbo else 5.0
     model = args.pretrained_model_name_or_path
     if os.path.isdir(model):
         parts = list(MODEL_PARTS)
@@ -420,6 +432,12 @@ def validate_args(args):
     elif model.startswith((".", "/", "~")) or os.path.exists(model):
         raise InputError(
             f"--pretrained_model_name_or_path {model}: no such model folder (a diffusers pipeline folder or a Hub id)"
+        )
+    vae = args.pretrained_vae_model_name_or_path
+    if vae is not None and not os.path.isdir(vae) and (vae.startswith((".", "/", "~")) or os.path.exists(vae)):
+        raise InputError(
+            f"--pretrained_vae_model_name_or_path {vae}: no such VAE folder (a diffusers AutoencoderKL folder or a "
+            "Hub id)"
         )
     if args.resolution < 8 or args.resolution % 8 != 0:
         raise InputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
@@ -874,6 +892,20 @@ def model_identity(args):
     return identity
 
 
+def zeros_for_empty_prompt(args):
+    """The pipeline's `force_zeros_for_empty_prompt` (model_index.json; unset means the pipeline's default, True):
+    whether its unconditional input for classifier-free guidance is all zeros, prompt and pooled embeddings alike,
+    rather than the encoding of ""."""
+    try:
+        config = StableDiffusionXLPipeline.load_config(
+            args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir
+        )
+    except OSError as error:
+        logger.warning(f"Could not read model_index.json ({error}); taking the pipeline's default, zeros.")
+        config = {}
+    return bool(config.get("force_zeros_for_empty_prompt", True))
+
+
 def folder_identity(path, args, subfolders):
     if os.path.isdir(path):
         files = []
@@ -925,6 +957,8 @@ def precompute_cache_path(args, source_pairs, encode_dtype):
     key_fields = {
         "format": CACHE_FORMAT_VERSION,
         "model": model_identity(args),
+        # what row 0 of the text embeddings holds (see create_cache)
+        "unconditional": "zeros" if zeros_for_empty_prompt(args) else "empty caption",
         "encode_dtype": [str(encode_dtype), str(vae_dtype(args, encode_dtype))],  # text encoders, VAE
         "resolution": args.resolution,
         "crop": f"random(seed={args.seed})" if args.random_crop else "center",
@@ -1263,10 +1297,17 @@ def create_cache(args, planned, text_encoders, tokenizers, latent_shape):
     with removed_on_failure(planned.path.with_name(partial_name)) as partial:
         partial.mkdir(parents=True)
         captions = [str(caption) for caption in planned.source_pairs.captions]
-        unique_captions = [""] + sorted(set(captions) - {""})  # row 0: the empty caption (prompt dropout)
-        row_of = {caption: row for row, caption in enumerate(unique_captions)}
+        # Row 0 is the pipeline's unconditional input, which prompt dropout trains. When the pipeline forces it to
+        # zeros, an empty caption in the data (which the pipeline encodes like any prompt) gets a row of its own.
+        unconditional_zeros = planned.key_fields["unconditional"] == "zeros"
+        captioned = sorted(set(captions) - (set() if unconditional_zeros else {""}))
+        unique_captions = ["", *captioned]
+        row_of = {"": 0, **{caption: row for row, caption in enumerate(captioned, start=1)}}
         np.save(partial / "caption_index.npy", np.array([row_of[c] for c in captions], dtype=np.int32))
         prompt_embeds, pooled_prompt_embeds = encode_captions(unique_captions, text_encoders, tokenizers)
+        if unconditional_zeros:
+            prompt_embeds = torch.cat([torch.zeros_like(prompt_embeds[:1]), prompt_embeds[1:]])
+            pooled_prompt_embeds = torch.cat([torch.zeros_like(pooled_prompt_embeds[:1]), pooled_prompt_embeds[1:]])
         np.save(partial / "prompt_embeds.npy", prompt_embeds.to(torch.float16).numpy())
         np.save(partial / "pooled_prompt_embeds.npy", pooled_prompt_embeds.to(torch.float16).numpy())
         logger.info(
@@ -2288,13 +2329,34 @@ def save_checkpoint(accelerator, args, global_step):
     accelerator.wait_for_everyone()
 
 
+@torch.no_grad()
+def decode_outside_autocast(pipeline, latents):
+    """PIL images from the SDXL pipeline's latents, decoded as the pipeline decodes them but with autocast off: under
+    fp16 autocast an fp32 VAE's convolutions would run in fp16, where the SDXL VAE overflows (NaN, black images)."""
+    vae = pipeline.vae
+    latents = latents.to(vae.dtype)
+    if vae.config.get("latents_mean") is not None and vae.config.get("latents_std") is not None:
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    with torch.autocast(latents.device.type, enabled=False):
+        image = vae.decode(latents, return_dict=False)[0]
+    if pipeline.watermark is not None:
+        image = pipeline.watermark.apply_watermark(image)
+    return pipeline.image_processor.postprocess(image, output_type="pil")
+
+
 def run_validation(args, accelerator, unet, reference, weight_dtype, global_step):
     """Renders --validation_prompts with fixed seeds, logs them and saves a PNG grid under output_dir/validation."""
     trained = accelerator.unwrap_model(unet)
+    # A VAE that is not fp16-safe (diffusers' signal: force_upcast in its config) decodes in fp32, outside autocast.
+    fp16_safe_vae = not load_vae_config(args).get("force_upcast", True)
     pipeline = StableDiffusionXLPipeline.from_pretrained(
         args.pretrained_model_name_or_path,
         unet=trained,
-        vae=load_vae(args, vae_dtype(args, weight_dtype)),
+        vae=load_vae(args, vae_dtype(args, weight_dtype) if fp16_safe_vae else torch.float32),
         revision=args.revision,
         variant=args.variant,
         cache_dir=args.cache_dir,
@@ -2307,16 +2369,16 @@ def run_validation(args, accelerator, unet, reference, weight_dtype, global_step
         for number, prompt in enumerate(args.validation_prompts):
             generator = torch.Generator(accelerator.device).manual_seed(args.seed + number)
             with accelerator.autocast():
-                images.append(
-                    pipeline(
-                        prompt,
-                        num_inference_steps=args.num_validation_inference_steps,
-                        guidance_scale=0.0 if args.is_turbo else args.validation_guidance_scale,
-                        generator=generator,
-                        height=args.resolution,
-                        width=args.resolution,
-                    ).images[0]
-                )
+                output = pipeline(
+                    prompt,
+                    num_inference_steps=args.num_validation_inference_steps,
+                    guidance_scale=args.validation_guidance_scale,
+                    generator=generator,
+                    height=args.resolution,
+                    width=args.resolution,
+                    output_type="pil" if fp16_safe_vae else "latent",
+                ).images
+            images.append(output[0] if fp16_safe_vae else decode_outside_autocast(pipeline, output)[0])
         return images
 
     out_dir = Path(args.output_dir, "validation")
@@ -2600,8 +2662,14 @@ def training_dataloader(args, train_pairs):
 
 
 def load_noise_scheduler(args):
+    # SDXL-Turbo was distilled with zero terminal SNR (ADD, Sauer et al. 2023): at t = 999 it sees pure noise, as at
+    # inference. The scaled-linear schedule in its scheduler config would leave 7 % of the signal there (docs/sdxl.md).
     noise_scheduler = DDPMScheduler.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
+        args.pretrained_model_name_or_path,
+        subfolder="scheduler",
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        **({"rescale_betas_zero_snr": True} if args.is_turbo else {}),
     )
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -2794,9 +2862,10 @@ def save_final(args, accelerator, unet, reference, params, weight_dtype, global_
             if args.train_mode == "lora":
                 save_lora(trained, folder)
             else:
-                StableDiffusionXLPipeline.from_pretrained(  # the base pipeline's own VAE, with the trained UNet
+                StableDiffusionXLPipeline.from_pretrained(  # the trained UNet, with the VAE this run used
                     args.pretrained_model_name_or_path,
                     unet=trained,
+                    vae=load_vae(args, torch.float32),
                     revision=args.revision,
                     variant=args.variant,
                     cache_dir=args.cache_dir,

@@ -1,7 +1,10 @@
 """What only the SDXL trainer does: two text encoders, per-image micro-conditioning, its VAE, SDXL-Turbo."""
 
 import io
+import json
+import os
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -11,13 +14,12 @@ from testing_utils import RESOLUTION, cache_folders, dataset_rows, run_trainer
 import train_diffusion_dpo_sdxl as dpo_xl
 
 
-@pytest.fixture
-def xl_args(cli_args, tiny_sdxl_model):
-    return lambda **flags: cli_args(pretrained_model_name_or_path=tiny_sdxl_model, **flags)
+# every test here needs the SDXL trainer's fixtures (tiny_pipeline, cli_args): the SDXL ones
+pytestmark = pytest.mark.parametrize("dpo", ["sdxl"], indirect=True)
 
 
-def test_time_ids_record_each_images_own_size_and_crop(xl_args, pickapic_data):
-    args = dpo_xl.parse_args(xl_args())
+def test_time_ids_record_each_images_own_size_and_crop(cli_args, pickapic_data):
+    args = dpo_xl.parse_args(cli_args())
     pairs = dpo_xl.load_preference_pairs(args, "train")
     rows = dataset_rows(pickapic_data)
     differing = 0
@@ -38,12 +40,12 @@ def test_time_ids_record_each_images_own_size_and_crop(xl_args, pickapic_data):
     assert differing > 0  # the fixture holds pairs whose two images differ in size
 
 
-def test_cached_embeddings_equal_the_pipelines_own_encode_prompt(xl_args, tiny_sdxl_model, tmp_path):
-    run_trainer(dpo_xl, xl_args(max_train_steps=1))
+def test_cached_embeddings_equal_the_pipelines_own_encode_prompt(cli_args, tiny_sdxl_model, tmp_path):
+    run_trainer(dpo_xl, cli_args(max_train_steps=1))
     (cache,) = cache_folders(tmp_path / "cache")
     pairs = dpo_xl.CachedPreferencePairs(cache)
     index = int(pairs.valid_indices[0])
-    caption = dpo_xl.load_preference_pairs(dpo_xl.parse_args(xl_args(output_dir=tmp_path / "x")), "train").captions[
+    caption = dpo_xl.load_preference_pairs(dpo_xl.parse_args(cli_args(output_dir=tmp_path / "x")), "train").captions[
         index
     ]
     pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model)
@@ -54,24 +56,175 @@ def test_cached_embeddings_equal_the_pipelines_own_encode_prompt(xl_args, tiny_s
     assert item["time_ids"].shape == (2, 6)
 
 
-def test_turbo_trains_on_the_four_step_grid():
+def test_turbo_trains_on_the_four_step_grid(dpo):
     args = dpo_xl.parse_args(["--is_turbo", "--output_dir", "unused"])
     scheduler = dpo_xl.DDPMScheduler(num_train_timesteps=1000)
     timesteps = dpo_xl.sample_timesteps(1000, scheduler, args, torch.Generator().manual_seed(0), "cpu")
     assert set(timesteps.tolist()) == {249, 499, 749, 999}
 
 
-def test_the_vae_encodes_in_fp32_unless_a_safe_vae_is_given(xl_args, tiny_sdxl_model, tmp_path):
-    args = dpo_xl.parse_args(xl_args())
+@pytest.mark.parametrize("is_turbo", [False, True])
+def test_turbo_sees_pure_noise_at_its_first_step_as_it_was_distilled(dpo, cli_args, is_turbo):
+    scheduler = dpo_xl.load_noise_scheduler(dpo_xl.parse_args(cli_args(is_turbo=is_turbo)))
+    generator = torch.Generator().manual_seed(0)
+    winner, loser, noise = torch.randn(3, 1, 4, 4, 4, generator=generator)
+    noisy_winner, _ = dpo_xl.noisy_latents_and_target(winner, noise, torch.tensor([999]), scheduler)
+    noisy_loser, _ = dpo_xl.noisy_latents_and_target(loser, noise, torch.tensor([999]), scheduler)
+    signal_left = (noisy_winner - noisy_loser).norm() / (winner - loser).norm()  # of the image, at t = 999
+    if is_turbo:  # zero terminal SNR: pure noise, as Turbo's first sampling step sees
+        assert signal_left == 0
+    else:  # SDXL base's scaled-linear schedule keeps sqrt(alphas_cumprod[999]) = 6.8 % of the image
+        assert 0.06 < signal_left < 0.075
+    # the rest of the schedule is nearly unchanged: t = 0 is still almost clean
+    assert scheduler.alphas_cumprod[0] > 0.99
+
+
+def test_turbo_validation_defaults_to_four_steps_without_guidance_unless_set(dpo, cli_args):
+    base, turbo = dpo_xl.parse_args(cli_args()), dpo_xl.parse_args(cli_args(is_turbo=True))
+    assert (base.num_validation_inference_steps, base.validation_guidance_scale) == (25, 5.0)
+    assert (turbo.num_validation_inference_steps, turbo.validation_guidance_scale) == (4, 0.0)
+    chosen = dpo_xl.parse_args(
+        cli_args(is_turbo=True, num_validation_inference_steps=2, validation_guidance_scale=1.5)
+    )
+    assert (chosen.num_validation_inference_steps, chosen.validation_guidance_scale) == (2, 1.5)
+
+
+def test_turbo_end_to_end_with_held_out_evaluation_validation_images_and_model_card(dpo, cli_args, tmp_path):
+    result = run_trainer(
+        dpo,
+        cli_args(
+            is_turbo=True,
+            num_validation_pairs=2,
+            run_validation=True,
+            validation_prompts=["a shape"],
+            max_train_steps=2,
+            validation_steps=2,
+        ),
+    )
+    assert [e["step"] for e in result["evaluations"]] == [0, 2]
+    start, end = result["evaluations"]
+    assert start["eval/loss"] == pytest.approx(np.log(2), abs=1e-6)  # the adapter starts as the reference
+    assert np.isfinite(end["eval/loss"]) and end["eval/model_mse_w"] != start["eval/model_mse_w"]
+    validation = tmp_path / "out" / "validation"
+    assert sorted(p.name for p in validation.iterdir()) == ["reference.png", "step-000002.png"]
+    assert (tmp_path / "out" / dpo_xl.LORA_WEIGHT_NAME).exists()
+    assert "num_inference_steps=4, guidance_scale=0.0" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_the_vae_encodes_in_fp32_unless_a_safe_vae_is_given(cli_args, tiny_sdxl_model, tmp_path):
+    args = dpo_xl.parse_args(cli_args())
     assert dpo_xl.vae_dtype(args, torch.float16) == torch.float32
-    custom = dpo_xl.parse_args(xl_args(pretrained_vae_model_name_or_path=f"{tiny_sdxl_model}/vae"))
+    custom = dpo_xl.parse_args(cli_args(pretrained_vae_model_name_or_path=f"{tiny_sdxl_model}/vae"))
     assert dpo_xl.vae_dtype(custom, torch.float16) == torch.float16
     # a separately given VAE trains, and gets its own cache
-    run_trainer(dpo_xl, xl_args(max_train_steps=1, output_dir=tmp_path / "a"))
+    run_trainer(dpo_xl, cli_args(max_train_steps=1, output_dir=tmp_path / "a"))
     run_trainer(
         dpo_xl,
-        xl_args(
+        cli_args(
             max_train_steps=1, output_dir=tmp_path / "b", pretrained_vae_model_name_or_path=f"{tiny_sdxl_model}/vae"
         ),
     )
     assert len(cache_folders(tmp_path / "cache")) == 2
+
+
+@pytest.fixture
+def sdxl_model_copy(tiny_sdxl_model, tmp_path):
+    """The tiny SDXL pipeline's parts (linked) under a model_index.json of this test's own, which it may edit."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for part in os.listdir(tiny_sdxl_model):
+        if part != "model_index.json":
+            os.symlink(os.path.join(tiny_sdxl_model, part), folder / part)
+    (folder / "model_index.json").write_text(open(os.path.join(tiny_sdxl_model, "model_index.json")).read())
+    return folder
+
+
+def test_the_dropout_row_is_the_pipelines_own_unconditional_input(cli_args, sdxl_model_copy, tmp_path):
+    model_index = sdxl_model_copy / "model_index.json"
+    caches = []
+    for force_zeros in (True, False):  # SDXL base's setting, then a model that encodes "" instead
+        model_index.write_text(
+            json.dumps({**json.loads(model_index.read_text()), "force_zeros_for_empty_prompt": force_zeros})
+        )
+        output_dir = tmp_path / f"out-{force_zeros}"
+        run_trainer(
+            dpo_xl, cli_args(pretrained_model_name_or_path=sdxl_model_copy, max_train_steps=1, output_dir=output_dir)
+        )
+        (cache,) = set(cache_folders(tmp_path / "cache")) - set(caches)  # the changed setting got a cache of its own
+        caches.append(cache)
+        pipeline = StableDiffusionXLPipeline.from_pretrained(sdxl_model_copy)
+        _, negative_embeds, _, negative_pooled = pipeline.encode_prompt("a caption", do_classifier_free_guidance=True)
+        assert negative_embeds.abs().max() == 0 if force_zeros else negative_embeds.abs().max() > 0
+        for name, expected in (("prompt_embeds", negative_embeds), ("pooled_prompt_embeds", negative_pooled)):
+            row_0 = torch.from_numpy(np.load(cache / f"{name}.npy")[0]).float()
+            torch.testing.assert_close(row_0, expected[0], atol=2e-3, rtol=1e-3)
+
+
+@pytest.fixture
+def model_without_vae(tiny_sdxl_model, tmp_path):
+    """The tiny SDXL pipeline's parts (linked) but its VAE: a base folder to use with a separately given VAE."""
+    folder = tmp_path / "no-vae"
+    folder.mkdir()
+    for part in os.listdir(tiny_sdxl_model):
+        if part != "vae":
+            os.symlink(os.path.join(tiny_sdxl_model, part), folder / part)
+    return folder
+
+
+def test_a_full_fine_tune_with_a_separate_vae_validates_and_saves_that_vae(
+    dpo, cli_args, tiny_sdxl_model, model_without_vae, tmp_path
+):
+    vae_folder = tmp_path / "vae"
+    vae = dpo_xl.AutoencoderKL.from_pretrained(tiny_sdxl_model, subfolder="vae")
+    vae.register_to_config(force_upcast=False)  # an fp16-safe VAE, as madebyollin/sdxl-vae-fp16-fix says it is
+    vae.save_pretrained(vae_folder)
+    run_trainer(
+        dpo,
+        cli_args(
+            pretrained_model_name_or_path=model_without_vae,
+            pretrained_vae_model_name_or_path=vae_folder,
+            train_mode="full",
+            run_validation=True,
+            validation_prompts=["a shape"],
+            num_validation_inference_steps=2,
+        ),
+    )
+    assert (tmp_path / "out" / "validation" / "step-000002.png").exists()
+    saved = StableDiffusionXLPipeline.from_pretrained(tmp_path / "out")
+    assert saved.vae.config.force_upcast is False  # the VAE the run used, not one of the base folder
+    for name, weight in vae.state_dict().items():
+        torch.testing.assert_close(saved.vae.state_dict()[name], weight, msg=name)
+
+
+def test_a_missing_vae_folder_is_named_before_anything_loads(dpo, cli_args, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        dpo_xl.parse_args(cli_args(pretrained_vae_model_name_or_path=tmp_path / "no-such-vae"))
+    assert "--pretrained_vae_model_name_or_path" in capsys.readouterr().err
+
+
+def test_validation_decodes_in_fp32_outside_mixed_precision_autocast(dpo, cli_args, monkeypatch):
+    """The SDXL VAE overflows in fp16: under --mixed_precision autocast its convolutions would run in half precision
+    (bf16 here, as CPUs autocast to) unless it is fp16-safe."""
+    from diffusers.models.autoencoders.vae import Decoder
+
+    decoded_dtypes = []
+
+    def record(module, inputs, output):
+        if isinstance(module, Decoder):
+            decoded_dtypes.append(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        run_trainer(
+            dpo,
+            cli_args(
+                mixed_precision="bf16",
+                max_train_steps=1,
+                run_validation=True,
+                validation_prompts=["a shape"],
+                num_validation_inference_steps=1,
+            ),
+        )
+    finally:
+        hook.remove()
+    assert decoded_dtypes and set(decoded_dtypes) == {torch.float32}  # the reference grid's and the step's images
