@@ -32,8 +32,11 @@ Everything after `--` goes to both trainers (ours only, in the ratio table). Mod
 """
 
 import argparse
+import importlib.util
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -54,6 +57,9 @@ import tiny_assets
 
 import train_diffusion_dpo
 import train_diffusion_dpo_sdxl
+
+
+IMPORT_STAND_INS = Path(__file__).resolve().with_name("import_stand_ins")
 
 
 class PeakMemory:
@@ -276,24 +282,61 @@ def ratio_table(args, dpo, model_dir, data_dir, run_dir, trainer_flags):
     )
 
 
+STEPS_PROGRESS = re.compile(rb"Steps:\s*\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+)")
+
+
 def run_process(command, log_path, env):
-    """Runs a command to completion: (wall seconds, peak RSS GiB of it and its waited-for children, peak GPU GiB)."""
-    with open(log_path, "w") as log:
+    """Runs a command to completion, its output into log_path. Returns {wall_s, rss_gib: peak RSS of it and its
+    waited-for children, gpu_gib: largest nvidia-smi figure, cuda_allocated_gib / cuda_reserved_gib: its
+    torch.cuda.max_memory_* (written by peak_memory_runner.py), steps: [(seconds since start, step)] as its "Steps"
+    progress bar showed them, each step at its first appearance}."""
+    peak_file = Path(f"{log_path}.peak.json")
+    peak_file.unlink(missing_ok=True)
+    env = {**env, "PEAK_MEMORY_FILE": str(peak_file)}
+    steps, seen = [], set()
+    with open(log_path, "wb") as log:
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         gpu_peak = [0.0]
         sampler = None
         if shutil.which("nvidia-smi") and torch.cuda.is_available():
             sampler = threading.Thread(target=_sample_gpu_memory, args=(process, gpu_peak), daemon=True)
             sampler.start()
+        pending = b""
+        while chunk := os.read(process.stdout.fileno(), 65536):
+            now = time.perf_counter() - start
+            log.write(chunk)
+            *pieces, pending = re.split(rb"[\r\n]", pending + chunk)
+            for match in map(STEPS_PROGRESS.search, pieces):
+                if match and int(match.group(1)) not in seen:
+                    seen.add(int(match.group(1)))
+                    steps.append((now, int(match.group(1))))
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - start
         process.returncode = os.waitstatus_to_exitcode(status)
         if sampler is not None:
             sampler.join()
     if process.returncode != 0:
-        raise SystemExit(f"error: {command[1]} failed (exit {process.returncode}); see {log_path}")
-    return wall, usage.ru_maxrss / 2**20, gpu_peak[0]
+        raise SystemExit(f"error: {command[2]} failed (exit {process.returncode}); see {log_path}")
+    cuda = json.loads(peak_file.read_text()) if peak_file.exists() else {}
+    return {
+        "wall_s": wall,
+        "rss_gib": usage.ru_maxrss / 2**20,
+        "gpu_gib": gpu_peak[0],
+        "cuda_allocated_gib": cuda.get("max_memory_allocated", 0) / 2**30,
+        "cuda_reserved_gib": cuda.get("max_memory_reserved", 0) / 2**30,
+        "steps": steps,
+    }
+
+
+def progress_step_seconds(steps, total, warmup):
+    """Steady-state s/step from a run's progress-bar times: from the first step shown at or after `warmup` to the
+    last one shown before the final step (whose display can wait for the end of the run), or None if too few."""
+    shown = [(t, n) for t, n in steps if warmup <= n < total] or [(t, n) for t, n in steps if n >= warmup]
+    if len(shown) < 2 or shown[-1][1] == shown[0][1]:
+        return None
+    (first_t, first_n), (last_t, last_n) = shown[0], shown[-1]
+    return (last_t - first_t) / (last_n - first_n)
 
 
 def _sample_gpu_memory(process, peak):
@@ -316,11 +359,14 @@ def _sample_gpu_memory(process, peak):
 def comparison(args, model_dir, data_dir, run_dir, trainer_flags):
     """Ours and the diffusers research script, each in its own processes, on the same model, data and flags.
 
-    Per script: one epoch with everything cold (a fresh datasets cache, and for ours a fresh latent cache), then
-    --repeats warm one-epoch runs and --repeats warm half-epoch runs (fastest of each kept). Steady-state s/step =
-    (epoch - half epoch) / (steps in half an epoch): start-up, loading and saving cancel out, and both runs stay in
-    the first epoch, whose latents the cold run precomputed.
+    Per script: one epoch with everything cold (a fresh datasets cache, and for ours a fresh latent cache): its wall
+    time, precompute included, and its steady-state s/step from the "Steps" progress bar (the times at which steps
+    --warmup and the last but one were shown). With --repeats N > 0, N warm one-epoch and N warm half-epoch runs
+    follow (fastest of each kept), and s/step = (epoch - half epoch) / (steps in half an epoch) is reported too:
+    start-up, loading and saving cancel out, and both runs stay in the first epoch, whose latents the cold run
+    precomputed.
     """
+    wandb_stand_in = importlib.util.find_spec("wandb") is None
     epoch_steps = -(-args.n_pairs // args.train_batch_size)
     half_steps = epoch_steps // 2
     common = [
@@ -352,15 +398,18 @@ def comparison(args, model_dir, data_dir, run_dir, trainer_flags):
         "diffusers": [args.compare_with, *args.baseline_flags],
     }
     run_dir.mkdir(parents=True)
-    figures = {}
+    figures, commands = {}, {}
     for name, script in scripts.items():
         env = {**os.environ, "HF_DATASETS_CACHE": str(run_dir / f"{name}-datasets-cache"), "WANDB_MODE": "disabled"}
+        if name == "diffusers" and wandb_stand_in:  # wandb is imported, and unused with --report_to tensorboard
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(IMPORT_STAND_INS), env.get("PYTHONPATH")]))
         runs = {"cold epoch": [], "epoch": [], "half epoch": []}
         plan = [("cold epoch", epoch_steps)] + [("epoch", epoch_steps), ("half epoch", half_steps)] * args.repeats
         for number, (run, steps) in enumerate(plan):
             tag = f"{name}-{number}-{run.replace(' ', '-')}"
             command = [
                 sys.executable,
+                str(Path(__file__).with_name("peak_memory_runner.py")),
                 script[0],
                 *script[1:],
                 *common,
@@ -369,46 +418,98 @@ def comparison(args, model_dir, data_dir, run_dir, trainer_flags):
                 "--output_dir",
                 str(run_dir / tag),
             ]
+            commands.setdefault(name, shlex.join(command))
             runs[run].append(run_process(command, run_dir / f"{tag}.log", env))
-            wall, rss, _ = runs[run][-1]
-            print(f"  {name} {run} ({steps} steps): {wall:.1f} s, peak RSS {rss:.2f} GiB", flush=True)
-        epoch, half = min(r[0] for r in runs["epoch"]), min(r[0] for r in runs["half epoch"])
+            result = runs[run][-1]
+            print(
+                f"  {name} {run} ({steps} steps): {result['wall_s']:.1f} s, peak RSS {result['rss_gib']:.2f} GiB, "
+                f"CUDA max allocated {result['cuda_allocated_gib']:.2f} GiB",
+                flush=True,
+            )
         every_run = [r for rs in runs.values() for r in rs]
+        cold = runs["cold epoch"][0]
         figures[name] = {
-            "cold_s": runs["cold epoch"][0][0],
-            "epoch_s": epoch,
-            "step_s": (epoch - half) / (epoch_steps - half_steps),
-            "rss_gib": max(r[1] for r in every_run),
-            "gpu_gib": max(r[2] for r in every_run),
+            "cold_epoch_s": cold["wall_s"],
+            "step_s": progress_step_seconds(cold["steps"], epoch_steps, args.warmup),
+            **{f"{k}_max": max(r[k] for r in every_run) for k in ("rss_gib", "gpu_gib")},
+            **{f"{k}_max": max(r[k] for r in every_run) for k in ("cuda_allocated_gib", "cuda_reserved_gib")},
         }
+        if args.repeats:
+            epoch = min(r["wall_s"] for r in runs["epoch"])
+            half = min(r["wall_s"] for r in runs["half epoch"])
+            figures[name] |= {
+                "warm_epoch_s": epoch,
+                "step_s_epoch_difference": (epoch - half) / (epoch_steps - half_steps),
+            }
     ours_f, theirs = figures["ours"], figures["diffusers"]
+
+    def ratio(key, inverse=False):
+        if not ours_f.get(key) or not theirs.get(key):
+            return None
+        return theirs[key] / ours_f[key] if inverse else ours_f[key] / theirs[key]
+
+    summary = {
+        "script": args.compare_with,
+        "wandb_stand_in": wandb_stand_in,
+        "n_pairs": args.n_pairs,
+        "train_batch_size": args.train_batch_size,
+        "rank": args.rank,
+        "resolution": args.resolution,
+        "epoch_steps": epoch_steps,
+        "trainer_flags": trainer_flags,
+        "baseline_flags": args.baseline_flags,
+        "figures": figures,
+        "speed_ours_over_theirs": ratio("step_s", inverse=True),
+        "cold_epoch_time_ours_over_theirs": ratio("cold_epoch_s"),
+        "cuda_allocated_ours_over_theirs": ratio("cuda_allocated_gib_max"),
+        "gpu_memory_ours_over_theirs": ratio("gpu_gib_max"),
+        "rss_ours_over_theirs": ratio("rss_gib_max"),
+        "commands": commands,
+    }
     print(
         f"\n{args.n_pairs} pairs, batch {args.train_batch_size}, LoRA rank {args.rank}, {args.resolution}px, "
         f"one epoch = {epoch_steps} steps, flags {trainer_flags}"
+        + ("; wandb: import-only stand-in for the research script" if wandb_stand_in else "")
     )
     print("| | ours | diffusers research script | ours / theirs |")
     print("|---|---|---|---|")
-    print(
-        f"| steady-state steps/s | {1 / ours_f['step_s']:.3f} | {1 / theirs['step_s']:.3f} | "
-        f"{theirs['step_s'] / ours_f['step_s']:.2f}x the speed |"
-    )
-    print(
-        f"| one epoch, all cold (ours precomputes) | {ours_f['cold_s']:.1f} s | {theirs['cold_s']:.1f} s | "
-        f"{ours_f['cold_s'] / theirs['cold_s']:.2f}x the time |"
-    )
-    print(
-        f"| one epoch again (ours: cache reused) | {ours_f['epoch_s']:.1f} s | {theirs['epoch_s']:.1f} s | "
-        f"{ours_f['epoch_s'] / theirs['epoch_s']:.2f}x the time |"
-    )
-    print(
-        f"| peak RSS, any run | {ours_f['rss_gib']:.2f} GiB | {theirs['rss_gib']:.2f} GiB | "
-        f"{ours_f['rss_gib'] / theirs['rss_gib']:.2f}x |"
-    )
-    if theirs["gpu_gib"]:
+    rows = [
+        ("steady-state s/step (cold run's progress bar)", "step_s", "{:.3f}", "speed_ours_over_theirs", "x the speed"),
+        (
+            "one epoch, all cold (ours precomputes)",
+            "cold_epoch_s",
+            "{:.1f} s",
+            "cold_epoch_time_ours_over_theirs",
+            "x the time",
+        ),
+        ("peak CUDA max allocated", "cuda_allocated_gib_max", "{:.2f} GiB", "cuda_allocated_ours_over_theirs", "x"),
+        ("peak GPU memory (nvidia-smi)", "gpu_gib_max", "{:.2f} GiB", "gpu_memory_ours_over_theirs", "x"),
+        ("peak RSS, any run", "rss_gib_max", "{:.2f} GiB", "rss_ours_over_theirs", "x"),
+    ]
+    for label, key, form, ratio_key, unit in rows:
+        cells = [form.format(f[key]) if f.get(key) is not None else "n/a" for f in (ours_f, theirs)]
+        shown = f"{summary[ratio_key]:.2f}{unit}" if summary[ratio_key] is not None else "n/a"
+        print(f"| {label} | {cells[0]} | {cells[1]} | {shown} |")
+    if args.repeats:
         print(
-            f"| peak GPU memory (nvidia-smi) | {ours_f['gpu_gib']:.2f} GiB | {theirs['gpu_gib']:.2f} GiB | "
-            f"{ours_f['gpu_gib'] / theirs['gpu_gib']:.2f}x |"
+            f"| s/step, (epoch - half epoch) of warm runs | {ours_f['step_s_epoch_difference']:.3f} | "
+            f"{theirs['step_s_epoch_difference']:.3f} | |"
         )
+    return summary
+
+
+def build_assets(work, sdxl, preset, n_pairs, resolution):
+    """(model folder, data folder) in `work`: random weights of the preset's real shapes and a Pick-a-Pic-format
+    dataset, built once and reused. Weights are initialised on the GPU when there is one (seconds, not a minute)."""
+    tag = f"{'sdxl' if sdxl else 'sd'}-{preset}"
+    model_dir, data_dir = Path(work) / f"model-{tag}", Path(work) / f"data-{n_pairs}-{resolution}px"
+    if not (model_dir / "model_index.json").exists():
+        build = tiny_assets.build_tiny_sdxl_pipeline if sdxl else tiny_assets.build_tiny_sd_pipeline
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            build(str(model_dir), preset=preset)
+    if not data_dir.exists():
+        tiny_assets.build_pickapic_dataset(str(data_dir), n_pairs=n_pairs, n_ties=0, image_size=resolution)
+    return model_dir, data_dir
 
 
 def device_name():
@@ -437,7 +538,8 @@ def main():
         "--repeats",
         type=int,
         default=2,
-        help="runs of each kind (ratio table) or warm runs of each length (comparison); fastest kept",
+        help="runs of each kind (ratio table) or warm runs of each length (comparison, where 0 keeps only the "
+        "cold run); fastest kept",
     )
     parser.add_argument("--rank", type=int, default=8, help="comparison: LoRA rank of both scripts")
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="comparison: for both scripts")
@@ -448,6 +550,7 @@ def main():
         help="the device's peak, for MFU (default: known GPUs' dense bf16 peak)",
     )
     parser.add_argument("--work_dir", default=None, help="builds models and data here once, reused later")
+    parser.add_argument("--json_out", default=None, help="comparison: also write its figures to this JSON file")
     args, trainer_flags = parser.parse_known_args()
     trainer_flags = [f for f in trainer_flags if f != "--"]
     presets = tiny_assets.SDXL_PRESETS if args.sdxl else tiny_assets.PRESETS
@@ -458,12 +561,7 @@ def main():
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="dpo-bench-"))
     tag = f"{'sdxl' if args.sdxl else 'sd'}-{args.preset}"
-    model_dir, data_dir = work / f"model-{tag}", work / f"data-{args.n_pairs}-{args.resolution}px"
-    if not (model_dir / "model_index.json").exists():
-        build = tiny_assets.build_tiny_sdxl_pipeline if args.sdxl else tiny_assets.build_tiny_sd_pipeline
-        build(str(model_dir), preset=args.preset)
-    if not data_dir.exists():
-        tiny_assets.build_pickapic_dataset(str(data_dir), n_pairs=args.n_pairs, n_ties=0, image_size=args.resolution)
+    model_dir, data_dir = build_assets(work, args.sdxl, args.preset, args.n_pairs, args.resolution)
     run_dir = work / f"runs-{time.strftime('%Y%m%d-%H%M%S')}"
     device = device_name()
     threads = torch.get_num_threads()
@@ -473,7 +571,10 @@ def main():
         flush=True,
     )
     if args.compare_with:
-        comparison(args, str(model_dir), str(data_dir), run_dir, trainer_flags)
+        summary = comparison(args, str(model_dir), str(data_dir), run_dir, trainer_flags)
+        if args.json_out:
+            summary |= {"device": device, "torch": torch.__version__, "command": shlex.join(sys.argv)}
+            Path(args.json_out).write_text(json.dumps(summary, indent=1))
     else:
         dpo = train_diffusion_dpo_sdxl if args.sdxl else train_diffusion_dpo
         ratio_table(args, dpo, str(model_dir), str(data_dir), run_dir, trainer_flags)
