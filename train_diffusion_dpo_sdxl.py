@@ -2909,6 +2909,8 @@ from diffusers import StableDiffusionXLPipeline
 image = pipeline("a cozy cabin in a snowy forest at dusk"{turbo_options}).images[0]
 ```
 """
+    if lora:
+        description += lora_files_section(args, location)
     data = ModelCardData(
         license="openrail++",
         library_name="diffusers",
@@ -3210,7 +3212,9 @@ class TrainingProgress:
 
     def step(self, logs):
         self.bar.update(1)
-        self.show(**{name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc", "policy_acc", "lr") if name in logs})
+        self.show(
+            **{name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc", "policy_acc", "lr") if name in logs}
+        )
 
     def show(self, **values):
         self.postfix.update(values)
@@ -3335,7 +3339,9 @@ def save_final(args, accelerator, unet, reference, params, weight_dtype, global_
                 ).save_pretrained(folder)
 
         saved = lora_layers(trained) if args.train_mode == "lora" else trained.state_dict()
-        saved_bytes = sum(t.numel() * t.element_size() for t in saved.values()) * (2 if args.output_kohya_format else 1)
+        saved_bytes = sum(t.numel() * t.element_size() for t in saved.values()) * (
+            2 if args.output_kohya_format else 1
+        )
         write_into_output_dir(args, write, saved_bytes, global_step)
         save_model_card(args, repo_id or os.path.abspath(args.output_dir), global_step)
         if args.push_to_hub:

@@ -89,3 +89,66 @@ def test_gradient_lowers_winner_error_and_raises_loser_error(dpo, loss_type):
     # gradient descent moves along -grad: the winner's error goes down, the loser's up
     assert (model_err_w.grad > 0).all() and (model_err_l.grad < 0).all()
     torch.testing.assert_close(model_err_w.grad, -model_err_l.grad)
+
+
+# Conservative DPO: -(1 - eps) logsigmoid(x) - eps logsigmoid(-x) = softplus(-x) + eps * x, since
+# softplus(x) = x + softplus(-x). ERRORS at beta 2 give x = 0.1, -0.1, -0.2: softplus(-x) = 0.644397, 0.744397,
+# 0.798139 (mean 0.728978), mean x = -0.2 / 3.
+def test_label_smoothing_formula_by_hand(dpo):
+    loss, metrics = dpo.dpo_loss(**ERRORS, beta=BY_HAND_BETA, loss_type="sigmoid", label_smoothing=0.1)
+    assert loss.item() == pytest.approx(0.728978 + 0.1 * (-0.2 / 3), abs=1e-6)
+    assert metrics["reward_margin"].item() == pytest.approx(-0.2 / 3)  # the metrics do not depend on eps
+
+
+@pytest.mark.parametrize("beta", [2.0, 2000.0])
+def test_label_smoothing_zero_is_the_sigmoid_loss_exactly(dpo, beta):
+    plain, _ = dpo.dpo_loss(**ERRORS, beta=beta, loss_type="sigmoid")
+    smoothed, _ = dpo.dpo_loss(**ERRORS, beta=beta, loss_type="sigmoid", label_smoothing=0.0)
+    assert torch.equal(plain, smoothed)
+
+
+def test_label_smoothing_half_would_learn_nothing_and_smoothing_weakens_the_gradient(dpo):
+    # at eps = 0.5 the loss is symmetric in the label, so its gradient vanishes: why validate_args stops below 0.5
+    grads = {}
+    for eps in (0.0, 0.2, 0.5):
+        model_err_w = ERRORS["model_err_w"].clone().requires_grad_(True)
+        e = {**ERRORS, "model_err_w": model_err_w}
+        loss, _ = dpo.dpo_loss(**e, beta=BY_HAND_BETA, loss_type="sigmoid", label_smoothing=eps)
+        loss.backward()
+        grads[eps] = model_err_w.grad
+    # d/dx [softplus(-x) + eps x] = -(1 - sigmoid(x)) + eps, and dx/d err_w = -beta / 2
+    x = torch.tensor([0.1, -0.1, -0.2])
+    for eps, grad in grads.items():
+        torch.testing.assert_close(grad, (-(1 - torch.sigmoid(x)) + eps) * (-BY_HAND_BETA / 2) / 3)
+    assert grads[0.5].abs().max() < grads[0.2].abs().max() < grads[0.0].abs().max()
+
+
+# MaPO with s = 0.5, T = 1000: score(e) = s e / (exp(s e) - 1). Pair 1 (e_w 0.100, e_l 0.102): log-odds 4.91584e-4,
+# T * log-odds 0.491584, -logsigmoid = 0.477263. Pair 2 (0.300, 0.296, the loser ahead): log-odds -9.50370e-4,
+# -logsigmoid(-0.950370) = 1.277223. Mean margin loss 0.877243; mean winner error 0.2.
+MAPO_ERR_W = torch.tensor([0.100, 0.300], dtype=torch.float64)
+MAPO_ERR_L = torch.tensor([0.102, 0.296], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("beta_mapo, expected", [(0.1, 0.2 + 0.1 * 0.877243), (0.5, 0.2 + 0.5 * 0.877243)])
+def test_mapo_formula_by_hand(dpo, beta_mapo, expected):
+    loss, metrics = dpo.mapo_loss(MAPO_ERR_W, MAPO_ERR_L, beta_mapo=beta_mapo, num_train_timesteps=1000)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert metrics["margin_loss"].item() == pytest.approx(0.877243, abs=1e-6)
+    assert metrics["policy_margin"].item() == pytest.approx((0.002 - 0.004) / 2)  # mean of err(l) - err(w)
+    assert metrics["policy_acc"].item() == 0.5  # pair 1 prefers its winner, pair 2 its loser
+    assert metrics["model_mse_w"].item() == pytest.approx(0.2)
+    assert not any(name.startswith(("ref_", "implicit_", "reward_")) for name in metrics)  # no reference
+
+
+def test_mapo_gradient_lowers_winner_error_and_raises_loser_error(dpo):
+    model_err_w = torch.full((4,), 0.2, requires_grad=True)
+    model_err_l = torch.full((4,), 0.2, requires_grad=True)
+    loss, metrics = dpo.mapo_loss(model_err_w, model_err_l, beta_mapo=0.1, num_train_timesteps=1000)
+    # equal errors: the margin term is ln 2 and the policy ties every pair
+    assert loss.item() == pytest.approx(0.2 + 0.1 * math.log(2))
+    assert metrics["policy_acc"].item() == 0.5
+    loss.backward()
+    assert (model_err_w.grad > 0).all() and (model_err_l.grad < 0).all()
+    # the SFT term pulls the winner's error down on top of the margin term
+    assert (model_err_w.grad.abs() > model_err_l.grad.abs()).all()
