@@ -51,6 +51,7 @@ def test_flag_errors_stop_before_anything_loads(dpo, cli_args, capsys, flags, me
     assert message in line
 
 
+@pytest.mark.both_trainers
 def test_8bit_adam_without_bitsandbytes(dpo, cli_args, capsys, monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
@@ -61,40 +62,47 @@ def test_8bit_adam_without_bitsandbytes(dpo, cli_args, capsys, monkeypatch):
     assert "--use_8bit_adam needs `pip install bitsandbytes`" in capsys.readouterr().err
 
 
+@pytest.mark.both_trainers
 def test_an_earlier_run_is_never_overwritten(dpo, cli_args):
     run_trainer(dpo, cli_args(max_train_steps=1))
     with pytest.raises(dpo.InputError, match="already holds a trained model"):
         run_trainer(dpo, cli_args(max_train_steps=1))
 
 
+@pytest.mark.both_trainers
 def test_resume_never_restarts_over_a_finished_model(dpo, cli_args):
     run_trainer(dpo, cli_args(max_train_steps=1, checkpointing_steps=5))  # finished, no checkpoint written
     with pytest.raises(dpo.InputError, match="holds a finished model but no checkpoint"):
         run_trainer(dpo, cli_args(resume_from_checkpoint="latest"))
 
 
+@pytest.mark.both_trainers
 def test_resume_from_a_missing_checkpoint_folder_is_refused(dpo, cli_args):
     with pytest.raises(dpo.InputError, match="no such checkpoint folder"):
         run_trainer(dpo, cli_args(resume_from_checkpoint="checkpoint-99"))
 
 
+@pytest.mark.both_trainers
 def test_resume_from_a_folder_not_named_like_a_checkpoint_is_refused(dpo, cli_args, tmp_path):
     (tmp_path / "not-a-checkpoint").mkdir()
     with pytest.raises(dpo.InputError, match="expected a folder named checkpoint-<step>"):
         run_trainer(dpo, cli_args(resume_from_checkpoint=tmp_path / "not-a-checkpoint"))
 
 
+@pytest.mark.both_trainers
 def test_missing_columns_are_named(dpo, cli_args):
     with pytest.raises(dpo.InputError, match=r"lacks column\(s\) \['prompt'\]"):
         run_trainer(dpo, cli_args(caption_column="prompt"))
 
 
+@pytest.mark.both_trainers
 def test_a_split_of_only_ties_is_refused(dpo, cli_args, tmp_path):
     only_ties = tiny_assets.build_pickapic_dataset(str(tmp_path / "ties"), n_pairs=0, n_ties=3)
     with pytest.raises(dpo.InputError, match="no preference pairs left after dropping 3 ties"):
         run_trainer(dpo, cli_args(dataset_name=only_ties))
 
 
+@pytest.mark.both_trainers
 def test_an_unloadable_dataset_names_the_alternatives(dpo, cli_args, tmp_path):
     with pytest.raises(dpo.InputError, match="cannot load dataset .*liuhuohuo2/pick-a-pic-v2"):
         run_trainer(dpo, cli_args(dataset_name=str(tmp_path / "no-such-dataset")))
@@ -189,20 +197,23 @@ def test_unreadable_source_files_cost_their_pairs_not_the_run(dpo, cli_args, tmp
     assert np.load(cache / "encoded.npy")[:4].any(axis=1).all()
 
 
-def test_a_model_folder_missing_a_part_is_named(dpo, cli_args, tiny_model, tmp_path, capsys):
+@pytest.mark.both_trainers
+def test_a_model_folder_missing_a_part_is_named(dpo, cli_args, tiny_pipeline, tmp_path, capsys):
     broken = tmp_path / "model"
-    shutil.copytree(tiny_model, broken, ignore=shutil.ignore_patterns("vae"))
+    shutil.copytree(tiny_pipeline, broken, ignore=shutil.ignore_patterns("vae"))
     with pytest.raises(SystemExit):
         dpo.parse_args(cli_args(pretrained_model_name_or_path=broken))
     assert f"model folder '{broken}' lacks ['vae']" in capsys.readouterr().err
 
 
+@pytest.mark.both_trainers
 def test_a_missing_model_folder_is_named(dpo, cli_args, tmp_path, capsys):
     with pytest.raises(SystemExit):
         dpo.parse_args(cli_args(pretrained_model_name_or_path=tmp_path / "no-such-model"))
     assert "no such model folder" in capsys.readouterr().err
 
 
+@pytest.mark.both_trainers
 def test_a_batch_larger_than_the_data_is_refused(dpo, cli_args):
     with pytest.raises(dpo.InputError, match="--train_batch_size 16 needs at least 16 usable pairs; the data has 8"):
         run_trainer(dpo, cli_args(train_batch_size=16))

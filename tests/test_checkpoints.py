@@ -43,6 +43,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
     assert_same_tensors(final_weights(interrupted, train_mode), final_weights(tmp_path / "straight", train_mode))
 
 
+@pytest.mark.both_trainers
 def test_rotation_keeps_the_newest_checkpoints(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2))
     names = sorted(p.name for p in (tmp_path / "out").iterdir() if "checkpoint" in p.name)
@@ -51,19 +52,22 @@ def test_rotation_keeps_the_newest_checkpoints(dpo, cli_args, tmp_path):
     assert (tmp_path / "out" / "checkpoint-6" / dpo.LORA_WEIGHT_NAME).exists()
 
 
+@pytest.mark.both_trainers
 def test_resume_from_a_named_checkpoint_continues_its_step_count(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(max_train_steps=2, checkpointing_steps=1))
     result = run_trainer(dpo, cli_args(max_train_steps=3, resume_from_checkpoint="checkpoint-1"))
     assert [h["step"] for h in result["history"]] == [2, 3]
 
 
+@pytest.mark.both_trainers
 def test_a_lora_checkpoint_is_refused_by_a_full_run(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(max_train_steps=1, checkpointing_steps=1))
     with pytest.raises(dpo.InputError, match="not written by a --train_mode full run"):
         run_trainer(dpo, cli_args(max_train_steps=2, train_mode="full", resume_from_checkpoint="latest"))
 
 
-def test_a_checkpoint_of_another_lora_or_model_is_refused(dpo, cli_args, tiny_model, tmp_path):
+@pytest.mark.both_trainers
+def test_a_checkpoint_of_another_lora_or_model_is_refused(dpo, cli_args, tiny_pipeline, tmp_path):
     from diffusers import UNet2DConditionModel
 
     run_trainer(dpo, cli_args(max_train_steps=1, checkpointing_steps=1, rank=4))
@@ -71,9 +75,10 @@ def test_a_checkpoint_of_another_lora_or_model_is_refused(dpo, cli_args, tiny_mo
         run_trainer(dpo, cli_args(max_train_steps=2, rank=8, resume_from_checkpoint="latest"))
     # the same LoRA rank on a model with other layer sizes
     other = tmp_path / "other-model"
-    shutil.copytree(tiny_model, other)
+    shutil.copytree(tiny_pipeline, other)
     unet = UNet2DConditionModel.from_pretrained(other / "unet")
-    wider = UNet2DConditionModel.from_config({**unet.config, "block_out_channels": [32, 96]})
+    *inner, last = unet.config.block_out_channels
+    wider = UNet2DConditionModel.from_config({**unet.config, "block_out_channels": [*inner, last + 32]})
     wider.save_pretrained(other / "unet")
     with pytest.raises(dpo.InputError, match="does not match this model's LoRA layers"):
         run_trainer(

@@ -49,6 +49,7 @@ def shards_of(pairs):
     return set(np.searchsorted(pairs.shard_starts, pairs.rows, side="right") - 1)
 
 
+@pytest.mark.both_trainers
 @pytest.mark.parametrize("layout", ["sharded_pickapic", "row_grouped_pickapic"])  # 3 files; 1 file of 3 row groups
 def test_a_subset_comes_from_as_few_shards_as_hold_it_and_only_those_are_streamed(dpo, cli_args, layout, request):
     data = request.getfixturevalue(layout)
@@ -66,6 +67,7 @@ def test_a_subset_comes_from_as_few_shards_as_hold_it_and_only_those_are_streame
     assert sorted(item["index"] for item in streamed) == [0, 1, 2, 3]
 
 
+@pytest.mark.both_trainers
 @pytest.mark.parametrize("layout", ["sharded_pickapic", "row_grouped_pickapic"])
 def test_max_train_samples_takes_its_pairs_from_one_shard(dpo, cli_args, layout, request):
     args = dpo.parse_args(cli_args(dataset_name=request.getfixturevalue(layout), max_train_samples=3))
@@ -73,6 +75,7 @@ def test_max_train_samples_takes_its_pairs_from_one_shard(dpo, cli_args, layout,
     assert len(train) == 3 and validation is None and len(shards_of(train)) == 1
 
 
+@pytest.mark.both_trainers
 def test_training_streams_the_data_and_writes_no_copy_of_it(dpo, cli_args, sharded_pickapic, tmp_path):
     datasets_cache = tmp_path / "hf-datasets"
     run_trainer(
@@ -112,56 +115,65 @@ def test_cache_holds_one_embedding_per_unique_caption_and_skips_broken_pairs(dpo
     assert sorted(encoded.sum(axis=1)) == [0] + [1] * N_PAIRS and 0 < encoded[:, 1].sum() < N_PAIRS
 
 
-def cache_state(cache):
-    return {name: np.load(cache / f"{name}.npy") for name in ("encoded", "undecodable", "pair_latents")}
+def cache_state(dpo, cache):
+    """What precompute writes per pair: the masks, the latents and (SDXL) each image's micro-conditioning."""
+    names = ("encoded", "undecodable", "pair_latents", "time_ids")
+    return {name: np.load(cache / f"{name}.npy") for name in names if name in dpo.CACHE_ARRAYS}
 
 
 def must_not_load(*args, **kwargs):
     raise AssertionError("an encoder was loaded although the cache holds everything this run reads")
 
 
+@pytest.mark.both_trainers
 def test_an_identical_run_loads_no_encoder_rewrites_nothing_and_trains_the_same(dpo, cli_args, tmp_path, monkeypatch):
     run_trainer(dpo, cli_args(output_dir=tmp_path / "a"))
     (cache,) = cache_folders(tmp_path / "cache")
-    first = cache_state(cache)
+    first = cache_state(dpo, cache)
     for encoder in (transformers.CLIPTextModel, transformers.CLIPTextModelWithProjection, diffusers.AutoencoderKL):
         monkeypatch.setattr(encoder, "from_pretrained", must_not_load)
     run_trainer(dpo, cli_args(output_dir=tmp_path / "b"))
     assert_same_tensors(lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b"))
-    assert all(np.array_equal(first[k], v) for k, v in cache_state(cache).items())
+    assert all(np.array_equal(first[k], v) for k, v in cache_state(dpo, cache).items())
 
 
+@pytest.mark.both_trainers
 def test_a_longer_run_encodes_only_the_orientations_still_missing(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(output_dir=tmp_path / "a"))  # one epoch: one orientation of each pair
     (cache,) = cache_folders(tmp_path / "cache")
-    first = cache_state(cache)
+    first = cache_state(dpo, cache)
     run_trainer(dpo, cli_args(output_dir=tmp_path / "b", max_train_steps=20))  # 4 epochs: both orientations
-    more = cache_state(cache)
+    more = cache_state(dpo, cache)
     assert more["encoded"].sum() > first["encoded"].sum() and (more["encoded"] | ~first["encoded"]).all()
-    np.testing.assert_array_equal(more["pair_latents"][first["encoded"]], first["pair_latents"][first["encoded"]])
+    for name in set(first) - {"encoded", "undecodable"}:  # what was encoded before is kept as it was
+        np.testing.assert_array_equal(more[name][first["encoded"]], first[name][first["encoded"]], err_msg=name)
 
 
+@pytest.mark.both_trainers
 def test_lost_precompute_progress_is_redone_with_the_same_latents(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(output_dir=tmp_path / "a", max_train_steps=20))
     (cache,) = cache_folders(tmp_path / "cache")
-    complete = cache_state(cache)
+    complete = cache_state(dpo, cache)
     lost = complete["encoded"].copy()
     lost[::2] = False  # as an interrupted precompute leaves it: these latents were never committed
     np.save(cache / "encoded.npy", lost)
     run_trainer(dpo, cli_args(output_dir=tmp_path / "b", max_train_steps=20))
-    again = cache_state(cache)
+    again = cache_state(dpo, cache)
     np.testing.assert_array_equal(again["encoded"], complete["encoded"])
-    np.testing.assert_allclose(
-        again["pair_latents"][complete["encoded"]].astype(np.float32),
-        complete["pair_latents"][complete["encoded"]].astype(np.float32),
-        atol=1e-3,
-    )
+    for name in set(complete) - {"encoded", "undecodable"}:
+        np.testing.assert_allclose(
+            again[name][complete["encoded"]].astype(np.float32),
+            complete[name][complete["encoded"]].astype(np.float32),
+            atol=1e-3,
+            err_msg=name,
+        )
 
 
+@pytest.mark.both_trainers
 def test_the_part_files_of_a_killed_multi_process_precompute_count(dpo, cli_args, tmp_path, monkeypatch):
     run_trainer(dpo, cli_args(output_dir=tmp_path / "a", max_train_steps=20))
     (cache,) = cache_folders(tmp_path / "cache")
-    complete = cache_state(cache)["encoded"]
+    complete = cache_state(dpo, cache)["encoded"]
     # the main process had folded in only its own mask; another process saved the rest as a part file
     folded = complete.copy()
     folded[1::2] = False
@@ -173,6 +185,7 @@ def test_the_part_files_of_a_killed_multi_process_precompute_count(dpo, cli_args
     np.testing.assert_array_equal(np.load(cache / "encoded.npy"), complete)
 
 
+@pytest.mark.both_trainers
 def test_changed_resolution_or_flipping_gets_its_own_cache(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(output_dir=tmp_path / "a"))
     run_trainer(dpo, cli_args(output_dir=tmp_path / "b", resolution=16))
@@ -181,6 +194,7 @@ def test_changed_resolution_or_flipping_gets_its_own_cache(dpo, cli_args, tmp_pa
     assert shapes == {(2, 2, 4, 16, 16), (2, 2, 4, 8, 8), (1, 2, 4, 16, 16)}
 
 
+@pytest.mark.both_trainers
 def test_sampler_is_a_function_of_seed_and_epoch(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(max_train_steps=1))
     (cache,) = cache_folders(tmp_path / "cache")
@@ -194,12 +208,13 @@ def test_sampler_is_a_function_of_seed_and_epoch(dpo, cli_args, tmp_path):
     assert {drop for _, _, drop in epoch_0} == {True, False}
 
 
-def test_a_dropped_caption_reads_the_empty_caption_embedding(dpo, cli_args, tmp_path):
+@pytest.mark.both_trainers
+def test_a_dropped_caption_reads_row_0_the_unconditional_input(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(max_train_steps=1))
     (cache,) = cache_folders(tmp_path / "cache")
     pairs = dpo.CachedPreferencePairs(cache)
     index, orientation, _ = next(iter(dpo.PairSampler(pairs, seed=0, proportion_empty_prompts=0.0)))
     dropped = pairs[(index, orientation, True)]["prompt_embeds"].numpy()
-    np.testing.assert_array_equal(dropped, np.load(cache / "prompt_embeds.npy")[0])  # row 0: the empty caption
+    np.testing.assert_array_equal(dropped, np.load(cache / "prompt_embeds.npy")[0])  # SD: "" encoded; SDXL: zeros
     kept = pairs[(index, orientation, False)]["prompt_embeds"].numpy()
     assert not np.array_equal(kept, dropped)

@@ -20,15 +20,15 @@ def evaluate(argv):
 
 
 @pytest.fixture
-def eval_args(tiny_model, tiny_clip_scorer, tmp_path):
-    """Returns a function building an evaluation command line on the tiny assets."""
+def eval_args(tiny_pipeline, tiny_clip_scorer, tmp_path):
+    """Returns a function building an evaluation command line on the tiny assets (the trainer under test's model)."""
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n\n")  # a trailing blank line is skipped
 
     def build(tuned, output_dir, *extra):
         return [
             "--base_model",
-            tiny_model,
+            tiny_pipeline,
             "--tuned",
             str(tuned),
             "--prompts_file",
@@ -89,6 +89,7 @@ def test_lora_evaluation_end_to_end_and_rerun_gives_the_same_base_images(dpo, cl
         )
 
 
+@pytest.mark.both_trainers
 def test_full_fine_tune_as_a_pipeline_folder_or_a_unet_checkpoint_with_prompts_from_a_dataset(
     dpo, cli_args, eval_args, pickapic_data, tmp_path
 ):
@@ -208,10 +209,9 @@ def test_unusable_prompts_are_one_clear_error_before_any_model_loads(
 
 
 @pytest.mark.parametrize("dpo", ["sdxl"], indirect=True)
-def test_sdxl_lora_from_the_sdxl_trainer(dpo, cli_args, eval_args, tiny_sdxl_model, tmp_path):
+def test_sdxl_lora_from_the_sdxl_trainer(dpo, cli_args, eval_args, tmp_path):
     run_trainer(dpo, cli_args(learning_rate=0.1, max_train_steps=2))
     argv = eval_args(tmp_path / "out", tmp_path / "eval", "--num_prompts", "2")
-    argv[argv.index("--base_model") + 1] = tiny_sdxl_model
     results = evaluate(argv)
     assert results["tuned_kind"] == "lora" and results["num_prompts"] == 2
     changed = [(pixels(row["base_image"]) != pixels(row["tuned_image"])).any() for row in results["per_prompt"]]

@@ -23,6 +23,7 @@ def poison_pair(cache, index):
     latents.flush()
 
 
+@pytest.mark.both_trainers
 def test_a_non_finite_step_is_skipped_and_leaves_the_weights_untouched(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(output_dir=tmp_path / "clean", max_train_steps=1))  # builds the cache
     (cache,) = cache_folders(tmp_path / "cache")
@@ -45,6 +46,7 @@ def test_a_non_finite_step_is_skipped_and_leaves_the_weights_untouched(dpo, cli_
     assert any(not torch.equal(weights[k], lora_weights(tmp_path / "two")[k]) for k in weights)  # training went on
 
 
+@pytest.mark.both_trainers
 def test_only_non_finite_steps_stop_the_run_with_a_clear_message(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(output_dir=tmp_path / "clean", max_train_steps=1))
     (cache,) = cache_folders(tmp_path / "cache")
@@ -83,6 +85,7 @@ def kill_when(process, condition, timeout=300):
     return False
 
 
+@pytest.mark.both_trainers
 def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(dpo, cli_args, tmp_path):
     # precompute: one pair per VAE batch, progress committed after every batch
     common = dict(
@@ -196,6 +199,7 @@ def test_two_cpu_processes_train_one_model_and_write_it_once(dpo, cli_args, shar
     assert lora_weights(out)
 
 
+@pytest.mark.both_trainers
 def test_two_cpu_processes_without_accelerate_use_cpu_are_refused(dpo, cli_args, tmp_path):
     result = run_cli(
         dpo,

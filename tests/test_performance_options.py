@@ -12,6 +12,7 @@ from testing_utils import ROOT, assert_same_tensors, lora_weights, run_trainer
 LN2 = math.log(2)
 
 
+@pytest.mark.both_trainers
 @pytest.mark.parametrize("option", ["torch_compile", "channels_last"])
 def test_speed_options_train_the_same_lora(dpo, cli_args, tmp_path, option):
     plain = run_trainer(dpo, cli_args(output_dir=tmp_path / "plain", max_train_steps=3))

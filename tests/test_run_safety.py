@@ -107,6 +107,7 @@ def test_a_second_run_on_the_same_output_dir_stops_in_one_line(dpo, cli_args, tm
     assert not dpo.holds_earlier_run(str(output_dir))  # the lock file is no earlier run
 
 
+@pytest.mark.both_trainers
 def test_the_lock_is_released_at_the_end_and_is_neither_an_earlier_run_nor_pushed(dpo, cli_args, tmp_path):
     output_dir = tmp_path / "out"
     previous_handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
@@ -137,6 +138,7 @@ def test_the_lock_is_released_at_the_end_and_is_neither_an_earlier_run_nor_pushe
     assert dpo.LORA_WEIGHT_NAME in uploaded and dpo.OUTPUT_DIR_LOCK_NAME not in uploaded
 
 
+@pytest.mark.both_trainers
 def test_the_stop_flag_rides_in_the_step_metric_reduction(dpo):
     import torch
     from accelerate import Accelerator
@@ -257,6 +259,7 @@ def process_of_rank(rank, output_dir):
     return None
 
 
+@pytest.mark.both_trainers
 def test_a_signal_to_one_process_stops_all_of_them_at_the_same_step(dpo, cli_args, sharded_pickapic, tmp_path):
     out, log = tmp_path / "out", tmp_path / "two.log"
     argv = cli_args(dataset_name=sharded_pickapic, output_dir=out, max_train_steps=9, checkpointing_steps=2)

@@ -18,11 +18,12 @@ import train_diffusion_dpo_sdxl as dpo_xl
 pytestmark = pytest.mark.parametrize("dpo", ["sdxl"], indirect=True)
 
 
-def test_time_ids_record_each_images_own_size_and_crop(cli_args, pickapic_data):
-    args = dpo_xl.parse_args(cli_args())
+@pytest.mark.parametrize("random_crop", [False, True], ids=["centre-crop", "random-crop"])
+def test_time_ids_record_each_images_own_size_and_crop(cli_args, pickapic_data, random_crop):
+    args = dpo_xl.parse_args(cli_args(random_crop=random_crop))
     pairs = dpo_xl.load_preference_pairs(args, "train")
     rows = dataset_rows(pickapic_data)
-    differing = 0
+    differing = off_centre = 0
     for item in dpo_xl.PairPixels(args, [dpo_xl.PairsToDecode(pairs)]):
         if not item["ok"]:
             continue
@@ -34,10 +35,15 @@ def test_time_ids_record_each_images_own_size_and_crop(cli_args, pickapic_data):
             original, flipped = item["time_ids"][0, side], item["time_ids"][1, side]
             assert original[:2].tolist() == [image.height, image.width]
             assert original[4:].tolist() == [RESOLUTION, RESOLUTION]
-            resized_width = max(RESOLUTION, round(image.width * RESOLUTION / min(image.size)))
-            assert flipped[3] == resized_width - original[3] - RESOLUTION  # the mirrored crop offset
+            resized = [max(RESOLUTION, round(side * RESOLUTION / min(image.size))) for side in image.size[::-1]]
+            assert flipped[3] == resized[1] - original[3] - RESOLUTION  # the mirrored crop offset
+            margin = np.array(resized) - RESOLUTION  # room for the crop: (height, width)
+            offset = original[2:4].numpy()
+            assert (0 <= offset).all() and (offset <= margin).all()
+            off_centre += int(np.abs(offset - margin / 2).max() > 1)
         differing += images[0].size != images[1].size
     assert differing > 0  # the fixture holds pairs whose two images differ in size
+    assert (off_centre > 0) == random_crop
 
 
 def test_cached_embeddings_equal_the_pipelines_own_encode_prompt(cli_args, tiny_sdxl_model, tmp_path):

@@ -79,6 +79,7 @@ def test_reference_pass_re_enables_the_adapter_even_when_it_fails(dpo, cli_args)
     assert lora_params and all(p.requires_grad for p in lora_params)
 
 
+@pytest.mark.both_trainers
 @pytest.mark.parametrize(
     "flags",
     [
