@@ -20,12 +20,23 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from PIL import Image, ImageDraw
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
@@ -338,6 +349,174 @@ def build_tiny_sdxl_pipeline(output_dir, *, seed=0, preset="tiny"):
         tokenizer_2=tokenizers[1],
         unet=unet,
         scheduler=scheduler,
+    ).save_pretrained(output_dir)
+    return output_dir
+
+
+# SD3 sizes: "tiny" for tests (two 32-wide CLIP encoders whose penultimate states concatenate to 64, zero-padded to
+# the 96-wide T5 states as the pipeline pads them); "mini" for CPUs; "sd35m" has Stable Diffusion 3.5 Medium's
+# transformer, VAE and CLIP shapes (random weights) for timing and memory on a GPU, without T5-XXL (4.7B random
+# weights take longer to build than a benchmark runs; the pipeline then feeds zeros in its place, as the trainer's
+# --no_t5 does).
+SD3_PRESETS = {
+    "tiny": {
+        "transformer": dict(
+            sample_size=16,
+            patch_size=2,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,
+            pos_embed_max_size=16,
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        ),
+        "vae": dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32),
+        "text": dict(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32
+        ),
+        "text_2": dict(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32
+        ),
+        "t5": dict(d_model=96, d_ff=128, d_kv=16, num_heads=6, num_layers=2),
+    },
+    # SD 3.5 Medium's layout (MMDiT-X: dual attention in the first 13 layers, RMS qk-norm, an 8x VAE) scaled down.
+    "mini": {
+        "transformer": dict(
+            sample_size=32,
+            patch_size=2,
+            num_layers=6,
+            attention_head_dim=32,
+            num_attention_heads=4,
+            caption_projection_dim=128,
+            pos_embed_max_size=64,
+            dual_attention_layers=(0, 1, 2),
+            qk_norm="rms_norm",
+        ),
+        "vae": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, sample_size=256),
+        "text": dict(
+            hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=4, projection_dim=64
+        ),
+        "text_2": dict(
+            hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4, projection_dim=128
+        ),
+        "t5": dict(d_model=256, d_ff=512, d_kv=32, num_heads=8, num_layers=4),
+    },
+    "sd35m": {
+        "transformer": dict(
+            sample_size=128,
+            patch_size=2,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            caption_projection_dim=1536,
+            pos_embed_max_size=384,
+            dual_attention_layers=tuple(range(13)),
+            qk_norm="rms_norm",
+        ),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024),
+        "text": dict(
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768
+        ),
+        "text_2": dict(
+            hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280
+        ),
+        "t5": None,  # joint_attention_dim below is T5-XXL's width, 4096
+        "joint_attention_dim": 4096,
+    },
+}
+
+
+def build_t5_tokenizer(tokenizer_dir):
+    """A T5TokenizerFast over a tiny Unigram vocabulary (the caption words and single characters, each with and without
+    the word-start marker), saved to `tokenizer_dir`; eos appended as T5's own tokenizer does."""
+    pieces = ["<pad>", "</s>", "<unk>"]
+    pieces += [f"\u2581{word}" for word in WHOLE_WORDS] + ["\u2581"] + list(CHARACTERS)
+    pieces += [f"\u2581{c}" for c in CHARACTERS if f"\u2581{c}" not in pieces]
+    # whole words score higher than their characters, so a known word is one piece
+    vocab = [(piece, 0.0 if index < 3 else (-1.0 if len(piece) > 2 else -5.0)) for index, piece in enumerate(pieces)]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+    tokenizer.save_pretrained(tokenizer_dir)
+    return T5TokenizerFast.from_pretrained(tokenizer_dir)
+
+
+def build_tiny_sd3_pipeline(output_dir, *, seed=0, preset="tiny"):
+    """Save a random-weight Stable Diffusion 3-style pipeline (an MMDiT transformer, a 16-channel VAE with a shift
+    factor, CLIP-L/CLIP-G with projections and T5) of the given SD3_PRESETS size to `output_dir`, loadable with
+    StableDiffusion3Pipeline.from_pretrained."""
+    sizes = SD3_PRESETS[preset]
+    encoders, tokenizers = [], []
+    for suffix, config in (("", sizes["text"]), ("_2", sizes["text_2"])):
+        tokenizer_dir = os.path.join(output_dir, f"tokenizer{suffix}")
+        _write_bpe_files(tokenizer_dir)
+        # from the folder: transformers 5's CLIPTokenizer(vocab_file=...) silently ignores the files
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+        torch.manual_seed(seed)
+        encoders.append(
+            CLIPTextModelWithProjection(
+                CLIPTextConfig(
+                    vocab_size=len(tokenizer),
+                    max_position_embeddings=77,
+                    bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **config,
+                )
+            )
+        )
+        tokenizers.append(tokenizer)
+    text_encoder_3 = tokenizer_3 = None
+    joint_attention_dim = sizes.get("joint_attention_dim")
+    if sizes["t5"] is not None:
+        tokenizer_3 = build_t5_tokenizer(os.path.join(output_dir, "tokenizer_3"))
+        torch.manual_seed(seed)
+        text_encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_3),
+                pad_token_id=tokenizer_3.pad_token_id,
+                eos_token_id=tokenizer_3.eos_token_id,
+                decoder_start_token_id=tokenizer_3.pad_token_id,
+                feed_forward_proj="gated-gelu",
+                **sizes["t5"],
+            )
+        )
+        joint_attention_dim = sizes["t5"]["d_model"]
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        in_channels=16,
+        out_channels=16,
+        # the CLIP hidden states are zero-padded to T5's width and joined with T5's along the sequence; the pooled
+        # input is both CLIP projections side by side
+        joint_attention_dim=joint_attention_dim,
+        pooled_projection_dim=sizes["text"]["projection_dim"] + sizes["text_2"]["projection_dim"],
+        **sizes["transformer"],
+    )
+    n_blocks = len(sizes["vae"]["block_out_channels"])
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
+        latent_channels=16,
+        norm_num_groups=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        # SD3's VAE values: latents = (mean - shift_factor) * scaling_factor
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        **sizes["vae"],
+    )
+    StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=encoders[0],
+        tokenizer=tokenizers[0],
+        text_encoder_2=encoders[1],
+        tokenizer_2=tokenizers[1],
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
     ).save_pretrained(output_dir)
     return output_dir
 

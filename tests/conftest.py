@@ -29,6 +29,11 @@ def tiny_sdxl_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_model(tmp_path_factory):
+    return tiny_assets.build_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny-sd3")))
+
+
+@pytest.fixture(scope="session")
 def tiny_vpred_model(tmp_path_factory):
     return tiny_assets.build_tiny_sd_pipeline(
         str(tmp_path_factory.mktemp("tiny-sd-v")), prediction_type="v_prediction"
