@@ -120,8 +120,13 @@ def test_cached_embeddings_equal_the_pipelines_own_encode_prompt(sd3_args, tiny_
     torch.testing.assert_close(dropped["pooled_prompt_embeds"].float(), negative_pooled[0], atol=2e-3, rtol=1e-3)
 
 
-def test_lora_targets_the_joint_attention_and_reloads_with_load_lora_weights(sd3_args, tiny_sd3_model, tmp_path):
-    run_trainer(dpo_sd3, sd3_args(learning_rate=1e-2, max_train_steps=2, checkpointing_steps=2))
+def test_lora_targets_the_joint_attention_reloads_with_load_lora_weights_and_validates(
+    sd3_args, tiny_sd3_model, tmp_path
+):
+    validation = dict(run_validation=True, validation_prompts=["a shape"], num_validation_inference_steps=2)
+    run_trainer(dpo_sd3, sd3_args(learning_rate=1e-2, max_train_steps=2, checkpointing_steps=2, **validation))
+    # the untuned model (adapter off) once, then the trained one
+    assert sorted(p.name for p in (tmp_path / "out" / "validation").iterdir()) == ["reference.png", "step-000002.png"]
     saved = lora_weights(tmp_path / "out")
     for module in dpo_sd3.LORA_TARGET_MODULES:  # the image stream's projections and the text stream's
         assert any(f".{module}.lora_A" in name for name in saved), module
