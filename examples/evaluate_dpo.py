@@ -17,7 +17,6 @@ preference pairs, with the trainer's own held-out evaluation (no images are gene
 """
 
 import gc
-import importlib
 import json
 import math
 import os
@@ -28,11 +27,10 @@ from pathlib import Path
 import repo_paths  # noqa: F401  (puts the trainer scripts on sys.path)
 import datasets
 import torch
-import torch.nn.functional as F
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline, UNet2DConditionModel
 from PIL import Image, ImageDraw, ImageFont
+from reward_models import SCORERS, add_scorer_model_arguments, check_scorer_available, load_scorer, score_images
 from tqdm.auto import tqdm
-from transformers import AutoProcessor, CLIPImageProcessor, CLIPModel
 
 import train_diffusion_dpo
 import train_diffusion_dpo_sdxl
@@ -40,13 +38,6 @@ from train_diffusion_dpo import LORA_WEIGHT_NAME, InputError, OneLineErrorParser
 
 
 INPUT_ERRORS = (InputError, train_diffusion_dpo_sdxl.InputError)  # each trainer is self-contained: two classes
-# scorer name -> (module it needs, pip package); pickscore and clip need only transformers
-OPTIONAL_SCORERS = {
-    "hpsv2": ("hpsv2", "hpsv2"),
-    "image_reward": ("ImageReward", "image-reward"),
-    "aesthetic": ("aesthetics_predictor", "simple-aesthetics-predictor"),
-}
-SCORERS = ("pickscore", "clip", *OPTIONAL_SCORERS)
 Z_95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
 GRID_CELL = 384  # side of one image in the wins/losses grids, in pixels
 
@@ -105,19 +96,7 @@ def parse_args(input_args=None):
         default="pickscore",
         help=f"Comma-separated, from {', '.join(SCORERS)}. The first one picks the grids' prompts.",
     )
-    scoring.add_argument("--pickscore_model", default="yuvalkirstain/PickScore_v1")
-    scoring.add_argument("--pickscore_processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
-    scoring.add_argument(
-        "--clip_model",
-        default="openai/clip-vit-large-patch14",
-        help="CLIP model (and its processor) for the clip scorer.",
-    )
-    scoring.add_argument("--hpsv2_version", default="v2.1", choices=["v2.0", "v2.1"])
-    scoring.add_argument(
-        "--aesthetic_model",
-        default="shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE",
-        help="LAION aesthetic predictor (simple-aesthetics-predictor format).",
-    )
+    add_scorer_model_arguments(scoring)
 
     pairs = parser.add_argument_group("preference pairs (--mode implicit_accuracy)")
     pairs.add_argument("--preference_dataset", help="Hub id, local folder or .parquet file in Pick-a-Pic format.")
@@ -176,13 +155,7 @@ def validate_args(args):
     ):
         raise InputError(f"--output_dir {args.output_dir} already holds an evaluation; choose a new --output_dir")
     for name in args.scorers:  # last: importing them can take seconds
-        if name in OPTIONAL_SCORERS:
-            module, package = OPTIONAL_SCORERS[name]
-            try:
-                importlib.import_module(module)
-            except Exception as error:  # not installed, or installed but broken: either way it cannot score
-                reason = f"{type(error).__name__}: {error}".splitlines()[0]
-                raise InputError(f"--scorers {name} needs `pip install {package}` (import {module} failed: {reason})")
+        check_scorer_available(name)
 
 
 def tuned_kind(path):
@@ -304,118 +277,7 @@ def free_memory():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. Scorers: each maps (images, prompts) to one float per image; higher is better
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def embedding(output):
-    """get_*_features returns the projected embedding (transformers 4) or an output holding it (transformers 5)."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-class ClipScorer:
-    """PickScore and CLIP score, as PickScore defines it: logit_scale.exp() * cosine(text embedding, image embedding),
-    with the model's own learned logit scale (100 for OpenAI CLIP and PickScore)."""
-
-    def __init__(self, model, processor, device, dtype):
-        self.model = CLIPModel.from_pretrained(model, dtype=dtype).to(device).eval()
-        self.processor = AutoProcessor.from_pretrained(processor)
-        self.device, self.dtype = device, dtype
-
-    @torch.inference_mode()
-    def __call__(self, images, prompts):
-        inputs = self.processor(
-            text=prompts, images=images, padding=True, truncation=True, max_length=77, return_tensors="pt"
-        ).to(self.device)
-        image_embeds = embedding(self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.dtype)))
-        text_embeds = embedding(
-            self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        )
-        cosine = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
-        return (self.model.logit_scale.float().exp() * cosine).tolist()
-
-
-class HpsV2Scorer:
-    """HPS v2 (Wu et al. 2023): the hpsv2 package's OpenCLIP ViT-H-14 with its fine-tuned weights, loaded once
-    (hpsv2.score would reload the checkpoint on every call); image-text cosine similarity."""
-
-    def __init__(self, version, device):
-        from hpsv2.src.open_clip import create_model_and_transforms, get_tokenizer
-        from hpsv2.utils import hps_version_map
-        from huggingface_hub import hf_hub_download
-
-        self.model, _, self.preprocess = create_model_and_transforms(
-            "ViT-H-14", "laion2B-s32B-b79K", precision="amp", device=device, jit=False, output_dict=True
-        )
-        checkpoint = torch.load(hf_hub_download("xswu/HPSv2", hps_version_map[version]), map_location=device)
-        self.model.load_state_dict(checkpoint["state_dict"])
-        self.model.eval()
-        self.tokenizer = get_tokenizer("ViT-H-14")
-        self.device = torch.device(device)
-
-    @torch.inference_mode()
-    def __call__(self, images, prompts):
-        pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device)
-        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            outputs = self.model(pixels, self.tokenizer(prompts).to(self.device))
-        return (outputs["image_features"].float() * outputs["text_features"].float()).sum(-1).tolist()
-
-
-class ImageRewardScorer:
-    """ImageReward (Xu et al. 2023), through the image-reward package."""
-
-    def __init__(self, device):
-        import ImageReward
-
-        self.model = ImageReward.load("ImageReward-v1.0", device=device).eval()
-
-    @torch.inference_mode()
-    def __call__(self, images, prompts):
-        return [float(self.model.score(prompt, image)) for image, prompt in zip(images, prompts)]
-
-
-class AestheticScorer:
-    """The LAION aesthetic predictor v2 (a linear head on CLIP ViT-L/14 image embeddings); ignores the prompt."""
-
-    def __init__(self, model, device, dtype):
-        from aesthetics_predictor import AestheticsPredictorV2Linear
-
-        self.model = AestheticsPredictorV2Linear.from_pretrained(model, dtype=dtype).to(device).eval()
-        self.processor = CLIPImageProcessor.from_pretrained(model)
-        self.device, self.dtype = device, dtype
-
-    @torch.inference_mode()
-    def __call__(self, images, prompts):
-        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
-        return self.model(pixel_values=pixels).logits.squeeze(-1).float().tolist()
-
-
-def load_scorer(name, args, device, dtype):
-    if name == "pickscore":
-        return ClipScorer(args.pickscore_model, args.pickscore_processor, device, dtype)
-    if name == "clip":
-        return ClipScorer(args.clip_model, args.clip_model, device, dtype)
-    if name == "hpsv2":
-        return HpsV2Scorer(args.hpsv2_version, device)
-    if name == "image_reward":
-        return ImageRewardScorer(device)
-    return AestheticScorer(args.aesthetic_model, device, dtype)
-
-
-def score_images(scorer, images, prompts, batch_size=4):
-    """One score per (image, prompt); images are PIL images or paths to image files."""
-    scores = []
-    for start in range(0, len(images), batch_size):
-        batch = [
-            image if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
-            for image in images[start : start + batch_size]
-        ]
-        scores += scorer(batch, prompts[start : start + batch_size])
-    return scores
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. Statistics and reports
+# 4. Statistics and reports
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -482,7 +344,7 @@ def comparison_grid(rows, scorer, title):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. main: prompts -> images -> scores -> report
+# 5. main: prompts -> images -> scores -> report
 # ----------------------------------------------------------------------------------------------------------------
 
 
