@@ -8,6 +8,8 @@ on the same 2B latents: about 4 forward-units against 3 for an SFT step on 2B la
     python benchmarks/benchmark_dpo.py --preset sd15 --resolution 512 --train_batch_size 8 -- --mixed_precision fp16
     python benchmarks/benchmark_dpo.py --sdxl --preset sdxl --resolution 1024 --train_batch_size 2 \\
         --modes lora -- --mixed_precision bf16 --gradient_checkpointing
+    python benchmarks/benchmark_dpo.py --sd3 --preset sd35m --resolution 1024 --train_batch_size 2 \\
+        --modes lora -- --mixed_precision bf16 --gradient_checkpointing   # SD 3.5 Medium's shapes, without T5
     python benchmarks/benchmark_dpo.py --preset mini --compare_with PATH/TO/diffusers/examples/research_projects/\\
         diffusion_dpo/train_diffusion_dpo.py
 
@@ -56,6 +58,7 @@ import testing_utils
 import tiny_assets
 
 import train_diffusion_dpo
+import train_diffusion_dpo_sd3
 import train_diffusion_dpo_sdxl
 
 
@@ -162,24 +165,36 @@ def precompute_figures(timers, cache_root):
 PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
 
 
-def model_gflops(model_dir, resolution, sdxl):
-    """(UNet forward GFLOP per latent, VAE encoder GFLOP per image), counted on meta tensors (nothing is computed)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def model_gflops(model_dir, resolution, sdxl, sd3=False):
+    """(UNet or SD3 transformer forward GFLOP per latent, VAE encoder GFLOP per image), counted on meta tensors
+    (nothing is computed)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir, subfolder="unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model_dir, subfolder="vae"))
         size = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-        inputs = dict(
-            sample=torch.randn(1, 4, size, size),
-            timestep=torch.tensor([500]),
-            encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim),
-        )
+        image = torch.randn(1, 3, resolution, resolution)
+        if sd3:  # 77 CLIP tokens and the trainer's default 256 T5 tokens
+            unet = SD3Transformer2DModel.from_config(
+                SD3Transformer2DModel.load_config(model_dir, subfolder="transformer")
+            )
+            inputs = dict(
+                hidden_states=torch.randn(1, unet.config.in_channels, size, size),
+                encoder_hidden_states=torch.randn(1, 77 + 256, unet.config.joint_attention_dim),
+                pooled_projections=torch.randn(1, unet.config.pooled_projection_dim),
+                timestep=torch.tensor([500.0]),
+            )
+        else:
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir, subfolder="unet"))
+            inputs = dict(
+                sample=torch.randn(1, 4, size, size),
+                timestep=torch.tensor([500]),
+                encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim),
+            )
         if sdxl:
             pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
             inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)}
-        image = torch.randn(1, 3, resolution, resolution)
     with FlopCounterMode(display=False) as unet_flops:
         unet(**inputs)
     with FlopCounterMode(display=False) as vae_flops:
@@ -253,9 +268,11 @@ def ratio_table(args, dpo, model_dir, data_dir, run_dir, trainer_flags):
     rows = [best[(mode, kind)] for mode in args.modes for kind in ("DPO", "SFT")]
     rows[0]["precompute"] = precompute
 
-    unet_gflops, vae_gflops = model_gflops(model_dir, args.resolution, args.sdxl)
+    unet_gflops, vae_gflops = model_gflops(model_dir, args.resolution, args.sdxl, args.sd3)
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device_name()), None)
     real_ratio = "SDXL at 1024 px: 0.72" if args.sdxl else "SD 1.5 at 512 px: 1.39"
+    if args.sd3:  # counted on meta tensors with the sd35m preset's configs, 333 text tokens
+        real_ratio = "SD 3.5 Medium at 1024 px: 0.43"
     print(
         f"\nUNet forward {unet_gflops:.1f} GFLOP per latent, VAE encoder {vae_gflops:.1f} GFLOP per image "
         f"(VAE/UNet {vae_gflops / unet_gflops:.2f}; {real_ratio})"
@@ -498,13 +515,15 @@ def comparison(args, model_dir, data_dir, run_dir, trainer_flags):
     return summary
 
 
-def build_assets(work, sdxl, preset, n_pairs, resolution):
+def build_assets(work, sdxl, preset, n_pairs, resolution, sd3=False):
     """(model folder, data folder) in `work`: random weights of the preset's real shapes and a Pick-a-Pic-format
     dataset, built once and reused. Weights are initialised on the GPU when there is one (seconds, not a minute)."""
-    tag = f"{'sdxl' if sdxl else 'sd'}-{preset}"
+    tag = f"{'sd3' if sd3 else 'sdxl' if sdxl else 'sd'}-{preset}"
     model_dir, data_dir = Path(work) / f"model-{tag}", Path(work) / f"data-{n_pairs}-{resolution}px"
     if not (model_dir / "model_index.json").exists():
-        build = tiny_assets.build_tiny_sdxl_pipeline if sdxl else tiny_assets.build_tiny_sd_pipeline
+        build = tiny_assets.build_tiny_sd_pipeline
+        if sd3 or sdxl:
+            build = tiny_assets.build_tiny_sd3_pipeline if sd3 else tiny_assets.build_tiny_sdxl_pipeline
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             build(str(model_dir), preset=preset)
     if not data_dir.exists():
@@ -519,7 +538,10 @@ def device_name():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sdxl", action="store_true", help="benchmark train_diffusion_dpo_sdxl.py (SDXL presets)")
-    parser.add_argument("--preset", default="mini", help="tiny, mini, sd15 (sdxl with --sdxl): tiny_assets presets")
+    parser.add_argument("--sd3", action="store_true", help="benchmark train_diffusion_dpo_sd3.py (SD3 presets)")
+    parser.add_argument(
+        "--preset", default="mini", help="tiny, mini, sd15 (sdxl with --sdxl, sd35m with --sd3): tiny_assets presets"
+    )
     parser.add_argument(
         "--resolution",
         type=int,
@@ -554,14 +576,20 @@ def main():
     args, trainer_flags = parser.parse_known_args()
     trainer_flags = [f for f in trainer_flags if f != "--"]
     presets = tiny_assets.SDXL_PRESETS if args.sdxl else tiny_assets.PRESETS
+    if args.sd3:
+        if args.sdxl or args.compare_with:
+            parser.error("--sd3 goes without --sdxl and --compare_with (diffusers has no SD3 DPO script to compare)")
+        presets = tiny_assets.SD3_PRESETS
+        if presets.get(args.preset, {}).get("t5", {}) is None:  # a preset built without T5
+            trainer_flags.append("--no_t5")
     if args.preset not in presets:
         parser.error(f"--preset must be one of {sorted(presets)}")
     if args.resolution is None:
-        args.resolution = {"tiny": 32, "mini": 384}.get(args.preset, 1024 if args.sdxl else 512)
+        args.resolution = {"tiny": 32, "mini": 384}.get(args.preset, 1024 if args.sdxl or args.sd3 else 512)
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="dpo-bench-"))
-    tag = f"{'sdxl' if args.sdxl else 'sd'}-{args.preset}"
-    model_dir, data_dir = build_assets(work, args.sdxl, args.preset, args.n_pairs, args.resolution)
+    tag = f"{'sd3' if args.sd3 else 'sdxl' if args.sdxl else 'sd'}-{args.preset}"
+    model_dir, data_dir = build_assets(work, args.sdxl, args.preset, args.n_pairs, args.resolution, args.sd3)
     run_dir = work / f"runs-{time.strftime('%Y%m%d-%H%M%S')}"
     device = device_name()
     threads = torch.get_num_threads()
@@ -576,7 +604,7 @@ def main():
             summary |= {"device": device, "torch": torch.__version__, "command": shlex.join(sys.argv)}
             Path(args.json_out).write_text(json.dumps(summary, indent=1))
     else:
-        dpo = train_diffusion_dpo_sdxl if args.sdxl else train_diffusion_dpo
+        dpo = train_diffusion_dpo_sd3 if args.sd3 else train_diffusion_dpo_sdxl if args.sdxl else train_diffusion_dpo
         ratio_table(args, dpo, str(model_dir), str(data_dir), run_dir, trainer_flags)
 
 
