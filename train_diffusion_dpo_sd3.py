@@ -1751,7 +1751,11 @@ def build_transformers(args, device, weight_dtype):
     else:
         transformer = load_transformer(args).to(device).requires_grad_(True)
         if not args.sft or has_validation_pairs(args):  # SFT needs no reference, except to evaluate against it
-            reference = load_transformer(args, weight_dtype).to(device).eval().requires_grad_(False)
+            # fp32 like the trained copy, run under the same autocast: in half-precision weights the transformer's
+            # RMS qk-norm and modulations compute in another dtype, which beta = 5000 turns into a step-1 loss
+            # off ln 2 (0.49 measured on the tiny model in bf16)
+            reference = load_transformer(args).to(device).eval().requires_grad_(False)
+            reference.autocast_dtype = weight_dtype
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.torch_compile:
@@ -1827,7 +1831,8 @@ def reference_model(transformer, reference):
     """The model that gives reference predictions: the frozen copy, run under the autocast the trained transformer
     runs in (so step 1 gives ln 2 under mixed precision too), or the LoRA transformer itself with its adapter off."""
     if reference is not None:
-        with torch.autocast(reference.device.type, dtype=reference.dtype, enabled=reference.dtype != torch.float32):
+        dtype = reference.autocast_dtype
+        with torch.autocast(reference.device.type, dtype=dtype, enabled=dtype != torch.float32):
             yield reference
     else:
         base = transformer.module if hasattr(transformer, "module") else transformer  # bypass DDP: no gradients here
@@ -1922,7 +1927,9 @@ def held_out_errors(model, cached, indices, noise_scheduler, args, batch_size):
     errors = []
     for start in range(0, len(indices), batch_size):
         chunk = [int(i) for i in indices[start : start + batch_size]]
-        batch = torch.utils.data.default_collate([cached[(index, 0, False)] for index in chunk])
+        # outside the reference's autocast: CPU autocast refuses to stack the cache's float16 tensors
+        with torch.autocast(model.device.type, enabled=False):
+            batch = torch.utils.data.default_collate([cached[(index, 0, False)] for index in chunk])
         pair_latents = batch["pair_latents"].to(model.device, torch.float32)
         latents = torch.cat([pair_latents[:, 0], pair_latents[:, 1]])
         conditioning = transformer_conditioning(batch, model.device)

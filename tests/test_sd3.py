@@ -45,9 +45,16 @@ def transformer_output(transformer):
         return transformer(sample, text, pooled, torch.tensor([500.0])).sample
 
 
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
 @pytest.mark.parametrize("train_mode", ["lora", "full"])
-def test_first_step_loss_is_ln2_when_policy_equals_reference(sd3_args, train_mode):
-    result = run_trainer(dpo_sd3, sd3_args(train_mode=train_mode, max_train_steps=1))
+def test_first_step_loss_is_ln2_when_policy_equals_reference(sd3_args, train_mode, mixed_precision):
+    """Under mixed precision too: the full fine-tune's frozen copy is held in fp32 like the trained one, since in
+    bf16 weights the transformer's norms compute differently (a step-1 loss of 0.49 when it was not)."""
+    result = run_trainer(
+        dpo_sd3,
+        sd3_args(train_mode=train_mode, max_train_steps=1, mixed_precision=mixed_precision, num_validation_pairs=2),
+    )
+    assert result["evaluations"][0]["eval/loss"] == pytest.approx(LN2, abs=1e-6)  # held-out pairs, before step 1
     first = result["history"][0]
     assert first["loss"] == pytest.approx(LN2, abs=1e-4)
     assert first["reward_margin"] == pytest.approx(0.0, abs=1e-6)
