@@ -560,6 +560,7 @@ def main(args):
         print(f"{args.output_dir}: split '{args.output_split}' is already labelled; nothing to do.")
         return writer.entry
     if args.max_pairs is not None and writer.kept >= args.max_pairs:
+        print(f"{args.output_dir} already holds {writer.kept} pairs (--max_pairs {args.max_pairs}); nothing to do.")
         return writer.finish(finished=False)
     if writer.shards:
         print(f"Resuming after {len(writer.shards)} shards ({writer.kept} pairs) at input unit {writer.next_unit}.")

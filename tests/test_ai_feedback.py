@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import tiny_assets
 import torch
+from filelock import FileLock
 from reward_models import ClipScorer, score_images
 from testing_utils import RESOLUTION, dataset_rows, run_trainer
 
@@ -135,6 +136,9 @@ def test_a_stopped_or_damaged_run_resumes_without_duplicating_pairs(against_the_
 
     with pytest.raises(ai_feedback.InputError, match=r"labelled with other settings \(min_margin differ\)"):
         label([*argv, "--min_margin", "0.5"])
+    with FileLock(str(tmp_path / "out" / ai_feedback.LOCK_NAME)):  # a run still writing there
+        with pytest.raises(ai_feedback.InputError, match="another labelling run is writing there"):
+            label(argv)
 
 
 def test_pairs_without_labels_are_read_when_told_to_ignore_labels(pickapic_data, label_args, tmp_path):
