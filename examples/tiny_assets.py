@@ -615,6 +615,143 @@ def build_pickapic_dataset(
     return output_dir
 
 
+def warm_preference_pairs(n_pairs, *, seed=0, image_size=32, flat=False):
+    """The pairs the layout builders below write, as dicts: caption, warm and cool (JPEG bytes; the warm image is
+    always preferred) and warm_first (the side a two-column layout puts the warm image on, balanced and shuffled).
+    flat: whole-image warm and cool colours instead of shapes, the easiest preference to learn (a tiny random model
+    picks it up in a few dozen steps). The same arguments give the same pairs, whatever layout writes them."""
+    rng = random.Random(seed)
+    warm_first = [index < (n_pairs + 1) // 2 for index in range(n_pairs)]
+    rng.shuffle(warm_first)
+
+    def image(warm):
+        if flat:
+            return _jpeg_bytes(
+                Image.new("RGB", (image_size, image_size), rng.choice(WARM_COLORS if warm else COOL_COLORS))
+            )
+        return _jpeg_bytes(make_shape_image(warm, rng, image_size))
+
+    return [
+        {"caption": rng.choice(CAPTION_POOL), "warm": image(True), "cool": image(False), "warm_first": first}
+        for first in warm_first
+    ]
+
+
+def _write_parquet(output_dir, columns, features=None):
+    """`output_dir/train-00000-of-00001.parquet` from {column: values}; with datasets `features` (e.g. Image
+    columns), written by datasets so that they are read back as such."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "train-00000-of-00001.parquet")
+    if features is None:
+        pq.write_table(pa.table(columns), path)
+    else:
+        import datasets
+
+        datasets.Dataset.from_dict(columns, features=datasets.Features(features)).to_parquet(path)
+    return output_dir
+
+
+def build_chosen_rejected_dataset(output_dir, *, n_pairs=16, seed=0, flat=False, image_feature=False):
+    """TRL's chosen/rejected layout: prompt, chosen (the preferred, warm image), rejected; JPEG bytes, or with
+    image_feature datasets Image columns."""
+    pairs = warm_preference_pairs(n_pairs, seed=seed, flat=flat)
+    columns = {
+        "prompt": [pair["caption"] for pair in pairs],
+        "chosen": [pair["warm"] for pair in pairs],
+        "rejected": [pair["cool"] for pair in pairs],
+    }
+    if not image_feature:
+        return _write_parquet(output_dir, columns)
+    import datasets
+
+    images = {"bytes": None, "path": None}
+    columns["chosen"] = [{**images, "bytes": b} for b in columns["chosen"]]
+    columns["rejected"] = [{**images, "bytes": b} for b in columns["rejected"]]
+    features = {"prompt": datasets.Value("string"), "chosen": datasets.Image(), "rejected": datasets.Image()}
+    return _write_parquet(output_dir, columns, features)
+
+
+def build_votes_dataset(output_dir, *, n_pairs=16, seed=0, flat=False, votes=((3, 1),), extra_votes=()):
+    """Rapidata's vote-count layout: prompt, image1, image2 (JPEG bytes), votes_image1, votes_image2 (float64). The
+    n_pairs warm-vs-cool pairs give the warm image the larger count of `votes` (cycled: (winner, loser) counts);
+    then one row per (votes_image1, votes_image2) of extra_votes (equal counts, NaN, negative...), its images a
+    warm and a cool one."""
+    pairs = warm_preference_pairs(n_pairs + len(extra_votes), seed=seed, flat=flat)
+    rows = []
+    for index, pair in enumerate(pairs[:n_pairs]):
+        winner, loser = votes[index % len(votes)]
+        first, second = (pair["warm"], pair["cool"]) if pair["warm_first"] else (pair["cool"], pair["warm"])
+        rows.append((pair["caption"], first, second, *((winner, loser) if pair["warm_first"] else (loser, winner))))
+    for pair, (votes_1, votes_2) in zip(pairs[n_pairs:], extra_votes):
+        rows.append((pair["caption"], pair["warm"], pair["cool"], votes_1, votes_2))
+    names = ("prompt", "image1", "image2", "votes_image1", "votes_image2")
+    types = (pa.string(), pa.binary(), pa.binary(), pa.float64(), pa.float64())
+    return _write_parquet(
+        output_dir,
+        {name: pa.array([row[i] for row in rows], kind) for i, (name, kind) in enumerate(zip(names, types))},
+    )
+
+
+def build_image_folder_dataset(
+    output_dir, *, n_pairs=16, seed=0, flat=False, columns="chosen_rejected", metadata="jsonl", bad_paths=()
+):
+    """An image folder: images/<i>_a.jpg and images/<i>_b.jpg, and metadata.jsonl (or metadata.csv) with one row per
+    pair: prompt plus chosen/rejected paths (columns="chosen_rejected"), or caption, jpg_0, jpg_1, label_0
+    (columns="pickapic"; both layouts' columns with columns="both"). bad_paths: extra rows whose first image is at
+    each of these paths (missing, absolute, leaving the folder...), the second a real image."""
+    pairs = warm_preference_pairs(n_pairs + len(bad_paths), seed=seed, flat=flat)
+    os.makedirs(os.path.join(output_dir, "images"), exist_ok=True)
+    rows = []
+    for index, pair in enumerate(pairs):
+        first, second = (pair["warm"], pair["cool"]) if pair["warm_first"] else (pair["cool"], pair["warm"])
+        paths = [f"images/{index:04d}_a.jpg", f"images/{index:04d}_b.jpg"]
+        for path, data in zip(paths, (first, second)):
+            with open(os.path.join(output_dir, path), "wb") as file:
+                file.write(data)
+        if index >= n_pairs:
+            paths[0] = bad_paths[index - n_pairs]
+        warm_path, cool_path = paths if pair["warm_first"] else paths[::-1]
+        row = {}
+        if columns in ("chosen_rejected", "both"):
+            row.update(prompt=pair["caption"], chosen=warm_path, rejected=cool_path)
+        if columns in ("pickapic", "both"):
+            row.update(caption=pair["caption"], jpg_0=paths[0], jpg_1=paths[1], label_0=float(pair["warm_first"]))
+        rows.append(row)
+    if metadata == "jsonl":
+        with open(os.path.join(output_dir, "metadata.jsonl"), "w") as file:
+            file.writelines(json.dumps(row) + "\n" for row in rows)
+    else:
+        import csv
+
+        with open(os.path.join(output_dir, "metadata.csv"), "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return output_dir
+
+
+def build_webdataset_dataset(output_dir, *, n_pairs=16, seed=0, flat=False, n_shards=2):
+    """Webdataset tar shards `output_dir/train-0000i.tar` in Pick-a-Pic's layout: each sample's files
+    <key>.jpg_0.jpg, <key>.jpg_1.jpg and <key>.json ({"caption", "label_0"}), which the datasets "webdataset" builder
+    reads as columns jpg_0.jpg, jpg_1.jpg and json (a struct)."""
+    import tarfile
+
+    pairs = warm_preference_pairs(n_pairs, seed=seed, flat=flat)
+    os.makedirs(output_dir, exist_ok=True)
+    bounds = [n_pairs * shard // n_shards for shard in range(n_shards + 1)]
+    for shard in range(n_shards):
+        with tarfile.open(os.path.join(output_dir, f"train-{shard:05d}.tar"), "w") as tar:
+            for index in range(bounds[shard], bounds[shard + 1]):
+                pair = pairs[index]
+                first, second = (pair["warm"], pair["cool"]) if pair["warm_first"] else (pair["cool"], pair["warm"])
+                label = {"caption": pair["caption"], "label_0": float(pair["warm_first"])}
+                for name, data in (("jpg_0.jpg", first), ("jpg_1.jpg", second), ("json", json.dumps(label).encode())):
+                    member = tarfile.TarInfo(f"{index:06d}.{name}")
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+    return output_dir
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", help="writes OUTPUT_DIR/model and OUTPUT_DIR/data")
