@@ -232,7 +232,10 @@ def ratio_table(args, dpo, model_dir, data_dir, run_dir, trainer_flags):
     best, precompute = {}, None
     for repeat in range(args.repeats):  # interleaved repeats, fastest kept: this machine's timing noise is a few %
         for mode in args.modes:
-            for kind, batch in (("DPO", args.train_batch_size), ("SFT", 2 * args.train_batch_size)):
+            kinds = [("DPO", args.train_batch_size), ("SFT", 2 * args.train_batch_size)]
+            if args.mapo:  # MaPO: the same B pairs as DPO, no reference forward
+                kinds.append(("MaPO", args.train_batch_size))
+            for kind, batch in kinds:
                 argv = [
                     *common,
                     "--train_mode",
@@ -241,7 +244,7 @@ def ratio_table(args, dpo, model_dir, data_dir, run_dir, trainer_flags):
                     str(batch),
                     "--output_dir",
                     str(run_dir / f"{mode}-{kind}-{repeat}"),
-                ] + (["--sft"] if kind == "SFT" else [])
+                ] + {"SFT": ["--sft"], "MaPO": ["--loss_type", "mapo"]}.get(kind, [])
                 result, timers, memory, wall = run_trainer(dpo, argv)
                 accumulation = dpo.parse_args(argv).gradient_accumulation_steps
                 step = steady_step_seconds(timers.calls["compute_loss"], accumulation, args.warmup)
@@ -291,6 +294,15 @@ def ratio_table(args, dpo, model_dir, data_dir, run_dir, trainer_flags):
             f"{dpo_row['step_s'] / sft_row['step_s']:.3f} | {dpo_row['pairs_per_s']:.2f} | "
             f"{achieved:.3g}{utilisation} | {dpo_row['peak_gib']:.2f} GiB | {sft_row['peak_gib']:.2f} GiB |"
         )
+    if args.mapo:
+        print(f"\n| mode | MaPO s/step (B={args.train_batch_size}) | DPO s/step | MaPO/DPO | peak memory MaPO |")
+        print("|---|---|---|---|---|")
+        for mode in args.modes:
+            mapo, dpo_row = best[(mode, "MaPO")], best[(mode, "DPO")]
+            print(
+                f"| {mode} | {mapo['step_s']:.4f} | {dpo_row['step_s']:.4f} | "
+                f"{mapo['step_s'] / dpo_row['step_s']:.3f} | {mapo['peak_gib']:.2f} GiB |"
+            )
     images_per_s, captions_per_s, n_images, n_captions = rows[0]["precompute"]
     print(
         f"\nprecompute (cold cache): {images_per_s:.1f} images/s ({n_images} images), "
@@ -554,6 +566,12 @@ def main():
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per ratio-table run")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the steady-state time")
     parser.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    parser.add_argument(
+        "--mapo",
+        action="store_true",
+        help="ratio table: also time --loss_type mapo at batch B (reference-free: no reference forward) and print "
+        "MaPO/DPO step time",
+    )
     parser.add_argument("--compare_with", default=None, help="path of the diffusers research script to compare")
     parser.add_argument("--baseline_flags", nargs="*", default=[], help="extra flags for the compared script only")
     parser.add_argument(
