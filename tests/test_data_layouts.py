@@ -12,8 +12,10 @@ from testing_utils import run_trainer
 
 
 N_PAIRS = 24
-# Whole-image warm vs cool colours, 8 pairs held out: a tiny random model learns the preference in these steps at
-# this learning rate. Every layout below stores the same pairs winner first, so all train exactly alike.
+# Whole-image warm vs cool colours, 8 pairs held out: with these settings (and --seed 0) the tiny random models of
+# both trainers learn the preference (held-out accuracy 0.875 for SD 1.5, 0.625 for SDXL; other seeds can stay at
+# chance in 40 steps). Every layout below stores the same pairs winner first, so all train exactly alike; the
+# tests that decode the stored pairs check the winner side directly.
 LEARNS_THE_PREFERENCE = dict(
     num_validation_pairs=8,
     validation_timesteps=8,
@@ -102,13 +104,16 @@ def test_webdataset_columns_are_named_by_extension_and_json_fields(dpo, cli_args
         "caption": ("json", "caption"),
     }
     assert len(pairs) == N_PAIRS and pairs.identity["shards"] == 2
+    assert all(
+        stored_winners_are_warm(dpo, dpo.parse_args(cli_args(dataset_name=datasets_by_layout["webdataset"])), pairs)
+    )
 
 
 def test_ties_and_invalid_votes_are_counted_and_dropped(dpo, cli_args, datasets_by_layout, caplog):
     args = dpo.parse_args(cli_args(dataset_name=datasets_by_layout["votes"]))
     with caplog.at_level(logging.INFO):
         pairs = dpo.load_preference_pairs(args, "train")
-    assert len(pairs) == N_PAIRS
+    assert len(pairs) == N_PAIRS and all(stored_winners_are_warm(dpo, args, pairs))
     assert "dropped 1 tied pairs and 2 pairs with missing, NaN or negative votes" in caplog.text
     # 5 votes to 4 is a tie below a margin of 2: half the pairs
     args = dpo.parse_args(cli_args(dataset_name=datasets_by_layout["votes"], min_vote_margin=2))
