@@ -842,8 +842,8 @@ def stream_split(args, split, columns=None):
     metadata = image_folder_metadata(name)
     if (os.path.isfile(name) or metadata) and split != args.dataset_split_name:
         raise InputError(
-            f"'{name}' is a single file{' of rows' if metadata else ''}, so it has no split '{split}'; hold pairs "
-            "out of it with --num_validation_pairs instead"
+            f"'{name}' is {'an image folder' if metadata else 'a single file'}, so it has no split '{split}'; hold "
+            "pairs out of it with --num_validation_pairs instead"
         )
     if metadata:  # an image folder: its metadata file is the split; images are read from their paths
         location = dict(path="json" if metadata.endswith(".jsonl") else "csv", data_files={split: metadata})

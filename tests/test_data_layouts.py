@@ -187,3 +187,9 @@ def test_read_preference_rows_yields_every_row_in_order(dpo, cli_args, tmp_path)
         first, second = (dpo.decode_image(image).getpixel((16, 16)) for image in (row.image_0, row.image_1))
         assert first[0] > first[2] and second[0] < second[2]
     assert rows[3].image_0 is None and rows[3].image_1 is None  # a path leaving the folder
+
+
+def test_an_image_folder_is_one_split(dpo, cli_args, tmp_path):
+    data = tiny_assets.build_image_folder_dataset(str(tmp_path / "data"), n_pairs=2, flat=True)
+    with pytest.raises(dpo.InputError, match="is an image folder, so it has no split 'validation'"):
+        run_trainer(dpo, cli_args(dataset_name=data, validation_split_name="validation"))
