@@ -2125,7 +2125,9 @@ def held_out_errors(model, cached, indices, noise_scheduler, args, batch_size):
     errors = []
     for start in range(0, len(indices), batch_size):
         chunk = [int(i) for i in indices[start : start + batch_size]]
-        batch = torch.utils.data.default_collate([cached[(index, 0, False)] for index in chunk])
+        # outside the reference's autocast: CPU autocast refuses to stack the cache's float16 tensors
+        with torch.autocast(model.device.type, enabled=False):
+            batch = torch.utils.data.default_collate([cached[(index, 0, False)] for index in chunk])
         pair_latents = batch["pair_latents"].to(model.device, torch.float32)
         latents = torch.cat([pair_latents[:, 0], pair_latents[:, 1]])
         conditioning = unet_conditioning(batch, model.device)

@@ -99,7 +99,9 @@ def parse_args(input_args=None):
     add_scorer_model_arguments(scoring)
 
     pairs = parser.add_argument_group("preference pairs (--mode implicit_accuracy)")
-    pairs.add_argument("--preference_dataset", help="Hub id, local folder or .parquet file in Pick-a-Pic format.")
+    pairs.add_argument(
+        "--preference_dataset", help="Hub id, local folder or .parquet file in any layout the trainers read."
+    )
     pairs.add_argument("--preference_split", default="validation", help="Split of --preference_dataset.")
     pairs.add_argument("--num_pairs", type=int, default=None, help="A seeded random subset of this many pairs.")
     pairs.add_argument(
@@ -115,6 +117,11 @@ def parse_args(input_args=None):
         help="Only changes the reported loss and margin (default: the trainer's, 2000 / 5000 SDXL).",
     )
     pairs.add_argument("--precompute_cache_dir", default=None, help="Where the trainer caches latents of the pairs.")
+    pairs.add_argument(
+        "--is_turbo",
+        action="store_true",
+        help="The base is SDXL-Turbo: evaluate on the Turbo timesteps and schedule its trainer uses.",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="dpo-eval")
@@ -388,6 +395,8 @@ def implicit_accuracy(args):
     ):
         if value is not None:
             argv += [flag, str(value)]
+    if args.is_turbo:
+        argv.append("--is_turbo")
     trainer_args = trainer.parse_args(argv)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
@@ -396,7 +405,7 @@ def implicit_accuracy(args):
     if args.num_pairs is not None:
         dataset = dataset.subset(dataset.sample(args.num_pairs, args.seed))
     (pairs,) = trainer.load_or_precompute(trainer_args, [trainer.CacheRequest(dataset)], accelerator, weight_dtype)
-    scheduler = trainer.DDPMScheduler.from_pretrained(args.base_model, subfolder="scheduler", revision=args.revision)
+    scheduler = trainer.load_noise_scheduler(trainer_args)  # the schedule the trainer trains with
     if lora:  # the base UNet with the tuned adapter; the reference is the same UNet with the adapter off
         unet, reference = trainer.build_unets(trainer_args, accelerator.device, weight_dtype)
         trainer.load_lora_into(unet, args.tuned)

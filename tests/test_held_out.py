@@ -101,3 +101,12 @@ def test_a_process_with_no_held_out_pairs_contributes_nothing(dpo, cli_args, tmp
     scheduler = dpo.DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
     errors = dpo.held_out_errors(unet, dpo.CachedPreferencePairs(cache), [], scheduler, args, batch_size=4)
     assert errors.shape == (2, 0)
+
+
+def test_a_full_fine_tune_under_bf16_starts_held_out_at_ln2(dpo, cli_args):
+    # the frozen copy runs under autocast; the cache's float16 latents must be collated outside it
+    result = run_trainer(
+        dpo, cli_args(train_mode="full", mixed_precision="bf16", num_validation_pairs=2, max_train_steps=1)
+    )
+    assert result["evaluations"][0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert result["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
