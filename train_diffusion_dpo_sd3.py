@@ -124,6 +124,7 @@ CACHE_ARRAYS = (
 MIN_SOURCE_SHARDS = 64
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+MAPO_SNR_VALUE = 0.5  # the constant `snr_value` of MaPO's log-odds in its reference code (mapo-t2i/mapo)
 # Written into every checkpoint before it is renamed complete: what decides its data position, and each file's size.
 CHECKPOINT_RECORD_NAME = "checkpoint_record.json"
 CHECKPOINT_RECORD_FORMAT = 1
@@ -199,22 +200,59 @@ def parse_args(input_args=None):
         "--dataset_name",
         type=str,
         default=DEFAULT_DATASET,
-        help="Hub id, local folder or .parquet file of preference pairs in Pick-a-Pic format.",
+        help="Hub id, local folder, .parquet file or image folder (with metadata.jsonl or metadata.csv) of "
+        "preference pairs in one of the layouts of --data_layout (docs/data.md).",
     )
     data.add_argument("--dataset_config_name", type=str, default=None, help="Config name of the dataset, if any.")
     data.add_argument("--dataset_split_name", type=str, default="train", help="Split to train on.")
     data.add_argument(
         "--cache_dir", type=str, default=None, help="Where Hub models are downloaded (datasets are streamed)."
     )
-    data.add_argument("--image_0_column", type=str, default="jpg_0", help="Column with the first image's bytes.")
-    data.add_argument("--image_1_column", type=str, default="jpg_1", help="Column with the second image's bytes.")
+    data.add_argument(
+        "--data_layout",
+        type=str,
+        default="auto",
+        choices=["auto", *DATA_LAYOUTS],
+        help="How rows hold a pair: pickapic (jpg_0, jpg_1, label_0, caption), chosen_rejected (chosen, rejected, "
+        "prompt; the chosen image wins), votes (image1, image2, votes_image1, votes_image2, prompt; more votes wins). "
+        "auto: the one layout whose columns the dataset has.",
+    )
+    data.add_argument(
+        "--image_0_column",
+        type=str,
+        default=None,
+        help="Column with the first image (bytes, an Image, or a path in an image folder); default: the layout's "
+        "(jpg_0, chosen, image1).",
+    )
+    data.add_argument(
+        "--image_1_column",
+        type=str,
+        default=None,
+        help="Column with the second image; default: the layout's (jpg_1, rejected, image2).",
+    )
     data.add_argument(
         "--label_column",
         type=str,
-        default="label_0",
-        help="Column with the preference: 1 = first image preferred, 0 = second preferred, 0.5 = tie (dropped).",
+        default=None,
+        help="pickapic layout: column with the preference, 1 = first image preferred, 0 = second preferred, 0.5 = "
+        "tie (dropped); default label_0.",
     )
-    data.add_argument("--caption_column", type=str, default="caption", help="Column with the prompt.")
+    data.add_argument(
+        "--caption_column", type=str, default=None, help="Column with the prompt; default: caption, prompt or txt."
+    )
+    data.add_argument(
+        "--vote_0_column", type=str, default=None, help="votes layout: the first image's votes; default votes_image1."
+    )
+    data.add_argument(
+        "--vote_1_column", type=str, default=None, help="votes layout: the second image's votes; default votes_image2."
+    )
+    data.add_argument(
+        "--min_vote_margin",
+        type=float,
+        default=1,
+        help="votes layout: the image with at least this many more votes wins; closer pairs are ties (dropped). The "
+        "default, 1, takes any strict majority of whole votes.",
+    )
     data.add_argument(
         "--max_train_samples",
         type=int,
@@ -300,8 +338,24 @@ def parse_args(input_args=None):
         "--loss_type",
         type=str,
         default="sigmoid",
-        choices=["sigmoid", "hinge", "ipo"],
-        help="sigmoid: the paper's DPO loss; hinge: SLiC-style relu(1 - inside); ipo: (inside/beta - 1/(2 beta))^2.",
+        choices=["sigmoid", "hinge", "ipo", "mapo"],
+        help="sigmoid: the paper's DPO loss; hinge: SLiC-style relu(1 - inside); ipo: (inside/beta - 1/(2 beta))^2; "
+        "mapo: reference-free MaPO (Hong et al. 2024): no reference forward, no frozen copy (see --beta_mapo).",
+    )
+    dpo.add_argument(
+        "--label_smoothing",
+        type=float,
+        default=0.0,
+        help="Conservative DPO (--loss_type sigmoid): the probability epsilon that a pair's label is flipped; the "
+        "loss becomes -(1 - eps) logsigmoid(inside) - eps logsigmoid(-inside). 0 (default) is the paper's loss; "
+        "must lie in [0, 0.5).",
+    )
+    dpo.add_argument(
+        "--beta_mapo",
+        type=float,
+        default=0.1,
+        help="--loss_type mapo: weight of MaPO's margin term next to the SFT term on the preferred images "
+        "(loss = mse_w + beta_mapo * margin loss; 0.1 is the MaPO code's default).",
     )
     dpo.add_argument(
         "--sft",
@@ -343,6 +397,12 @@ def parse_args(input_args=None):
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default="diffusion-dpo-sd3", help="Where weights and checkpoints go.")
     train.add_argument("--seed", type=int, default=0, help="Seed for initialisation, data order, noise and crops.")
+    train.add_argument(
+        "--output_kohya_format",
+        action="store_true",
+        help="Not for SD3 (refused): diffusers' kohya conversion gives SD3 keys that neither ComfyUI nor diffusers "
+        "load; ComfyUI loads this script's diffusers-format LoRA file as it is (docs/sd3.md).",
+    )
     train.add_argument("--train_batch_size", type=int, default=4, help="Preference pairs per device per step.")
     train.add_argument("--num_train_epochs", type=int, default=1)
     train.add_argument(
@@ -469,6 +529,8 @@ def validate_args(args):
         raise InputError(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise InputError("--proportion_empty_prompts must lie in [0, 1]")
+    if not (math.isfinite(args.min_vote_margin) and args.min_vote_margin > 0):
+        raise InputError(f"--min_vote_margin must be a positive number, got {args.min_vote_margin}")
     for name in (
         "train_batch_size",
         "num_train_epochs",
@@ -496,6 +558,19 @@ def validate_args(args):
     # NaN compares false to everything: each check below is written so that NaN fails it
     if not math.isfinite(args.beta_dpo):
         raise InputError(f"--beta_dpo must be a finite number, got {args.beta_dpo}")
+    if not 0.0 <= args.label_smoothing < 0.5:
+        raise InputError(f"--label_smoothing must lie in [0, 0.5), got {args.label_smoothing}")
+    if args.label_smoothing > 0 and (args.loss_type != "sigmoid" or args.sft):
+        raise InputError("--label_smoothing is conservative DPO: it needs --loss_type sigmoid and no --sft")
+    if not (math.isfinite(args.beta_mapo) and args.beta_mapo > 0):
+        raise InputError(f"--beta_mapo must be a positive finite number, got {args.beta_mapo}")
+    if args.sft and args.loss_type == "mapo":
+        raise InputError("choose one of --sft and --loss_type mapo (MaPO already includes the SFT term)")
+    if args.output_kohya_format:
+        raise InputError(
+            "--output_kohya_format: not for SD3 (diffusers' conversion gives keys ComfyUI and diffusers do not load); "
+            f"ComfyUI loads {LORA_WEIGHT_NAME} as it is (docs/sd3.md)"
+        )
     if args.learning_rate is not None and not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         raise InputError(f"--learning_rate must be a positive finite number, got {args.learning_rate}")
     for name in ("adam_beta1", "adam_beta2"):
@@ -598,21 +673,206 @@ def holds_earlier_run(output_dir):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# The row layouts the trainer reads: each role's column names, the first one a dataset has wins (--image_0_column,
+# --label_column... name others). Every layout reduces a row to a label (1: the first image won, 0: the second, 0.5:
+# a tie, NaN: invalid) and a caption, so the rest of the trainer never sees the layout.
+DATA_LAYOUTS = {
+    "pickapic": {
+        "image_0": ("jpg_0",),
+        "image_1": ("jpg_1",),
+        "label": ("label_0",),
+        "caption": ("caption", "prompt", "txt"),
+    },
+    "chosen_rejected": {"image_0": ("chosen",), "image_1": ("rejected",), "caption": ("prompt", "caption", "txt")},
+    "votes": {
+        "image_0": ("image1",),
+        "image_1": ("image2",),
+        "vote_0": ("votes_image1",),
+        "vote_1": ("votes_image2",),
+        "caption": ("prompt", "caption", "txt"),
+    },
+}
+ROLE_FLAGS = {
+    "image_0": "image_0_column",
+    "image_1": "image_1_column",
+    "label": "label_column",
+    "vote_0": "vote_0_column",
+    "vote_1": "vote_1_column",
+    "caption": "caption_column",
+}
+# an image folder: a local folder whose metadata file's rows name image files relative to it
+IMAGE_FOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
+INVALID_ROWS = {  # what a NaN label means, per layout
+    "pickapic": "pairs with labels outside {0, 0.5, 1}",
+    "chosen_rejected": "invalid pairs",
+    "votes": "pairs with missing, NaN or negative votes",
+}
+
+
+class DataLayout(NamedTuple):
+    """How the rows of a dataset hold a pair: the layout's name, the column each role reads as (column, field), field
+    None for a column itself or a field of a struct column (a webdataset sample's .json file), and for an image folder
+    the folder its image paths are relative to."""
+
+    name: str
+    columns: dict
+    image_folder: str | None = None
+    min_vote_margin: float = 1
+
+    @property
+    def image_columns(self):
+        return [self.columns["image_0"][0], self.columns["image_1"][0]]
+
+    @property
+    def source_columns(self):
+        """The columns the labels and captions pass streams: all but the images."""
+        return sorted({column for role, (column, _) in self.columns.items() if not role.startswith("image")})
+
+    def cache_fields(self, roles):
+        """The layout as a cache key holds it. For Pick-a-Pic's top-level columns, the names of `roles`' columns, as
+        before other layouts were read (so those caches stay valid); otherwise the layout and all its columns."""
+        if self.name == "pickapic" and all(field is None for _, field in self.columns.values()):
+            return [self.columns[role][0] for role in roles]
+        fields = {"layout": self.name, "columns": {role: list(column) for role, column in self.columns.items()}}
+        if self.name == "votes":
+            fields["min_vote_margin"] = self.min_vote_margin
+        return fields
+
+    def images(self, row):
+        """The first and second image of a row (a dict of its image columns) as decode_image reads them: an image
+        folder's paths become {"path": file} (ValueError for a path that is missing or leaves the folder)."""
+        values = [row[column] for column in self.image_columns]
+        return values if self.image_folder is None else [image_in_folder(self.image_folder, v) for v in values]
+
+
+def image_in_folder(folder, path):
+    """An image folder's image as a datasets Image dict. Paths are relative to the folder: an absolute path or one
+    with `..` is refused (its pair is skipped), so that a metadata file never reads outside its folder."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"no image path ({path!r})")
+    if os.path.isabs(path) or ".." in Path(path.replace("\\", "/")).parts:
+        raise ValueError(f"image path '{path}' leaves the dataset folder")
+    return {"path": os.path.join(folder, path), "bytes": None}
+
+
+def image_folder_metadata(name):
+    """The metadata file of an image folder dataset, or None when `name` is not one."""
+    if not os.path.isdir(name):
+        return None
+    found = [file for file in IMAGE_FOLDER_METADATA if os.path.isfile(os.path.join(name, file))]
+    if len(found) > 1:
+        raise InputError(f"image folder '{name}' holds both {' and '.join(found)}; keep one")
+    return os.path.join(name, found[0]) if found else None
+
+
+def image_folder_fingerprint(folder):
+    """[files, hash of their names, sizes and modification times] of an image folder: its images are not in the
+    data files that identify other datasets, and a replaced image must not reuse a cached latent."""
+    digest, n_files = hashlib.sha256(), 0
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for file in sorted(files):
+            with contextlib.suppress(OSError):  # vanished or unreadable: its pair is skipped when read
+                stat = os.stat(os.path.join(root, file))
+                digest.update(f"{os.path.relpath(os.path.join(root, file), folder)}\0{stat.st_size}\0".encode())
+                digest.update(f"{stat.st_mtime_ns}\n".encode())
+                n_files += 1
+    return [n_files, digest.hexdigest()[:16]]
+
+
+def readable_columns(stream):
+    """Every name a layout's role can read in `stream`, {name: (column, field)}: a column answers to its name, and
+    without its extension (a webdataset names columns after its sample files' extensions: 000001.jpg_0.jpg is
+    column "jpg_0.jpg", read as jpg_0); a field of a struct column (a webdataset sample's .json) to its name and to
+    "column.field"."""
+    features = stream.features
+    if features is None:  # csv and other sources that do not state their features: the first row's values
+        features = {name: value for name, value in next(iter(stream), {}).items()}
+    names = {column: (column, None) for column in features}
+    for column, feature in features.items():
+        if isinstance(feature, dict) and set(feature) != {"bytes", "path"}:  # a struct, not an image
+            for field in feature:
+                names.setdefault(f"{column}.{field}", (column, field))
+                names.setdefault(field, (column, field))
+    for column in features:
+        names.setdefault(column.rsplit(".", 1)[0], (column, None))
+    return names, list(features)
+
+
+def layout_summary():
+    return "; ".join(
+        f"{name} ({', '.join(' or '.join(names) for names in roles.values())})" for name, roles in DATA_LAYOUTS.items()
+    )
+
+
+def data_layout(args, stream):
+    """The layout of `stream`'s rows: --data_layout's, or (auto) the one layout whose columns the dataset has.
+    Stops in one line naming the dataset's columns when no layout, or more than one, fits."""
+    readable, present = readable_columns(stream)
+    named = {role: getattr(args, flag) for role, flag in ROLE_FLAGS.items() if getattr(args, flag) is not None}
+    candidates = list(DATA_LAYOUTS) if args.data_layout == "auto" else [args.data_layout]
+    fits, partial = {}, {}
+    for name in candidates:
+        roles = DATA_LAYOUTS[name]
+        unread = [f"--{ROLE_FLAGS[role]}" for role in named if role not in roles]
+        if unread and args.data_layout != "auto":
+            raise InputError(f"the {name} layout does not read {' and '.join(unread)}")
+        if unread:  # a column flag this layout has no use for: the user means another layout
+            continue
+        columns, lacking = {}, []
+        for role, defaults in roles.items():
+            wanted = [named[role]] if role in named else defaults
+            found = next((readable[column] for column in wanted if column in readable), None)
+            if found is None:
+                lacking.append(" or ".join(wanted))
+            else:
+                columns[role] = found
+        if not lacking:
+            fits[name] = columns
+        elif "image_0" in columns or "image_1" in columns or args.data_layout != "auto":
+            partial[name] = lacking
+    flags = "/".join(f"--{flag}" for flag in ROLE_FLAGS)
+    if not fits and partial:
+        name, lacking = min(partial.items(), key=lambda item: len(item[1]))
+        raise InputError(
+            f"dataset '{args.dataset_name}' lacks column(s) {lacking} of the {name} layout (it has {present}); name "
+            f"yours with {flags}"
+        )
+    if not fits:
+        raise InputError(
+            f"dataset '{args.dataset_name}' fits no layout (it has columns {present}); layouts accepted: "
+            f"{layout_summary()}; name your columns with {flags}, or choose a layout with --data_layout"
+        )
+    if len(fits) > 1:
+        raise InputError(
+            f"dataset '{args.dataset_name}' has the columns of the {' and '.join(fits)} layouts; choose one with "
+            "--data_layout"
+        )
+    ((name, columns),) = fits.items()
+    if any(columns[role][1] is not None for role in ("image_0", "image_1")):
+        raise InputError(f"dataset '{args.dataset_name}': the images must be columns, not fields of {columns}")
+    metadata = image_folder_metadata(args.dataset_name)
+    folder = os.path.abspath(args.dataset_name) if metadata else None
+    return DataLayout(name, columns, folder, args.min_vote_margin)
+
+
 def stream_split(args, split, columns=None):
     """`split` of --dataset_name as a datasets stream (nothing is downloaded up front; rows are read as they are
     iterated), and what identifies its data. With `columns`, parquet sources (Pick-a-Pic's among them) read only
     those columns' bytes: the captions and labels of 851k pairs without a JPEG."""
     name = args.dataset_name
-    if os.path.isfile(name) and split != args.dataset_split_name:
+    metadata = image_folder_metadata(name)
+    if (os.path.isfile(name) or metadata) and split != args.dataset_split_name:
         raise InputError(
-            f"'{name}' is a single file, so it has no split '{split}'; hold pairs out of it with "
-            "--num_validation_pairs instead"
+            f"'{name}' is {'an image folder' if metadata else 'a single file'}, so it has no split '{split}'; hold "
+            "pairs out of it with --num_validation_pairs instead"
         )
-    location = (
-        dict(path="parquet", data_files=name)
-        if os.path.isfile(name)
-        else dict(path=name, name=args.dataset_config_name)
-    )
+    if metadata:  # an image folder: its metadata file is the split; images are read from their paths
+        location = dict(path="json" if metadata.endswith(".jsonl") else "csv", data_files={split: metadata})
+    elif os.path.isfile(name):
+        location = dict(path="parquet", data_files=name)
+    else:
+        location = dict(path=name, name=args.dataset_config_name)
     try:
         builder = datasets.load_dataset_builder(**location, cache_dir=args.cache_dir)
         if columns is not None and hasattr(builder.config, "columns"):
@@ -642,7 +902,7 @@ def stream_split(args, split, columns=None):
     if columns is not None:
         stream = stream.select_columns(columns)
         for column in columns:  # images as raw bytes even in an Image column, so a broken file is a counted skip
-            if isinstance(stream.features[column], datasets.Image):
+            if stream.features is not None and isinstance(stream.features[column], datasets.Image):
                 stream = stream.cast_column(column, datasets.Image(decode=False))
     return stream, identity
 
@@ -723,15 +983,43 @@ def parse_label(value):
         return math.nan  # an invalid label: counted and dropped
 
 
-def parse_labels_and_captions(batch, label_column, caption_column):
-    """A batch's labels as float64 and captions as strings, row by row: a label that is not a number (e.g. "left")
-    becomes NaN, an invalid label; a missing caption (null, or a float NaN as pandas writes one) becomes null, which
-    is trained as the empty caption."""
-    labels, captions = batch.column(label_column), batch.column(caption_column)
+def layout_column(batch, column):
+    """The values of a layout's (column, field) in an arrow batch."""
+    name, field = column
+    values = batch.column(name)
+    return values if field is None else pc.struct_field(values, field)
+
+
+def numbers(values):
+    """Arrow values as float64, row by row: a value that is not a number (e.g. "left") becomes NaN."""
     try:
-        labels = labels.cast(pa.float64())
+        return values.cast(pa.float64())
     except pa.ArrowException:  # not all numbers: parsed one by one
-        labels = pa.array([parse_label(value) for value in labels.to_pylist()], pa.float64())
+        return pa.array([parse_label(value) for value in values.to_pylist()], pa.float64())
+
+
+def vote_labels(votes_0, votes_1, min_margin):
+    """Labels from vote counts: 1 or 0 for the image with at least `min_margin` more votes, 0.5 (a tie) for closer
+    pairs, NaN (invalid) where a count is missing, not a number, infinite or negative."""
+    votes_0, votes_1 = (votes.to_numpy(zero_copy_only=False).astype(np.float64) for votes in (votes_0, votes_1))
+    margin = votes_0 - votes_1
+    labels = np.where(margin >= min_margin, 1.0, np.where(margin <= -min_margin, 0.0, 0.5))
+    valid = np.isfinite(votes_0) & np.isfinite(votes_1) & (votes_0 >= 0) & (votes_1 >= 0)
+    return pa.array(np.where(valid, labels, np.nan), pa.float64())
+
+
+def parse_labels_and_captions(batch, layout):
+    """A batch's labels as float64 and captions as strings, row by row, as `layout` reads them (see DATA_LAYOUTS): a
+    label that is not a number (e.g. "left") becomes NaN, an invalid label; a missing caption (null, or a float NaN
+    as pandas writes one) becomes null, which is trained as the empty caption."""
+    captions = layout_column(batch, layout.columns["caption"])
+    if layout.name == "pickapic":
+        labels = numbers(layout_column(batch, layout.columns["label"]))
+    elif layout.name == "votes":
+        votes = [numbers(layout_column(batch, layout.columns[role])) for role in ("vote_0", "vote_1")]
+        labels = vote_labels(*votes, layout.min_vote_margin)
+    else:  # chosen_rejected: the first image, the chosen one, won
+        labels = pa.array(np.ones(len(batch)), pa.float64())
     if pa.types.is_floating(captions.type):  # not "nan"
         captions = pc.if_else(pc.is_nan(captions), pa.scalar(None, captions.type), captions)
     return pa.table({"label": labels, "caption": captions.cast(pa.string())})
@@ -754,22 +1042,22 @@ def read_labels_and_captions(path):
         return None
 
 
-def labels_and_captions(args, split, identity, num_shards):
+def labels_and_captions(args, split, identity, num_shards, layout):
     """Every row's label and caption, read shard by shard (so each shard's first row is known), and kept beside the
     latent caches: a later run, or another process of this one, starts without reading the data again."""
-    columns = [args.label_column, args.caption_column]
-    key = hashlib.sha256(json.dumps([identity, columns], sort_keys=True).encode()).hexdigest()[:20]
+    key_fields = [identity, layout.cache_fields(("label", "caption"))]
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_root(args) / f"pairs-{key}.parquet"
     table = read_labels_and_captions(path)
     if table is None:
-        stream, _ = stream_split(args, split, columns)
+        stream, _ = stream_split(args, split, layout.source_columns)
         schema = pa.schema([("label", pa.float64()), ("caption", pa.string())])
 
         def read_shard(shard):
             try:
                 batches = stream.shard(num_shards, shard, contiguous=True).with_format("arrow").iter(10_000)
                 return pa.concat_tables(
-                    [schema.empty_table()] + [parse_labels_and_captions(b, *columns).cast(schema) for b in batches]
+                    [schema.empty_table()] + [parse_labels_and_captions(b, layout).cast(schema) for b in batches]
                 )
             except Exception as error:  # a broken file costs its pairs, not the run
                 logger.warning(
@@ -808,12 +1096,13 @@ class PreferencePairs:
     read back from their cache, CachedPreferencePairs, are `cached` (`train_pairs`, `held_out_pairs`).
     """
 
-    def __init__(self, identity, rows, captions, second_is_winner, shard_starts):
+    def __init__(self, identity, rows, captions, second_is_winner, shard_starts, layout):
         self.identity = identity  # what identifies the split's data (see stream_split)
         self.rows = rows
         self.captions = captions
         self.second_is_winner = second_is_winner  # label 0: the second image won (pairs are stored winner first)
         self.shard_starts = shard_starts  # the first row of each source shard (file), then the number of rows
+        self.layout = layout  # which columns hold the images (DataLayout)
 
     def __len__(self):
         return len(self.rows)
@@ -826,6 +1115,7 @@ class PreferencePairs:
             [self.captions[i] for i in positions],
             self.second_is_winner[positions],
             self.shard_starts,
+            self.layout,
         )
 
     def sample(self, n, seed):
@@ -847,21 +1137,16 @@ class PreferencePairs:
 def load_preference_pairs(args, split):
     """The decided pairs of one split: ties and invalid labels dropped, images not read yet."""
     stream, identity = stream_split(args, split)
-    columns = [args.image_0_column, args.image_1_column, args.label_column, args.caption_column]
-    present = stream.column_names or list(next(iter(stream), {}).keys())
-    missing = [c for c in columns if c not in present]
-    if missing:
-        raise InputError(
-            f"dataset '{args.dataset_name}' lacks column(s) {missing} (it has {present}); name yours with "
-            "--image_0_column/--image_1_column/--label_column/--caption_column"
-        )
-    labels, captions, shard_starts = labels_and_captions(args, split, identity, stream.num_shards)
+    layout = data_layout(args, stream)
+    if layout.image_folder is not None:
+        identity["images"] = image_folder_fingerprint(layout.image_folder)
+    labels, captions, shard_starts = labels_and_captions(args, split, identity, stream.num_shards, layout)
     is_tie = labels == 0.5
     is_decided = (labels == 0.0) | (labels == 1.0)
     n_invalid = int((~is_tie & ~is_decided).sum())
     logger.info(
-        f"Split '{split}': dropped {int(is_tie.sum())} tied pairs and {n_invalid} pairs with labels outside "
-        "{0, 0.5, 1}."
+        f"Split '{split}' ({layout.name} layout): dropped {int(is_tie.sum())} tied pairs and {n_invalid} "
+        f"{INVALID_ROWS[layout.name]}."
     )
     rows = np.flatnonzero(is_decided)
     if len(rows) == 0:
@@ -870,8 +1155,46 @@ def load_preference_pairs(args, split):
             f"{int(is_tie.sum())} ties and {n_invalid} invalid labels"
         )
     return PreferencePairs(
-        identity, rows, ["" if captions[r] is None else captions[r] for r in rows], labels[rows] == 0.0, shard_starts
+        identity,
+        rows,
+        ["" if captions[r] is None else captions[r] for r in rows],
+        labels[rows] == 0.0,
+        shard_starts,
+        layout,
     )
+
+
+class PreferenceRow(NamedTuple):
+    """A row of a dataset as read_preference_rows yields it."""
+
+    row: int  # its position in the split (PreferencePairs.rows counts the same way)
+    caption: str | None
+    image_0: object  # the layout's first image (jpg_0, chosen, image1), as decode_image takes it; None: unreadable
+    image_1: object  # the second (jpg_1, rejected, image2)
+    label: float  # 1: the first image won, 0: the second, 0.5: a tie, NaN: an invalid label or votes
+
+
+def read_preference_rows(args, split=None):
+    """Every row of `split` (default --dataset_split_name) of --dataset_name as the trainer reads it, in any layout,
+    streamed in order and nothing written: PreferenceRow(row, caption, image_0, image_1, label). Images are raw
+    (encoded bytes, or a datasets Image dict {"bytes", "path"}, an image folder's files as {"path": file}): pass
+    them to decode_image. `args`: the trainer's parse_args(...) result, of which the data flags are read."""
+    split = split or args.dataset_split_name
+    layout = data_layout(args, stream_split(args, split)[0])
+    stream, _ = stream_split(args, split, sorted({column for column, _ in layout.columns.values()}))
+    row = 0
+    for batch in stream.with_format("arrow").iter(64):
+        parsed = parse_labels_and_captions(batch, layout)
+        images = [batch.column(column).to_pylist() for column in layout.image_columns]
+        for caption, label, *pair in zip(
+            parsed.column("caption").to_pylist(), parsed.column("label").to_pylist(), *images
+        ):
+            try:
+                pair = layout.images(dict(zip(layout.image_columns, pair)))
+            except ValueError:  # an image folder's row whose path is missing or leaves the folder
+                pair = [None, None]
+            yield PreferenceRow(row, caption, *pair, label)
+            row += 1
 
 
 def training_and_validation_pairs(args):
@@ -972,7 +1295,7 @@ def precompute_cache_path(args, source_pairs, encode_dtype):
         "crop": f"random(seed={args.seed})" if args.random_crop else "center",
         "hflip": not args.no_hflip,
         "pairs": source_pairs.fingerprint,  # changes with the data, the split, the subset and the order
-        "columns": [args.image_0_column, args.image_1_column, args.label_column, args.caption_column],
+        "columns": source_pairs.layout.cache_fields(("image_0", "image_1", "label", "caption")),
     }
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
     return CacheAddress(cache_root(args) / key, key_fields)
@@ -1054,12 +1377,13 @@ class PairPixels(torch.utils.data.IterableDataset):
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
         tasks = list(self.tasks)[worker.id :: worker.num_workers] if worker is not None else list(self.tasks)
-        columns, streams = [self.args.image_0_column, self.args.image_1_column], {}
+        streams = {}
         for split, shard in tasks:
+            source_pairs = self.splits[split]
+            columns = source_pairs.layout.image_columns
             if split not in streams:
                 streams[split] = stream_split(self.args, split, columns)[0]
             stream, wanted = streams[split], self.tasks[(split, shard)]
-            source_pairs = self.splits[split]
             row, unseen = int(source_pairs.shard_starts[shard]), {found for rows in wanted.values() for found in rows}
             # .iter(), not a for loop over the stream: inside a DataLoader worker the latter splits the (one) shard
             # among the workers again, and all but one would see nothing
@@ -1095,7 +1419,7 @@ class PairPixels(torch.utils.data.IterableDataset):
     def decode(self, group, position, example):
         item = self.skipped(group, position)
         try:
-            images = [decode_image(example[column]) for column in (self.args.image_0_column, self.args.image_1_column)]
+            images = [decode_image(value) for value in self.to_decode[group].source_pairs.layout.images(example)]
         except Exception as error:  # PIL raises OSError, ValueError, SyntaxError... for broken files
             logger.warning(
                 f"Skipping pair {position}: undecodable image ({type(error).__name__}: {error})",
@@ -1750,7 +2074,7 @@ def build_transformers(args, device, weight_dtype):
         cast_training_params(transformer, dtype=torch.float32)  # trainable weights stay fp32 under mixed precision
     else:
         transformer = load_transformer(args).to(device).requires_grad_(True)
-        if not args.sft or has_validation_pairs(args):  # SFT needs no reference, except to evaluate against it
+        if loads_reference(args):
             # fp32 like the trained copy, run under the same autocast: in half-precision weights the transformer's
             # RMS qk-norm and modulations compute in another dtype, which beta = 5000 turns into a step-1 loss
             # off ln 2 (0.49 measured on the tiny model in bf16)
@@ -1763,6 +2087,14 @@ def build_transformers(args, device, weight_dtype):
             for block in model.transformer_blocks:  # in place: parameter names, hooks and saving are unchanged
                 block.compile()
     return transformer, reference
+
+
+def loads_reference(args):
+    """Whether the run needs a reference model: DPO does; SFT only to report held-out implicit accuracy; MaPO never
+    (it is reference-free: no frozen copy, and a LoRA's adapter is never switched off)."""
+    if args.loss_type == "mapo":
+        return False
+    return not args.sft or has_validation_pairs(args)
 
 
 @contextlib.contextmanager
@@ -1797,18 +2129,21 @@ def implicit_accuracy(inside):
     return ((inside > 0).float() + 0.5 * (inside == 0).float()).mean()
 
 
-def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, loss_type="sigmoid"):
+def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, loss_type="sigmoid", label_smoothing=0.0):
     """Diffusion-DPO loss from four per-sample denoising errors (MSE averaged over latent dims).
 
     inside = -0.5 * beta * ((err_theta(w) - err_theta(l)) - (err_ref(w) - err_ref(l)));
     sigmoid (the paper): -logsigmoid(inside); hinge: relu(1 - inside); ipo: (inside / beta - 1 / (2 beta))^2.
+    label_smoothing eps (sigmoid only) is conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences";
+    TRL's `label_smoothing`): each label is assumed flipped with probability eps, so the loss is the expected one,
+    -(1 - eps) * logsigmoid(inside) - eps * logsigmoid(-inside); eps = 0 is the paper's loss exactly.
     `inside` is the implicit reward margin of winner over loser; implicit accuracy is the fraction with inside > 0,
     exact ties (inside == 0, e.g. while the model equals the reference) counting half, in training logs and held-out
     metrics alike.
     """
     inside = implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(inside)
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(inside) - label_smoothing * F.logsigmoid(-inside)
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - inside)
     elif loss_type == "ipo":
@@ -1824,6 +2159,44 @@ def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, loss_type="si
         "ref_mse_l": ref_err_l.mean(),
     }
     return losses.mean(), {name: value.detach() for name, value in metrics.items()}
+
+
+def mapo_loss(model_err_w, model_err_l, beta_mapo, num_train_timesteps, snr_value=MAPO_SNR_VALUE):
+    """MaPO loss (margin-aware preference optimization, Hong et al. 2024, arXiv 2406.06424) from the trained model's
+    per-sample denoising errors alone: reference-free.
+
+    As the reference code computes it (mapo-t2i/mapo, utils.py `compute_loss`), with s = snr_value = 0.5 and
+    T = num_train_timesteps (1000):
+        log_odds = s * err(w) / (exp(s * err(w)) - 1) - s * err(l) / (exp(s * err(l)) - 1)   (> 0 when err(w) < err(l))
+        margin_loss = -logsigmoid(T * log_odds)   (T scales the margin up over the whole denoising process)
+        loss = mean(err(w)) + beta_mapo * mean(margin_loss)
+    i.e. the SFT loss on the preferred images plus the margin term; beta_mapo (the code's `beta_mapo`, default 0.1)
+    weighs the margin term and sits outside the sigmoid, unlike DPO's beta. Metrics: the policy's own preference,
+    policy_margin = mean(err(l) - err(w)) and policy_acc (fraction with err(w) < err(l), ties half); no implicit
+    accuracy, which needs a reference.
+
+    SD3: MaPO was published for epsilon-prediction (SDXL); this carries its formula unchanged to rectified flow, with
+    err the per-sample velocity error as weighted by --weighting_scheme (so the SFT term is SD3's own flow-matching
+    loss) and T = the flow scheduler's num_train_timesteps (1000, as in SDXL). The beta_mapo convention still fits in
+    form (a weight on the margin term, outside the sigmoid); its value is the code's default carried over, not tuned
+    for SD3: velocity errors are of the same order as epsilon errors (docs/sd3.md), so 0.1 is a start, not an optimum.
+    """
+
+    def score(err):  # s * err / (exp(s * err) - 1): 1 at err = 0, falling with the error
+        scaled = snr_value * err
+        return scaled / torch.expm1(scaled)
+
+    log_odds = score(model_err_w) - score(model_err_l)
+    margin_losses = -F.logsigmoid(num_train_timesteps * log_odds)
+    loss = model_err_w.mean() + beta_mapo * margin_losses.mean()
+    metrics = {
+        "policy_acc": implicit_accuracy(model_err_l - model_err_w),
+        "policy_margin": (model_err_l - model_err_w).mean(),
+        "margin_loss": margin_losses.mean(),
+        "model_mse_w": model_err_w.mean(),
+        "model_mse_l": model_err_l.mean(),
+    }
+    return loss, {name: value.detach() for name, value in metrics.items()}
 
 
 @contextlib.contextmanager
@@ -1890,7 +2263,8 @@ def step_seed(*parts):
 def compute_loss(batch, transformer, reference, noise_scheduler, args, generator):
     """One forward of the trained transformer on the stacked (winners; losers) batch, one of the reference, the loss.
 
-    `reference` is None for LoRA (the adapter is switched off instead) and unused with --sft.
+    `reference` is None for LoRA (the adapter is switched off instead) and unused with --sft; --loss_type mapo runs
+    no reference forward at all.
     """
     pair_latents = batch["pair_latents"].to(transformer.device, torch.float32, non_blocking=True)
     winners, losers = pair_latents[:, 0], pair_latents[:, 1]
@@ -1911,12 +2285,17 @@ def compute_loss(batch, transformer, reference, noise_scheduler, args, generator
     if args.sft:
         return model_err.mean(), {"model_mse_w": model_err.detach().mean()}
 
+    model_err_w, model_err_l = model_err.chunk(2)
+    if args.loss_type == "mapo":
+        return mapo_loss(model_err_w, model_err_l, args.beta_mapo, noise_scheduler.config.num_train_timesteps)
+
     with torch.inference_mode(), reference_model(transformer, reference) as model:
         ref_err = denoising_errors(model, noisy_latents, timesteps, conditioning, target, weighting)
     ref_err = ref_err.clone()  # an ordinary tensor again, usable next to the graph
-    model_err_w, model_err_l = model_err.chunk(2)
     ref_err_w, ref_err_l = ref_err.chunk(2)
-    return dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type)
+    return dpo_loss(
+        model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type, args.label_smoothing
+    )
 
 
 @torch.no_grad()
@@ -1949,29 +2328,37 @@ def held_out_errors(model, cached, indices, noise_scheduler, args, batch_size):
     return torch.cat(errors, dim=1) if errors else torch.empty(2, 0, device=model.device)  # a rank may get no pairs
 
 
+def gathered_errors(errors):
+    """Every process's (k, pairs) errors, gathered in rank order (a few floats per pair): (k, all pairs) on each."""
+    rows = [row for rank_rows in gather_object([errors.T.tolist()]) for row in rank_rows]
+    return torch.tensor(rows).reshape(-1, len(errors)).T
+
+
 def evaluate_held_out(
     accelerator, transformer, reference, held_out_pairs, noise_scheduler, args, reference_errors=None
 ):
-    """DPO loss, implicit accuracy, reward margin and mean errors of the trained model and the reference on the
-    held-out pairs (CachedPreferencePairs), split across processes; the metrics are dpo_loss's.
+    """The run's loss and what it means on the held-out pairs (CachedPreferencePairs), split across processes: for
+    DPO (and SFT) dpo_loss's metrics, implicit accuracy and reward margin against the reference; for MaPO, which has no
+    reference, mapo_loss's: the policy's own policy_margin and policy_acc, and no reference errors are computed.
 
-    The reference's errors never change, so they are returned and passed back in on the next call.
+    The reference's errors never change, so they are returned and passed back in on the next call (None for MaPO).
     """
     indices = held_out_pairs.valid_indices[accelerator.process_index :: accelerator.num_processes]
     batch_size = 2 * args.train_batch_size  # no activations are kept for backward
     model = accelerator.unwrap_model(transformer)
     model_errors = held_out_errors(model, held_out_pairs, indices, noise_scheduler, args, batch_size)
+    if args.loss_type == "mapo":
+        model_err_w, model_err_l = gathered_errors(model_errors)
+        num_train_timesteps = noise_scheduler.config.num_train_timesteps
+        loss, metrics = mapo_loss(model_err_w, model_err_l, args.beta_mapo, num_train_timesteps)
+        return {f"eval/{name}": value.item() for name, value in {"loss": loss, **metrics}.items()}, None
     if reference_errors is None:
         with reference_model(model, reference) as ref:
             reference_errors = held_out_errors(ref, held_out_pairs, indices, noise_scheduler, args, batch_size)
-    # every process gets every pair's errors (a few floats per pair), in rank order
-    rows = [
-        row
-        for rank_rows in gather_object([torch.cat([model_errors, reference_errors]).T.tolist()])
-        for row in rank_rows
-    ]
-    model_err_w, model_err_l, ref_err_w, ref_err_l = torch.tensor(rows).reshape(-1, 4).T
-    loss, metrics = dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type)
+    model_err_w, model_err_l, ref_err_w, ref_err_l = gathered_errors(torch.cat([model_errors, reference_errors]))
+    loss, metrics = dpo_loss(
+        model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type, args.label_smoothing
+    )
     return {f"eval/{name}": value.item() for name, value in {"loss": loss, **metrics}.items()}, reference_errors
 
 
@@ -2005,7 +2392,8 @@ class HeldOutEvaluation:
         self.evaluations.append({"step": global_step, **metrics})
         self.accelerator.log(metrics, step=global_step)
         logger.info(f"Held-out pairs at step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        self.progress.show(eval_acc=f"{metrics['eval/implicit_acc']:.3f}")
+        accuracy = metrics.get("eval/implicit_acc", metrics.get("eval/policy_acc"))  # policy_acc: MaPO
+        self.progress.show(eval_acc=f"{accuracy:.3f}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2421,7 +2809,8 @@ def run_validation(args, accelerator, transformer, reference, weight_dtype, glob
     out_dir = Path(args.output_dir, "validation")
     out_dir.mkdir(parents=True, exist_ok=True)
     reference_grid = out_dir / "reference.png"
-    if not reference_grid.exists() and not args.sft:  # the untuned model, same seeds, once, for comparison
+    # the untuned model, same seeds, once, for comparison (not for SFT, nor MaPO: it switches no adapter off)
+    if not reference_grid.exists() and not args.sft and args.loss_type != "mapo":
         if reference is None:
             with lora_disabled(trained):
                 reference_images = render(pipeline)
@@ -2449,12 +2838,25 @@ def run_validation(args, accelerator, transformer, reference, weight_dtype, glob
     return images
 
 
+def training_objective(args):
+    """The objective in words, for the model card's title."""
+    if args.sft:
+        return "SFT on preferred images"
+    if args.loss_type == "mapo":
+        return f"MaPO (β_mapo = {args.beta_mapo:g})"
+    smoothing = f", label smoothing ε = {args.label_smoothing:g}" if args.label_smoothing else ""
+    return f"Diffusion-DPO ({args.loss_type} loss, β = {args.beta_dpo:g}{smoothing})"
+
+
+def method_link(args):
+    if args.loss_type == "mapo":
+        return "[MaPO](https://arxiv.org/abs/2406.06424) (Hong et al.)"
+    return "[Diffusion-DPO](https://arxiv.org/abs/2311.12908) (Wallace et al.)"
+
+
 def save_model_card(args, location, global_step):
     """Writes README.md (metadata + how to load) into output_dir; `location` is the Hub repo or the local folder."""
     lora = args.train_mode == "lora"
-    objective = (
-        "SFT on preferred images" if args.sft else f"Diffusion-DPO ({args.loss_type} loss, β = {args.beta_dpo:g})"
-    )
     without_t5 = ", text_encoder_3=None, tokenizer_3=None" if args.no_t5 else ""
     if lora:
         load = (
@@ -2467,10 +2869,11 @@ def save_model_card(args, location, global_step):
         )
     t5_note = "\nTrained without T5 (its part of the prompt embedding zeros), so it is loaded without T5.\n"
     description = f"""
-# {"LoRA" if lora else "Full"} {objective} fine-tune of {args.pretrained_model_name_or_path}
+# {"LoRA" if lora else "Full"} {training_objective(args)} fine-tune of {args.pretrained_model_name_or_path}
 
-Trained with [Diffusion-DPO](https://arxiv.org/abs/2311.12908) (Wallace et al.) in its rectified-flow form
-([Flow-DPO](https://arxiv.org/abs/2501.13918), velocity errors) on `{args.dataset_name}` (split
+Trained with {method_link(args)} in its rectified-flow form
+({"velocity errors" if args.loss_type == "mapo" else "[Flow-DPO](https://arxiv.org/abs/2501.13918), velocity errors"})
+on `{args.dataset_name}` (split
 `{args.dataset_split_name}`) for {global_step} steps at {args.resolution}px:
 {args.train_batch_size} pairs per device x {args.gradient_accumulation_steps} accumulation steps,
 learning rate {args.learning_rate:g} ({args.lr_scheduler}){f", LoRA rank {args.rank}" if lora else ""},
@@ -2779,7 +3182,9 @@ class TrainingProgress:
 
     def step(self, logs):
         self.bar.update(1)
-        self.show(**{name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc", "lr") if name in logs})
+        self.show(
+            **{name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc", "policy_acc", "lr") if name in logs}
+        )
 
     def show(self, **values):
         self.postfix.update(values)
