@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from testing_utils import LOSS_FUNCTION_TRAINERS
 
 
-pytestmark = pytest.mark.both_trainers
+# all three scripts' loss functions, SD3's included (the both_trainers mark covers only SD 1.5 and SDXL)
+pytestmark = pytest.mark.parametrize("dpo", LOSS_FUNCTION_TRAINERS.values(), ids=LOSS_FUNCTION_TRAINERS.keys())
 
 
 ERRORS = {  # four per-sample error vectors of a batch of 3 pairs
