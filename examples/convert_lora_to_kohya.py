@@ -9,6 +9,10 @@ of either trainer, exactly as the flag would have.
 
 The base model decides the key layout (SDXL: kohya's SGM block names, see docs/outputs.md); by default it is the
 `base_model` of the run's model card (README.md in the folder or the one above it: a finished run writes one).
+
+An SD3 LoRA (train_diffusion_dpo_sd3.py, keys `transformer.<module>.lora_A/B.weight`) is refused: diffusers' kohya
+conversion gives SD3 keys that neither ComfyUI nor diffusers load, and ComfyUI loads the file as it is
+(docs/sd3.md).
 """
 
 import argparse
@@ -19,6 +23,7 @@ from pathlib import Path
 import repo_paths  # noqa: F401  (puts the trainer scripts on sys.path)
 from diffusers import UNet2DConditionModel
 from huggingface_hub import ModelCard
+from safetensors import safe_open
 
 import train_diffusion_dpo
 import train_diffusion_dpo_sdxl
@@ -53,6 +58,13 @@ def main(argv=None):
     lora_file = os.path.join(args.folder, train_diffusion_dpo.LORA_WEIGHT_NAME)
     if not os.path.exists(lora_file):
         sys.exit(f"error: {lora_file} does not exist (a full fine-tune has no LoRA to convert)")
+    with safe_open(lora_file, framework="pt") as weights:
+        is_sd3 = any(name.startswith("transformer.") for name in weights.keys())
+    if is_sd3:
+        sys.exit(
+            f"error: {lora_file} is an SD3 transformer LoRA: ComfyUI loads it as it is (LoraLoader), and diffusers' "
+            "kohya conversion gives SD3 keys nothing loads (docs/sd3.md)"
+        )
     base_model = args.pretrained_model_name_or_path or base_model_of(args.folder)
     if base_model is None:
         sys.exit(

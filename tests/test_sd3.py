@@ -1,13 +1,18 @@
 """The SD3 trainer end to end on the tiny SD3 pipeline: the loss at identity, the rectified-flow inputs, the cached
-text embeddings, saved weights that reload, exact resume, bad input in one line, --sft and --no_t5."""
+text embeddings, saved weights that reload, exact resume, bad input in one line, --sft and --no_t5; the data layouts,
+label smoothing and MaPO it shares with the SDXL script, and why it writes no kohya-format file. (The loss formulas
+themselves are tested on all three scripts in test_dpo_loss.py.)"""
 
 import math
 import shutil
 
+import convert_lora_to_kohya
 import numpy as np
 import pytest
+import tiny_assets
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
 from safetensors.torch import load_file
 from testing_utils import RESOLUTION, assert_same_tensors, cache_folders, lora_weights, run_cli, run_trainer
 
@@ -210,8 +215,24 @@ def test_sft_and_no_t5_train_with_held_out_evaluation_validation_images_and_mode
         ({"weighting_scheme": "uniform"}, "invalid choice: 'uniform'"),
         ({"logit_std": 0}, "--logit_std must be positive"),
         ({"beta_dpo": float("nan")}, "--beta_dpo must be a finite number"),
+        ({"label_smoothing": 0.5}, "--label_smoothing must lie in [0, 0.5)"),
+        ({"loss_type": "mapo", "sft": True}, "choose one of --sft and --loss_type mapo"),
+        ({"min_vote_margin": 0}, "--min_vote_margin must be a positive number"),
+        ({"data_layout": "hpd"}, "invalid choice: 'hpd'"),
+        ({"output_kohya_format": True}, "--output_kohya_format: not for SD3"),
     ],
-    ids=["resolution", "sequence-length", "weighting", "logit-std", "beta"],
+    ids=[
+        "resolution",
+        "sequence-length",
+        "weighting",
+        "logit-std",
+        "beta",
+        "smoothing",
+        "mapo-sft",
+        "votes",
+        "layout",
+        "kohya",
+    ],
 )
 def test_flag_errors_stop_in_one_line_before_anything_loads(sd3_args, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -235,3 +256,94 @@ def test_other_models_and_a_missing_t5_are_named_in_one_line(
     assert "pass --no_t5" in capsys.readouterr().err
     with pytest.raises(dpo_sd3.InputError, match="--lora_target_modules"):
         run_trainer(dpo_sd3, sd3_args(pretrained_model_name_or_path=without_t5, no_t5=True, lora_target_modules="q"))
+
+
+@pytest.mark.parametrize("layout", ["chosen_rejected", "image_folder", "webdataset"])
+def test_other_data_layouts_train(sd3_args, tmp_path, layout):
+    """The SDXL script's layouts: rows of chosen/rejected images, an image folder with metadata.jsonl, webdataset
+    shards; the layout is part of the cache key."""
+    build = {
+        "chosen_rejected": tiny_assets.build_chosen_rejected_dataset,
+        "image_folder": tiny_assets.build_image_folder_dataset,
+        "webdataset": tiny_assets.build_webdataset_dataset,
+    }[layout]
+    data = build(str(tmp_path / "data"), n_pairs=6, flat=True)
+    args = dpo_sd3.parse_args(sd3_args(dataset_name=data))
+    pairs = dpo_sd3.load_preference_pairs(args, "train")
+    expected = "pickapic" if layout == "webdataset" else "chosen_rejected"  # webdataset shards in Pick-a-Pic's columns
+    assert pairs.layout.name == expected and len(pairs) == 6
+    result = run_trainer(dpo_sd3, sd3_args(dataset_name=data, learning_rate=1e-2, num_validation_pairs=2))
+    assert result["global_step"] == 2 and result["evaluations"][0]["eval/loss"] == pytest.approx(LN2, abs=1e-6)
+    assert result["evaluations"][-1]["eval/model_mse_w"] != result["evaluations"][0]["eval/model_mse_w"]
+    assert any(w.abs().max() > 0 for name, w in lora_weights(tmp_path / "out").items() if "lora_B" in name)
+
+
+def test_label_smoothing_trains_from_ln2_and_is_named_on_the_model_card(sd3_args, tmp_path):
+    # at the reference both terms are ln 2: -(1 - eps) logsigmoid(0) - eps logsigmoid(0)
+    result = run_trainer(dpo_sd3, sd3_args(label_smoothing=0.1, learning_rate=1e-2, num_validation_pairs=2))
+    assert result["history"][0]["loss"] == pytest.approx(LN2, abs=1e-4)
+    assert result["evaluations"][0]["eval/loss"] == pytest.approx(LN2, abs=1e-6)
+    assert "label smoothing ε = 0.1" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("train_mode", ["lora", "full"])
+def test_mapo_loads_no_reference_and_changes_the_transformer(
+    sd3_args, tiny_sd3_model, tmp_path, monkeypatch, train_mode
+):
+    loaded, adapter_switches = [], []
+    load_transformer, disable = dpo_sd3.load_transformer, SD3Transformer2DModel.disable_adapters
+    monkeypatch.setattr(dpo_sd3, "load_transformer", lambda *a, **k: loaded.append(1) or load_transformer(*a, **k))
+    monkeypatch.setattr(
+        SD3Transformer2DModel, "disable_adapters", lambda self: adapter_switches.append(1) or disable(self)
+    )
+    validation = dict(run_validation=True, validation_prompts=["a shape"], num_validation_inference_steps=1)
+    result = run_trainer(
+        dpo_sd3,
+        sd3_args(
+            loss_type="mapo",
+            train_mode=train_mode,
+            learning_rate=1e-2 if train_mode == "lora" else 1e-3,
+            num_validation_pairs=2,
+            validation_timesteps=2,
+            validation_steps=2,
+            **validation,
+        ),
+    )
+    # reference-free: one transformer loaded (no frozen copy), its adapter never switched off
+    assert len(loaded) == 1 and adapter_switches == []
+    assert "policy_acc" in result["history"][0] and "ref_mse_w" not in result["history"][0]
+    for evaluation in result["evaluations"]:
+        assert {"eval/policy_acc", "eval/policy_margin"} <= evaluation.keys() and "eval/implicit_acc" not in evaluation
+    # no untuned-model grid: there is no reference to render it with
+    assert sorted(p.name for p in (tmp_path / "out" / "validation").iterdir()) == ["step-000002.png"]
+    assert "MaPO (β_mapo = 0.1)" in (tmp_path / "out" / "README.md").read_text()
+    pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_model)
+    base = transformer_output(pipeline.transformer)
+    if train_mode == "lora":
+        pipeline.load_lora_weights(str(tmp_path / "out"))
+        tuned = transformer_output(pipeline.transformer)
+    else:
+        tuned = transformer_output(SD3Transformer2DModel.from_pretrained(tmp_path / "out", subfolder="transformer"))
+    assert (tuned - base).abs().max() > 1e-4
+
+
+def test_diffusers_kohya_conversion_gives_sd3_keys_nothing_loads_so_the_flag_is_refused(
+    sd3_args, tiny_sd3_model, tmp_path
+):
+    """Why --output_kohya_format is refused for SD3: diffusers' convert_state_dict_to_kohya names SD3 layers
+    `transformer_transformer_blocks_...`, which neither ComfyUI (its SD3 names: `transformer.<module>`, this
+    script's file, or `lora_transformer_<module>`) nor diffusers' own StableDiffusion3Pipeline loads (it converts no
+    kohya keys for SD3 and refuses the file)."""
+    run_trainer(dpo_sd3, sd3_args(learning_rate=1e-2, max_train_steps=1))
+    saved = lora_weights(tmp_path / "out")
+    assert all(name.startswith("transformer.") and ".lora_" in name for name in saved)  # ComfyUI's diffusers names
+    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(saved))
+    assert all(key.startswith("transformer_transformer_blocks_") for key in kohya)  # no lora_ prefix: not kohya's
+    pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_model)
+    base = transformer_output(pipeline.transformer)
+    with pytest.raises(ValueError, match="Invalid LoRA checkpoint"):  # its .alpha keys hold no "lora"
+        pipeline.load_lora_weights(kohya)
+    torch.testing.assert_close(transformer_output(pipeline.transformer), base)
+    # the standalone converter says so in one line too
+    with pytest.raises(SystemExit, match="SD3"):
+        convert_lora_to_kohya.main([str(tmp_path / "out")])
