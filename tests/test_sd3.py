@@ -272,10 +272,22 @@ def test_other_data_layouts_train(sd3_args, tmp_path, layout):
     pairs = dpo_sd3.load_preference_pairs(args, "train")
     expected = "pickapic" if layout == "webdataset" else "chosen_rejected"  # webdataset shards in Pick-a-Pic's columns
     assert pairs.layout.name == expected and len(pairs) == 6
+    rows = list(dpo_sd3.read_preference_rows(args))  # what examples/label_pairs_with_reward_model.py reads
+    assert [row.row for row in rows] == list(range(6))
+    assert [row.label == 0.0 for row in rows] == pairs.second_is_winner.tolist()  # every row a decided pair
     result = run_trainer(dpo_sd3, sd3_args(dataset_name=data, learning_rate=1e-2, num_validation_pairs=2))
     assert result["global_step"] == 2 and result["evaluations"][0]["eval/loss"] == pytest.approx(LN2, abs=1e-6)
     assert result["evaluations"][-1]["eval/model_mse_w"] != result["evaluations"][0]["eval/model_mse_w"]
     assert any(w.abs().max() > 0 for name, w in lora_weights(tmp_path / "out").items() if "lora_B" in name)
+
+
+def test_vote_counts_decide_the_winner_with_a_margin(sd3_args, tmp_path):
+    data = tiny_assets.build_votes_dataset(str(tmp_path / "data"), n_pairs=4, flat=True, votes=((3, 1), (5, 4)))
+    pairs = dpo_sd3.load_preference_pairs(dpo_sd3.parse_args(sd3_args(dataset_name=data)), "train")
+    assert pairs.layout.name == "votes" and len(pairs) == 4
+    # 5 votes to 4 is a tie below a margin of 2: half the pairs
+    pairs = dpo_sd3.load_preference_pairs(dpo_sd3.parse_args(sd3_args(dataset_name=data, min_vote_margin=2)), "train")
+    assert len(pairs) == 2
 
 
 def test_label_smoothing_trains_from_ln2_and_is_named_on_the_model_card(sd3_args, tmp_path):
