@@ -4,7 +4,8 @@
 # Steps, most important first, each under its own time limit (`timeout`) and all within GPU_SUITE_BUDGET_S
 # (default 540 s), so the suite ends inside one 10-minute call; a step that fails or runs out of time is recorded
 # and the next one runs:
-#   wheels    installs .bench-cache/wheels/*.whl (if any) into WORK/site, for a machine that lacks diffusers etc.
+#   wheels    installs $GPU_SUITE_WHEELS/*.whl (default .bench-cache/wheels; if any) into WORK/site, for a machine
+#             that lacks diffusers etc.
 #   env       device, versions, whether torchvision / wandb / bitsandbytes import
 #   build     random-weight SD 1.5 and SDXL models of the real shapes, their data, the fp16-fix SDXL VAE stand-in
 #   compare-sd15, compare-sdxl
@@ -91,7 +92,7 @@ log "preset $PRESET, budget ${BUDGET_S}s, work folder $WORK, research scripts $R
 cd "$REPO" || exit 1
 
 shopt -s nullglob
-wheels=("$REPO"/.bench-cache/wheels/*.whl)
+wheels=("${GPU_SUITE_WHEELS:-$REPO/.bench-cache/wheels}"/*.whl)
 if [ ${#wheels[@]} -gt 0 ]; then
     run_step wheels 60 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$WORK/site" "${wheels[@]}"

@@ -1,11 +1,9 @@
 """Faults a long run meets: a process killed at any moment, non-finite numbers, a wrong launch."""
 
 import math
-import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,7 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from testing_utils import ROOT, assert_same_tensors, cache_folders, lora_weights, run_cli, run_trainer
+from testing_utils import (
+    assert_same_tensors,
+    cache_folders,
+    finished,
+    launch,
+    lora_weights,
+    run_cli,
+    run_trainer,
+)
 
 
 def poison_pair(cache, index):
@@ -54,22 +60,6 @@ def test_only_non_finite_steps_stop_the_run_with_a_clear_message(dpo, cli_args, 
         poison_pair(cache, index)
     with pytest.raises(dpo.TrainingStopped, match="3 steps in a row had a non-finite loss or gradient"):
         run_trainer(dpo, cli_args(output_dir=tmp_path / "run", max_train_steps=5, max_consecutive_skipped_steps=3))
-
-
-def launch(dpo, argv, log):
-    """Starts a trainer process writing its output to `log` (a pipe nobody reads could fill up and block it)."""
-    with open(log, "w") as output:
-        return subprocess.Popen(
-            [sys.executable, dpo.__file__, *argv],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            cwd=ROOT,
-        )
-
-
-def finished(process, log):
-    assert process.wait() == 0, Path(log).read_text()[-3000:]
 
 
 def kill_when(process, condition, timeout=300):

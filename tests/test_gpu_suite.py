@@ -92,6 +92,7 @@ def test_gpu_suite_rehearsal_on_cpu(tmp_path, gpu_suite):
         "GPU_SUITE_PRESET": "tiny",
         "GPU_SUITE_WORK": str(tmp_path / "work"),
         "GPU_SUITE_SKIP": "compare-sdxl variants",
+        "GPU_SUITE_WHEELS": str(tmp_path / "no-wheels"),  # this machine has what the suite needs
         "GPU_SUITE_RESEARCH_IMPORTS": "",
         "OMP_NUM_THREADS": "1",
         "PYTHON": sys.executable,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from filelock import FileLock
-from testing_utils import ROOT, assert_same_tensors, lora_weights, run_trainer
+from testing_utils import ROOT, assert_same_tensors, finished, launch, lora_weights, run_trainer
 
 
 @pytest.mark.parametrize(
@@ -156,18 +156,6 @@ def test_the_stop_flag_rides_in_the_step_metric_reduction(dpo):
 # Signals: the trainer runs as a separate process, as it does under SLURM or a cloud scheduler.
 
 
-def launch(dpo, argv, log):
-    """Starts a trainer process writing its output to `log` (a pipe nobody reads could fill up and block it)."""
-    with open(log, "w") as output:
-        return subprocess.Popen(
-            [sys.executable, dpo.__file__, *argv],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            cwd=ROOT,
-        )
-
-
 def signal_when(process, condition, signum, timeout=300):
     """Sends `signum` as soon as condition() holds (checked every millisecond), then waits for the process to end;
     False if it ended first."""
@@ -192,7 +180,9 @@ def test_sigterm_during_training_checkpoints_the_step_and_resume_gives_the_unint
 ):
     # checkpoints every 3 steps: the signal arrives after checkpoint-3, so the stop writes a checkpoint of its own
     common = dict(max_train_steps=9, checkpointing_steps=3, learning_rate=1e-3, lr_scheduler="cosine")
-    run_trainer(dpo, cli_args(output_dir=tmp_path / "straight", **common))
+    # as a process like the others: the same thread count gives the same floating-point sums
+    straight_log = tmp_path / "straight.log"
+    finished(launch(dpo, cli_args(output_dir=tmp_path / "straight", **common), straight_log), straight_log)
 
     out, log = tmp_path / "stopped", tmp_path / "stopped.log"
     argv = cli_args(output_dir=out, **common)

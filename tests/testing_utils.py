@@ -115,3 +115,19 @@ def assert_same_tensors(first, second, atol=1e-6):
     assert first.keys() == second.keys()
     for name in first:
         torch.testing.assert_close(first[name], second[name], atol=atol, rtol=0, msg=name)
+
+
+def launch(dpo, argv, log):
+    """Starts a trainer process writing its output to `log` (a pipe nobody reads could fill up and block it)."""
+    with open(log, "w") as output:
+        return subprocess.Popen(
+            [sys.executable, dpo.__file__, *argv],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            cwd=ROOT,
+        )
+
+
+def finished(process, log):
+    assert process.wait() == 0, Path(log).read_text()[-3000:]
