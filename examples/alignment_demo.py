@@ -43,6 +43,7 @@ BASE_MODEL = repo_paths.ROOT / "examples" / "assets" / "tiny-shapes-sd"
 SAMPLING = dict(num_inference_steps=20, guidance_scale=1.0, height=32, width=32)
 SAMPLING_BATCH = 64
 VALIDATION_STEPS = 25  # held-out evaluation, and a progress line when the output is not a terminal
+VALIDATION_TIMESTEPS = 5  # (timestep, noise) draws per held-out pair: the accuracy saturates early, 5 is plenty
 # What "aligned without collapse" means here (stated in README): held-out implicit accuracy, warm-fraction gain in
 # points, the largest allowed drop of plausible samples in points, the largest policy/reference winner-error ratio.
 TARGETS = {"heldout_acc": 0.90, "warm_gain": 0.30, "plausible_drop": 0.10, "winner_error_ratio": 1.5}
@@ -104,6 +105,8 @@ def train(args, data_dir, run_dir, seed):
         str(args.n_heldout),
         "--validation_steps",
         str(VALIDATION_STEPS),
+        "--validation_timesteps",
+        str(VALIDATION_TIMESTEPS),
         "--report_to",
         "tensorboard",
         "--checkpointing_steps",

@@ -4,7 +4,6 @@ import math
 import random
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from testing_utils import (
+    accelerate_launch,
     assert_same_tensors,
     cache_folders,
     finished,
@@ -142,22 +142,6 @@ def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(dpo, 
         assert [p.name for p in out.glob("checkpoint-*")] and len(dpo.complete_checkpoints(str(out))) == 2
 
 
-LAUNCH_TWO = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--multi_gpu",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-]
-
-
 @pytest.mark.both_trainers
 def test_two_cpu_processes_train_one_model_and_write_it_once(dpo, cli_args, sharded_pickapic, tmp_path):
     argv = cli_args(
@@ -168,7 +152,7 @@ def test_two_cpu_processes_train_one_model_and_write_it_once(dpo, cli_args, shar
         report_to="tensorboard",
     )
     result = run_cli(
-        dpo, argv, launcher=LAUNCH_TWO + ["--main_process_port", "29531"], env={"ACCELERATE_USE_CPU": "1"}
+        dpo, argv, launcher=accelerate_launch(2, "--main_process_port", "29531"), env={"ACCELERATE_USE_CPU": "1"}
     )
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stderr
@@ -194,7 +178,7 @@ def test_two_cpu_processes_without_accelerate_use_cpu_are_refused(dpo, cli_args,
     result = run_cli(
         dpo,
         cli_args(max_train_steps=1),
-        launcher=LAUNCH_TWO + ["--main_process_port", "29533"],
+        launcher=accelerate_launch(2, "--main_process_port", "29533"),
         env={"CUDA_VISIBLE_DEVICES": ""},
     )
     assert result.returncode != 0

@@ -5,13 +5,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from filelock import FileLock
-from testing_utils import ROOT, assert_same_tensors, finished, launch, lora_weights, run_trainer
+from testing_utils import ROOT, accelerate_launch, assert_same_tensors, finished, launch, lora_weights, run_trainer
 
 
 @pytest.mark.parametrize(
@@ -253,22 +252,7 @@ def process_of_rank(rank, output_dir):
 def test_a_signal_to_one_process_stops_all_of_them_at_the_same_step(dpo, cli_args, sharded_pickapic, tmp_path):
     out, log = tmp_path / "out", tmp_path / "two.log"
     argv = cli_args(dataset_name=sharded_pickapic, output_dir=out, max_train_steps=9, checkpointing_steps=2)
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29541",
-    ]
+    launcher = accelerate_launch(2, "--main_process_port", "29541")
     with open(log, "w") as output:
         process = subprocess.Popen(
             [*launcher, dpo.__file__, *argv],

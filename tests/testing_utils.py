@@ -24,20 +24,18 @@ LOSS_FUNCTION_TRAINERS = {**TRAINERS, "sd3": train_diffusion_dpo_sd3}
 N_PAIRS = 8  # decided pairs in the default dataset; it also holds 2 ties and 1 pair with a corrupt image
 RESOLUTION = 32
 
-# `accelerate launch` on one CPU process, without an accelerate config file; a trainer script follows it.
-ACCELERATE_LAUNCH = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--num_processes",
-    "1",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-]
+
+def accelerate_launch(num_processes=1, *options):
+    """`accelerate launch` on CPU processes, without an accelerate config file; a trainer script follows it. Two or
+    more processes run with --multi_gpu (gloo), which needs ACCELERATE_USE_CPU=1 in the environment."""
+    several = ["--multi_gpu"] if num_processes > 1 else []
+    return [
+        *(sys.executable, "-m", "accelerate.commands.launch", *several, "--num_processes", str(num_processes)),
+        *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *options),
+    ]
+
+
+ACCELERATE_LAUNCH = accelerate_launch()
 
 
 def command_line(flags):
