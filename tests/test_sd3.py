@@ -14,7 +14,15 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
 from safetensors.torch import load_file
-from testing_utils import RESOLUTION, assert_same_tensors, cache_folders, lora_weights, run_cli, run_trainer
+from testing_utils import (
+    RESOLUTION,
+    assert_same_tensors,
+    cache_folders,
+    lora_weights,
+    parse_error,
+    run_cli,
+    run_trainer,
+)
 
 import train_diffusion_dpo_sd3 as dpo_sd3
 
@@ -235,11 +243,7 @@ def test_sft_and_no_t5_train_with_held_out_evaluation_validation_images_and_mode
     ],
 )
 def test_flag_errors_stop_in_one_line_before_anything_loads(sd3_args, capsys, flags, message):
-    with pytest.raises(SystemExit) as exit_info:
-        dpo_sd3.parse_args(sd3_args(**flags))
-    assert exit_info.value.code == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert message in line
+    assert message in parse_error(dpo_sd3, sd3_args(**flags), capsys)
 
 
 def test_other_models_and_a_missing_t5_are_named_in_one_line(

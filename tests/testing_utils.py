@@ -129,3 +129,15 @@ def launch(dpo, argv, log):
 
 def finished(process, log):
     assert process.wait() == 0, Path(log).read_text()[-3000:]
+
+
+def parse_error(module, argv, capsys):
+    """The one line a trainer's parse_args prints when it refuses `argv`: it must exit with status 2 and print no
+    usage dump, nothing but that line."""
+    try:
+        module.parse_args(argv)
+    except SystemExit as exit_info:
+        assert exit_info.code == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        return line
+    raise AssertionError(f"parse_args accepted {argv}")
