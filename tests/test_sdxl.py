@@ -133,14 +133,19 @@ def test_the_vae_encodes_in_fp32_unless_a_safe_vae_is_given(cli_args, tiny_sdxl_
     assert len(cache_folders(tmp_path / "cache")) == 2
 
 
+def linked_parts(model, folder, leave_out):
+    """A new model folder linking every part of `model` but `leave_out`."""
+    folder.mkdir()
+    for part in os.listdir(model):
+        if part != leave_out:
+            os.symlink(os.path.join(model, part), folder / part)
+    return folder
+
+
 @pytest.fixture
 def sdxl_model_copy(tiny_sdxl_model, tmp_path):
     """The tiny SDXL pipeline's parts (linked) under a model_index.json of this test's own, which it may edit."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    for part in os.listdir(tiny_sdxl_model):
-        if part != "model_index.json":
-            os.symlink(os.path.join(tiny_sdxl_model, part), folder / part)
+    folder = linked_parts(tiny_sdxl_model, tmp_path / "model", leave_out="model_index.json")
     (folder / "model_index.json").write_text(open(os.path.join(tiny_sdxl_model, "model_index.json")).read())
     return folder
 
@@ -169,12 +174,7 @@ def test_the_dropout_row_is_the_pipelines_own_unconditional_input(cli_args, sdxl
 @pytest.fixture
 def model_without_vae(tiny_sdxl_model, tmp_path):
     """The tiny SDXL pipeline's parts (linked) but its VAE: a base folder to use with a separately given VAE."""
-    folder = tmp_path / "no-vae"
-    folder.mkdir()
-    for part in os.listdir(tiny_sdxl_model):
-        if part != "vae":
-            os.symlink(os.path.join(tiny_sdxl_model, part), folder / part)
-    return folder
+    return linked_parts(tiny_sdxl_model, tmp_path / "no-vae", leave_out="vae")
 
 
 def test_a_full_fine_tune_with_a_separate_vae_validates_and_saves_that_vae(
