@@ -1,0 +1,70 @@
+"""Held-out preference metrics during training: the loss, implicit accuracy and reward margin (MaPO: the policy's own
+margin and accuracy) on pairs the run does not train on, each pair's errors averaged over fixed (noise level, noise)
+draws so that the same weights always give the same numbers."""
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object
+
+from diffusion_dpo.family import reference_model
+from diffusion_dpo.losses import denoising_errors, dpo_loss, mapo_loss, step_seed
+from diffusion_dpo.noise import NoiseLevels
+
+
+logger = get_logger(__name__)
+
+
+@torch.no_grad()
+def held_out_errors(model, family, noise, cached, indices, args, batch_size):
+    """Errors of `model` on the winners and losers of the given held-out pairs (indices into `cached`), each averaged
+    over --validation_timesteps (timestep, noise) draws fixed by (seed, pair, k): the same weights give the same
+    numbers. Returns a (2, pairs) tensor: winners' errors, losers' errors."""
+    errors = []
+    for start in range(0, len(indices), batch_size):
+        chunk = [int(i) for i in indices[start : start + batch_size]]
+        # outside the reference's autocast: CPU autocast refuses to stack the cache's float16 tensors
+        with torch.autocast(model.device.type, enabled=False):
+            batch = torch.utils.data.default_collate([cached[(index, 0, False)] for index in chunk])
+        pair_latents = batch["pair_latents"].to(model.device, torch.float32)
+        latents = torch.cat([pair_latents[:, 0], pair_latents[:, 1]])
+        conditioning = family.conditioning(batch, model.device)
+        total = torch.zeros(len(latents), device=model.device)
+        for k in range(args.validation_timesteps):
+            generators = [torch.Generator().manual_seed(step_seed(args.seed, index, k)) for index in chunk]
+            pair_noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+            levels = NoiseLevels.cat([noise.draw(1, g, "cpu") for g in generators]).to(model.device).twice()
+            noisy_latents, target = noise.corrupt(latents, pair_noise.to(model.device).repeat(2, 1, 1, 1), levels)
+            total += denoising_errors(model, family, noisy_latents, levels, conditioning, target)
+        errors.append((total / args.validation_timesteps).view(2, -1))
+    return torch.cat(errors, dim=1) if errors else torch.empty(2, 0, device=model.device)  # a rank may get no pairs
+
+
+def gathered_errors(errors):
+    """Every process's (k, pairs) errors, gathered in rank order (a few floats per pair): (k, all pairs) on each."""
+    rows = [row for rank_rows in gather_object([errors.T.tolist()]) for row in rank_rows]
+    return torch.tensor(rows).reshape(-1, len(errors)).T
+
+
+def evaluate_held_out(accelerator, model, reference, family, noise, held_out_pairs, args, reference_errors=None):
+    """The run's loss and what it means on the held-out pairs (CachedPreferencePairs), split across processes: for
+    DPO (and SFT) dpo_loss's metrics, implicit accuracy and reward margin against the reference; for MaPO, which has no
+    reference, mapo_loss's: the policy's own policy_margin and policy_acc, and no reference errors are computed.
+
+    The reference's errors never change, so they are returned and passed back in on the next call (None for MaPO).
+    """
+    indices = held_out_pairs.valid_indices[accelerator.process_index :: accelerator.num_processes]
+    batch_size = 2 * args.train_batch_size  # no activations are kept for backward
+    model = accelerator.unwrap_model(model)
+    model_errors = held_out_errors(model, family, noise, held_out_pairs, indices, args, batch_size)
+    if args.loss_type == "mapo":
+        model_err_w, model_err_l = gathered_errors(model_errors)
+        loss, metrics = mapo_loss(model_err_w, model_err_l, args.beta_mapo, noise.num_train_timesteps)
+        return {f"eval/{name}": value.item() for name, value in {"loss": loss, **metrics}.items()}, None
+    if reference_errors is None:
+        with reference_model(model, reference) as ref:
+            reference_errors = held_out_errors(ref, family, noise, held_out_pairs, indices, args, batch_size)
+    model_err_w, model_err_l, ref_err_w, ref_err_l = gathered_errors(torch.cat([model_errors, reference_errors]))
+    loss, metrics = dpo_loss(
+        model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type, args.label_smoothing
+    )
+    return {f"eval/{name}": value.item() for name, value in {"loss": loss, **metrics}.items()}, reference_errors

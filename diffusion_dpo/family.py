@@ -1,0 +1,221 @@
+"""ModelFamily: everything the shared code needs to know about a model family, set in that family's trainer script;
+and the trained model with its reference, built the same way for every family."""
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+import transformers
+from accelerate.logging import get_logger
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+
+from diffusion_dpo import InputError
+
+
+logger = get_logger(__name__)
+
+
+def no_options(args):
+    return {}
+
+
+class ModelFamily(NamedTuple):
+    """What a trainer script tells the shared code about its model family (docs/architecture.md)."""
+
+    name: str  # "Stable Diffusion 1.x/2.x": in messages and on the model card
+    pipeline_class: type  # renders validation images, holds a full fine-tune, writes and reads LoRA files
+    denoiser: str  # the trained component: "unet" or "transformer" (subfolder and pipeline argument)
+    # text and images, encoded once into the cache
+    cache_key: Callable  # (args, weight_dtype) -> what the cached encodings depend on besides data and crops
+    load_text_encoder: Callable  # (args, device, dtype) -> encode(captions) -> {array name: (n, ...) tensor}
+    caption_bytes: Callable  # (args) -> bytes one caption's arrays take in the cache (float16)
+    vae_config: Callable  # (args) -> the VAE's config, read without loading it
+    load_vae: Callable  # (args, dtype) -> the VAE
+    vae_dtype: Callable  # (args, weight_dtype) -> the dtype the VAE encodes in
+    # the denoiser
+    conditioning: Callable  # (batch, device) -> its keyword inputs for the stacked (winners; losers) batch
+    predict: Callable  # (model, noisy_latents, timesteps, conditioning) -> its prediction (epsilon, v or velocity)
+    # saving
+    lora_state_dict: Callable  # (model) -> the LoRA weights as this family's pipelines save them
+    load_pipeline: Callable  # (args, denoiser, **components) -> the family's pipeline around a denoiser
+    card_details: Callable  # (args) -> {license, tags, dtype, and optional load_options, call_options, notes}
+    kohya_lora: Callable | None = None  # (diffusers-format LoRA, denoiser config) -> kohya format; None: refused
+    validation_kwargs: Callable = no_options  # (args) -> more options of the pipeline call for validation images
+    resume_flags: tuple = ()  # the script's flags that change what is trained on: a resume must keep them
+
+
+def folder_identity(path, args, subfolders):
+    """What identifies the weights under `subfolders` of a model, without loading them: a local folder's file names,
+    sizes and modification times, or a Hub id resolved to its commit (an updated repository is another model)."""
+    if os.path.isdir(path):
+        files = []
+        for sub in subfolders:
+            for file in sorted(Path(path, sub).glob("*")):
+                stat = file.stat()
+                files.append([f"{sub}/{file.name}".lstrip("/"), stat.st_size, stat.st_mtime_ns])
+        return {"path": os.path.abspath(path), "files": files}
+    identity = {"hub_id": path, "revision": args.revision, "variant": args.variant}
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(
+            path, revision=args.revision, allow_patterns=["model_index.json"], cache_dir=args.cache_dir
+        )
+        identity["commit"] = Path(snapshot).name
+    except Exception as error:  # offline, gated, a typo: the load itself reports what matters
+        logger.warning(f"Could not resolve {path} to a commit ({type(error).__name__}); caching by id and revision.")
+    return identity
+
+
+def check_model_folder(args, parts, hint=""):
+    """A local model folder must hold every subfolder in `parts`; a path that is no folder is named in one line."""
+    model = args.pretrained_model_name_or_path
+    if os.path.isdir(model):
+        missing = [part for part in parts if not os.path.isdir(os.path.join(model, part))]
+        if missing:
+            raise InputError(
+                f"model folder '{model}' lacks {missing}: expected a diffusers pipeline folder with "
+                f"{', '.join(parts)}{hint}"
+            )
+    elif model.startswith((".", "/", "~")) or os.path.exists(model):
+        raise InputError(
+            f"--pretrained_model_name_or_path {model}: no such model folder (a diffusers pipeline folder or a Hub id)"
+        )
+
+
+def loads_reference(args):
+    """Whether the run needs a reference model: DPO does; SFT only to report held-out implicit accuracy; MaPO never
+    (reference-free: no frozen copy, and a LoRA's adapter is never switched off)."""
+    if args.loss_type == "mapo":
+        return False
+    return not args.sft or args.validation_split_name is not None or args.num_validation_pairs > 0
+
+
+def build_models(args, load_denoiser, lora_targets, device, weight_dtype):
+    """(trained denoiser, frozen reference or None). LoRA: the base frozen in the weight dtype, LoRA weights in
+    fp32, and no reference (the same model with its adapter off is one). Full fine-tuning: the trained copy and the
+    reference both in fp32, the reference run under the trained copy's autocast (reference_model), so that the two
+    compute identically and the first step's loss is ln 2 in every precision (in half-precision weights, norms and
+    modulations that use the weights outside matmuls would compute differently; with beta in the thousands that is
+    a visible bias)."""
+    reference = None
+    if args.train_mode == "lora":
+        model = load_denoiser(args, weight_dtype).to(device)
+        model.requires_grad_(False)  # freeze the base before adding the adapter: only LoRA weights train
+        config = LoraConfig(
+            r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=lora_targets
+        )
+        try:
+            model.add_adapter(config)
+        except ValueError as error:  # PEFT: "Target modules {...} not found in the base model"
+            raise InputError(f"LoRA target modules: {str(error).splitlines()[0]}") from None
+        cast_training_params(model, dtype=torch.float32)  # trainable weights stay fp32 under mixed precision
+    else:
+        model = load_denoiser(args).to(device).requires_grad_(True)
+        if loads_reference(args):
+            reference = load_denoiser(args).to(device).eval().requires_grad_(False)
+            reference.autocast_dtype = weight_dtype
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    for module in filter(None, (model, reference)):
+        if getattr(args, "channels_last", False):
+            module.to(memory_format=torch.channels_last)
+        if getattr(args, "enable_xformers_memory_efficient_attention", False):
+            module.enable_xformers_memory_efficient_attention()
+        if args.torch_compile:  # regional compilation, in place: parameter names, hooks and saving are unchanged
+            if module._repeated_blocks:
+                module.compile_repeated_blocks()
+            else:
+                for block in module.transformer_blocks:
+                    block.compile()
+    return model, reference
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """The LoRA reference model: the same model with its adapter off.
+
+    PEFT's disable also clears requires_grad on the LoRA weights and enable sets it again, so the adapter is
+    re-enabled even if the forward raises; otherwise training would silently stop updating anything.
+    """
+    model.disable_adapters()
+    try:
+        yield model
+    finally:
+        model.enable_adapters()
+
+
+@contextlib.contextmanager
+def reference_model(model, reference):
+    """The model that gives reference predictions: the frozen copy, run under the autocast the trained model runs
+    in, or the LoRA model itself with its adapter off."""
+    if reference is not None:
+        dtype = reference.autocast_dtype
+        with torch.autocast(reference.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            yield reference
+    else:
+        base = model.module if hasattr(model, "module") else model  # bypass DDP: no gradients flow here
+        with lora_disabled(base):
+            yield base
+
+
+def check_denoiser_config(args, denoiser_class, subfolder, expected, hint):
+    """Refuses, before any data is read, a model whose denoiser's config differs from `expected` (the values this
+    script relies on): it would fail only at the first training step, after the precompute."""
+    try:
+        config = denoiser_class.load_config(
+            args.pretrained_model_name_or_path, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir
+        )
+    except Exception:  # nothing to read (offline, a typo in a Hub id): loading the model reports it
+        return
+    differing = {name: config.get(name) for name, value in expected.items() if config.get(name) != value}
+    if differing:
+        found = ", ".join(f"{name} {value!r}" for name, value in differing.items())
+        raise InputError(
+            f"model '{args.pretrained_model_name_or_path}' has a {subfolder} of another kind ({found}): {hint}"
+        )
+
+
+def text_encoder_config(args, subfolder):
+    return transformers.AutoConfig.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir
+    )
+
+
+def load_text_encoders(args, suffixes, device, dtype):
+    """[(text encoder, its tokenizer)] from the subfolders text_encoder<suffix> and tokenizer<suffix>, frozen, each of
+    the class its config names."""
+    loaded = []
+    for suffix in suffixes:
+        config = text_encoder_config(args, f"text_encoder{suffix}")
+        encoder = getattr(transformers, config.architectures[0]).from_pretrained(
+            args.pretrained_model_name_or_path,
+            subfolder=f"text_encoder{suffix}",
+            revision=args.revision,
+            variant=args.variant,
+            cache_dir=args.cache_dir,
+            torch_dtype=dtype,
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            args.pretrained_model_name_or_path,
+            subfolder=f"tokenizer{suffix}",
+            revision=args.revision,
+            cache_dir=args.cache_dir,
+        )
+        loaded.append((encoder.to(device).eval().requires_grad_(False), tokenizer))
+    return loaded
+
+
+def tokens(tokenizer, captions, max_length=None, device=None):
+    """Token ids of `captions`, padded to the tokenizer's length (or max_length) and truncated, as pipelines encode."""
+    ids = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=max_length or tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return ids.to(device)

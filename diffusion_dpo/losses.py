@@ -1,0 +1,140 @@
+"""The DPO loss and what it is computed from: per-sample denoising errors of the trained model and its reference on
+the same corruption of the winner and the loser of each pair.
+
+    model_diff = err_theta(w) - err_theta(l),  ref_diff = err_ref(w) - err_ref(l)
+    inside = -0.5 * beta * (model_diff - ref_diff),  loss = -logsigmoid(inside)
+
+(the paper's code's convention, in which its beta, 2000 for SD 1.5 and 5000 for SDXL, applies), implicit accuracy =
+the fraction of pairs with inside > 0. While the trained model equals the reference the loss is exactly ln 2.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffusion_dpo.family import reference_model
+
+
+MAPO_SNR_VALUE = 0.5  # the constant `snr_value` of MaPO's log-odds in its reference code (mapo-t2i/mapo)
+
+
+def implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, beta):
+    """inside = -0.5 * beta * ((err_theta(w) - err_theta(l)) - (err_ref(w) - err_ref(l))), per pair."""
+    model_diff = model_err_w - model_err_l
+    ref_diff = ref_err_w - ref_err_l
+    return -0.5 * beta * (model_diff - ref_diff)
+
+
+def implicit_accuracy(inside):
+    """The fraction of pairs whose implicit reward margin `inside` favours the winner; exact ties (inside == 0, e.g.
+    while the model equals the reference) count half."""
+    return ((inside > 0).float() + 0.5 * (inside == 0).float()).mean()
+
+
+def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, loss_type="sigmoid", label_smoothing=0.0):
+    """Diffusion-DPO loss from four per-sample denoising errors (MSE averaged over latent dims).
+
+    inside = -0.5 * beta * ((err_theta(w) - err_theta(l)) - (err_ref(w) - err_ref(l)));
+    sigmoid (the paper): -logsigmoid(inside); hinge: relu(1 - inside); ipo: (inside / beta - 1 / (2 beta))^2.
+    label_smoothing eps (sigmoid only) is conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences";
+    TRL's `label_smoothing`): each label is assumed flipped with probability eps, so the loss is the expected one,
+    -(1 - eps) * logsigmoid(inside) - eps * logsigmoid(-inside); eps = 0 is the paper's loss exactly.
+    `inside` is the implicit reward margin of winner over loser; implicit accuracy is the fraction with inside > 0,
+    exact ties (inside == 0, e.g. while the model equals the reference) counting half, in training logs and held-out
+    metrics alike.
+    """
+    inside = implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)
+    if loss_type == "sigmoid":
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(inside) - label_smoothing * F.logsigmoid(-inside)
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - inside)
+    elif loss_type == "ipo":
+        losses = (inside / beta - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    metrics = {
+        "implicit_acc": implicit_accuracy(inside),
+        "reward_margin": inside.mean(),
+        "model_mse_w": model_err_w.mean(),
+        "model_mse_l": model_err_l.mean(),
+        "ref_mse_w": ref_err_w.mean(),
+        "ref_mse_l": ref_err_l.mean(),
+    }
+    return losses.mean(), {name: value.detach() for name, value in metrics.items()}
+
+
+def mapo_loss(model_err_w, model_err_l, beta_mapo, num_train_timesteps, snr_value=MAPO_SNR_VALUE):
+    """MaPO loss (margin-aware preference optimization, Hong et al. 2024, arXiv 2406.06424) from the trained model's
+    per-sample denoising errors alone: reference-free.
+
+    As the reference code computes it (mapo-t2i/mapo, utils.py `compute_loss`), with s = snr_value = 0.5 and
+    T = num_train_timesteps (1000):
+        log_odds = s * err(w) / (exp(s * err(w)) - 1) - s * err(l) / (exp(s * err(l)) - 1)   (> 0 when err(w) < err(l))
+        margin_loss = -logsigmoid(T * log_odds)   (T scales the margin up over the whole denoising process)
+        loss = mean(err(w)) + beta_mapo * mean(margin_loss)
+    i.e. the SFT loss on the preferred images plus the margin term; beta_mapo (the code's `beta_mapo`, default 0.1)
+    weighs the margin term and sits outside the sigmoid, unlike DPO's beta. Metrics: the policy's own preference,
+    policy_margin = mean(err(l) - err(w)) and policy_acc (fraction with err(w) < err(l), ties half); no implicit
+    accuracy, which needs a reference. For rectified flow the errors are (weighted) velocity errors: the formula
+    carried over unchanged, 0.1 a start, not tuned (docs/sd3.md).
+    """
+
+    def score(err):  # s * err / (exp(s * err) - 1): 1 at err = 0, falling with the error
+        scaled = snr_value * err
+        return scaled / torch.expm1(scaled)
+
+    log_odds = score(model_err_w) - score(model_err_l)
+    margin_losses = -F.logsigmoid(num_train_timesteps * log_odds)
+    loss = model_err_w.mean() + beta_mapo * margin_losses.mean()
+    metrics = {
+        "policy_acc": implicit_accuracy(model_err_l - model_err_w),
+        "policy_margin": (model_err_l - model_err_w).mean(),
+        "margin_loss": margin_losses.mean(),
+        "model_mse_w": model_err_w.mean(),
+        "model_mse_l": model_err_l.mean(),
+    }
+    return loss, {name: value.detach() for name, value in metrics.items()}
+
+
+def denoising_errors(model, family, noisy_latents, levels, conditioning, target):
+    """Per-sample MSE of the model's prediction, averaged over latent dims, in fp32 (weighted where the noise scheme
+    weights errors)."""
+    prediction = family.predict(model, noisy_latents, levels.timesteps, conditioning)
+    errors = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
+    return errors if levels.weighting is None else levels.weighting.float() * errors
+
+
+def step_seed(*parts):
+    """A 63-bit seed mixed from the run seed, rank and position, so noise needs no RNG state to resume."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def compute_loss(batch, model, reference, noise, family, args, generator):
+    """The loss of one batch of pairs: one forward of the trained model on the stacked (winners; losers) latents,
+    corrupted with one noise and one noise level per pair, one forward of the reference on the same inputs, and
+    dpo_loss on the four error vectors. `reference` is None for LoRA (the adapter is switched off instead); --sft
+    trains on the winners alone and --loss_type mapo runs no reference forward."""
+    device = model.device
+    pair_latents = batch["pair_latents"].to(device, torch.float32, non_blocking=True)
+    winners, losers = pair_latents[:, 0], pair_latents[:, 1]
+    # One noise and one noise level per pair, shared by its two images: DPO compares their errors on one corruption.
+    pair_noise = torch.randn(winners.shape, generator=generator, device=device)
+    levels = noise.draw(len(winners), generator, device)
+    conditioning = family.conditioning(batch, device, stacked=not args.sft)
+    if args.sft:
+        noisy_latents, target = noise.corrupt(winners, pair_noise, levels)
+        model_err = denoising_errors(model, family, noisy_latents, levels, conditioning, target)
+        return model_err.mean(), {"model_mse_w": model_err.detach().mean()}
+
+    latents, pair_noise, levels = torch.cat([winners, losers]), torch.cat([pair_noise, pair_noise]), levels.twice()
+    noisy_latents, target = noise.corrupt(latents, pair_noise, levels)
+    model_err_w, model_err_l = denoising_errors(model, family, noisy_latents, levels, conditioning, target).chunk(2)
+    if args.loss_type == "mapo":
+        return mapo_loss(model_err_w, model_err_l, args.beta_mapo, noise.num_train_timesteps)
+
+    with torch.inference_mode(), reference_model(model, reference) as ref:
+        ref_err = denoising_errors(ref, family, noisy_latents, levels, conditioning, target)
+    ref_err_w, ref_err_l = ref_err.clone().chunk(2)  # clone: an ordinary tensor again, usable next to the graph
+    return dpo_loss(
+        model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type, args.label_smoothing
+    )

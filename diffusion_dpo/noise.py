@@ -1,0 +1,83 @@
+"""How a family corrupts latents and what its denoiser predicts: DDPM's discrete timesteps with epsilon- or
+v-prediction (SD 1.x/2.x, SDXL), or rectified flow's noise levels with velocity prediction (SD3, Flux).
+
+A noise scheme draws NoiseLevels for n pairs; the DPO step stacks (winners; losers) and uses each pair's draw, and
+one noise, for both of its images (`NoiseLevels.twice`)."""
+
+from typing import NamedTuple
+
+import torch
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+
+class NoiseLevels(NamedTuple):
+    """One draw per sample: the timesteps the denoiser is conditioned on, and for rectified flow the noise levels
+    sigma and each error's weight (None: unweighted)."""
+
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor | None = None
+    weighting: torch.Tensor | None = None
+
+    def twice(self):
+        """The same draws for the stacked (winners; losers) batch."""
+        return NoiseLevels(*(None if value is None else value.repeat(2) for value in self))
+
+    def to(self, device):
+        return NoiseLevels(*(None if value is None else value.to(device) for value in self))
+
+    @staticmethod
+    def cat(draws):
+        return NoiseLevels(*(None if values[0] is None else torch.cat(values) for values in zip(*draws)))
+
+
+class DDPMNoise:
+    """The scheduler's forward process at a uniformly drawn timestep; the target is the noise (epsilon-prediction)
+    or the velocity (v-prediction), as the scheduler's prediction_type says. `timestep_grid`: draw only these
+    timesteps (SDXL-Turbo's 4-step grid)."""
+
+    def __init__(self, scheduler, timestep_grid=None):
+        self.scheduler = scheduler
+        self.timestep_grid = None if timestep_grid is None else torch.tensor(timestep_grid)
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+
+    def draw(self, n, generator, device):
+        if self.timestep_grid is None:
+            timesteps = torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=device)
+        else:
+            choice = torch.randint(0, len(self.timestep_grid), (n,), generator=generator, device=device)
+            timesteps = self.timestep_grid.to(device)[choice]
+        return NoiseLevels(timesteps)
+
+    def corrupt(self, latents, noise, levels):
+        """(noisy latents, the prediction target)."""
+        noisy_latents = self.scheduler.add_noise(latents, noise, levels.timesteps)
+        if self.scheduler.config.prediction_type == "v_prediction":
+            return noisy_latents, self.scheduler.get_velocity(latents, noise, levels.timesteps)
+        return noisy_latents, noise
+
+
+class FlowMatchNoise:
+    """Rectified flow: the point at noise level sigma on the straight line from the image to the noise, and the
+    velocity along it (the target). sigma is the scheduler's (shifted) sigma at an index drawn from
+    `weighting_scheme`'s density, and errors are weighted as it says, as diffusers' SD3 and Flux DreamBooth scripts
+    do (compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3)."""
+
+    def __init__(self, scheduler, weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29):
+        self.scheduler = scheduler
+        self.density = dict(
+            weighting_scheme=weighting_scheme, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale
+        )
+        self.weighting_scheme = weighting_scheme
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+
+    def draw(self, n, generator, device):
+        u = compute_density_for_timestep_sampling(batch_size=n, device=device, generator=generator, **self.density)
+        # the mode density reaches u = 1 (one past the last index): clamped
+        indices = (u.cpu() * self.num_train_timesteps).long().clamp(0, len(self.scheduler.timesteps) - 1)
+        sigmas = self.scheduler.sigmas[indices].to(device)
+        weighting = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas)
+        return NoiseLevels(self.scheduler.timesteps[indices].to(device), sigmas, weighting)
+
+    def corrupt(self, latents, noise, levels):
+        sigmas = levels.sigmas.view(-1, *[1] * (latents.ndim - 1)).to(latents.dtype)
+        return (1.0 - sigmas) * latents + sigmas * noise, noise - latents
