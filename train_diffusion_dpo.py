@@ -10,19 +10,13 @@ shares (data, cache, loss, checkpoints, outputs) is in diffusion_dpo/, one modul
 """
 
 import torch
-from accelerate.utils import set_seed
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import (
     convert_all_state_dict_to_peft,
-    convert_state_dict_to_diffusers,
     convert_state_dict_to_kohya,
 )
-from peft.utils import get_peft_model_state_dict
 
 from diffusion_dpo.args import add_unet_options, check_args, shared_parser
-from diffusion_dpo.cache import precompute_pairs
-from diffusion_dpo.checkpoints import check_resume_flags
-from diffusion_dpo.data import training_and_validation_pairs
 from diffusion_dpo.family import (
     ModelFamily,
     build_models,
@@ -35,7 +29,7 @@ from diffusion_dpo.family import (
 from diffusion_dpo.losses import compute_loss
 from diffusion_dpo.noise import DDPMNoise
 from diffusion_dpo.run import one_line_errors
-from diffusion_dpo.training import TrainingData, TrainingRun, create_hub_repo, mixed_precision_dtype, training_session
+from diffusion_dpo.training import TrainingRun, cached_pairs, training_session
 
 
 MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # subfolders of a pipeline folder it reads
@@ -96,26 +90,6 @@ def caption_bytes(args):
     return 2 * config.max_position_embeddings * config.hidden_size
 
 
-def vae_config(args):
-    model = args.pretrained_model_name_or_path
-    return AutoencoderKL.load_config(model, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir)
-
-
-def load_vae(args, dtype):
-    return AutoencoderKL.from_pretrained(
-        args.pretrained_model_name_or_path,
-        subfolder="vae",
-        revision=args.revision,
-        variant=args.variant,
-        cache_dir=args.cache_dir,
-        torch_dtype=dtype,
-    )
-
-
-def vae_dtype(args, weight_dtype):
-    return weight_dtype  # the SD 1.x/2.x VAE is safe in half precision
-
-
 def cache_key(args, weight_dtype):
     """What the cached encodings depend on besides the data and image settings: the VAE and text encoder's files."""
     return {"model": folder_identity(args.pretrained_model_name_or_path, args, ("vae", "text_encoder", "tokenizer"))}
@@ -126,34 +100,10 @@ def cache_key(args, weight_dtype):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_noise(args):
-    scheduler = DDPMScheduler.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
-    )
-    if args.prediction_type is not None:
-        scheduler.register_to_config(prediction_type=args.prediction_type)
-    return DDPMNoise(scheduler)
-
-
-def load_unet(args, dtype=None):
-    return UNet2DConditionModel.from_pretrained(
-        args.pretrained_model_name_or_path,
-        subfolder="unet",
-        revision=args.revision,
-        variant=args.variant,
-        cache_dir=args.cache_dir,
-        torch_dtype=dtype,
-    )
-
-
 def conditioning(batch, device, stacked=True):
     """The UNet's text input, for the stacked (winners; losers) batch or the winners alone: one caption a pair."""
     prompt_embeds = batch["prompt_embeds"].to(device, torch.float32, non_blocking=True)
     return {"encoder_hidden_states": prompt_embeds.repeat(2, 1, 1) if stacked else prompt_embeds}
-
-
-def predict(unet, noisy_latents, timesteps, conditioning):
-    return unet(noisy_latents, timesteps, **conditioning, return_dict=False)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,10 +120,6 @@ def load_pipeline(args, unet, **components):
         cache_dir=args.cache_dir,
         **components,
     )
-
-
-def lora_state_dict(unet):
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
 def kohya_lora(diffusers_lora, unet_config):
@@ -198,12 +144,7 @@ FAMILY = ModelFamily(
     cache_key=cache_key,
     load_text_encoder=load_text_encoder,
     caption_bytes=caption_bytes,
-    vae_config=vae_config,
-    load_vae=load_vae,
-    vae_dtype=vae_dtype,
     conditioning=conditioning,
-    predict=predict,
-    lora_state_dict=lora_state_dict,
     load_pipeline=load_pipeline,
     card_details=card_details,
     kohya_lora=kohya_lora,
@@ -218,26 +159,24 @@ FAMILY = ModelFamily(
 
 def main(args):
     """Trains and saves; returns {'global_step', 'history': [per-step metrics], 'evaluations': [held-out metrics]}."""
-    with training_session(args, FAMILY) as (accelerator, stop_signals):
-        weight_dtype = mixed_precision_dtype(accelerator)
-        repo_id = create_hub_repo(args, accelerator)
-        check_resume_flags(args, accelerator.num_processes, FAMILY.resume_flags)
+    with training_session(args, FAMILY) as session:
+        accelerator = session.accelerator
         check_denoiser_config(args, UNet2DConditionModel, "unet", UNET_CONDITIONING, OTHER_MODELS_HINT)
 
         # Data: the pairs, then their latents and caption embeddings, encoded once into the cache.
-        train_source, held_out_source = training_and_validation_pairs(args, accelerator)
-        train_pairs, held_out_pairs = precompute_pairs(
-            args, FAMILY, accelerator, train_source, held_out_source, weight_dtype
-        )
+        data = cached_pairs(args, accelerator, FAMILY)
 
         # The UNet and its reference (LoRA: the same UNet, adapter off), and the noise it learns to remove.
-        set_seed(args.seed)  # the precompute draws random numbers: the LoRA's init must not depend on a cache hit
-        unet, reference = build_models(args, load_unet, LORA_TARGET_MODULES, accelerator.device, weight_dtype)
-        noise = load_noise(args)
+        unet, reference = build_models(args, FAMILY, UNet2DConditionModel, LORA_TARGET_MODULES, accelerator)
+        scheduler = DDPMScheduler.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
+        )
+        if args.prediction_type is not None:
+            scheduler.register_to_config(prediction_type=args.prediction_type)
+        noise = DDPMNoise(scheduler)  # uniform timesteps; epsilon or v target, as the scheduler predicts
 
         # Every step: the DPO loss on the UNet's and the reference's errors on winner and loser, corrupted alike.
-        data = TrainingData(train_source, train_pairs, held_out_pairs)
-        run = TrainingRun(args, accelerator, FAMILY, unet, reference, noise, data, stop_signals, repo_id)
+        run = TrainingRun(args, session, FAMILY, unet, reference, noise, data)
         for batch, generator in run.batches():
             with accelerator.accumulate(run.model):
                 loss, metrics = compute_loss(batch, run.model, reference, noise, FAMILY, args, generator)

@@ -244,8 +244,8 @@ def shared_parser(description, model, resolution, beta_dpo, output_dir, validati
     log("--run_validation", action="store_true", help="Render --validation_prompts during training.")
     log("--validation_steps", type=int, default=200, help="Held-out metrics and validation images every N steps.")
     log("--validation_prompts", nargs="+", default=DEFAULT_VALIDATION_PROMPTS)
-    log("--num_validation_inference_steps", type=int, default=validation_steps, help=f"({validation_steps})")
-    log("--validation_guidance_scale", type=float, default=guidance_scale, help=f"({guidance_scale:g})")
+    log("--num_validation_inference_steps", type=int, default=validation_steps, help="Validation sampling steps.")
+    log("--validation_guidance_scale", type=float, default=guidance_scale, help="Validation guidance scale.")
 
     add["hub"]("--push_to_hub", action="store_true", help="Upload the result (not the checkpoints).")
     add["hub"]("--hub_model_id", default=None, help="Repository id (default: output_dir's name).")
@@ -262,6 +262,21 @@ def add_unet_options(groups):
         help="Channels-last memory format for the UNet, and for the VAE while precomputing (on a CPU the VAE "
         "always encodes channels-last: measured 1.4x faster).",
     )
+
+
+def add_flow_options(groups):
+    """How the rectified-flow families draw noise levels, as diffusers' SD3 and Flux DreamBooth scripts do."""
+    flow = groups["loss"].add_argument
+    flow(
+        "--weighting_scheme",
+        default="logit_normal",
+        choices=["logit_normal", "mode", "sigma_sqrt", "cosmap", "none"],
+        help="How sigma is drawn (logit_normal, mode; others uniformly) and how errors are weighted (sigma_sqrt, "
+        "cosmap; others not): diffusers' compute_density_for_timestep_sampling and compute_loss_weighting_for_sd3.",
+    )
+    flow("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal scheme.")
+    flow("--logit_std", type=float, default=1.0, help="Standard deviation of the logit_normal scheme.")
+    flow("--mode_scale", type=float, default=1.29, help="Scale of the mode scheme.")
 
 
 def finite_number(args, name, low=None, open_low=False):
@@ -300,6 +315,10 @@ def check_args(args, family, resolution_multiple=8):
     finite_number(args, "validation_guidance_scale")
     if args.learning_rate is not None:
         finite_number(args, "learning_rate", 0, open_low=True)
+    if hasattr(args, "weighting_scheme"):
+        finite_number(args, "logit_mean")
+        finite_number(args, "logit_std", 0, open_low=True)
+        finite_number(args, "mode_scale")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise InputError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}")
     for name in ("adam_beta1", "adam_beta2"):

@@ -9,8 +9,12 @@ from typing import Callable, NamedTuple
 import torch
 import transformers
 from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL
 from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 
 from diffusion_dpo import InputError
 
@@ -18,30 +22,60 @@ from diffusion_dpo import InputError
 logger = get_logger(__name__)
 
 
+def model_vae_config(args):
+    model = args.pretrained_model_name_or_path
+    return AutoencoderKL.load_config(model, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir)
+
+
+def load_model_vae(args, dtype):
+    return AutoencoderKL.from_pretrained(
+        args.pretrained_model_name_or_path,
+        subfolder="vae",
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+        torch_dtype=dtype,
+    )
+
+
+def weight_dtype_vae(args, weight_dtype):
+    return weight_dtype
+
+
+def unet_prediction(unet, noisy_latents, timesteps, conditioning):
+    return unet(noisy_latents, timesteps, **conditioning, return_dict=False)[0]
+
+
+def diffusers_lora_layers(model):
+    """The LoRA weights in diffusers' naming, as diffusers' UNet LoRA scripts save them."""
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+
+
 def no_options(args):
     return {}
 
 
 class ModelFamily(NamedTuple):
-    """What a trainer script tells the shared code about its model family (docs/architecture.md)."""
+    """What a trainer script tells the shared code about its model family (docs/architecture.md); the defaults
+    are those of the Stable Diffusion UNet families."""
 
     name: str  # "Stable Diffusion 1.x/2.x": in messages and on the model card
     pipeline_class: type  # renders validation images, holds a full fine-tune, writes and reads LoRA files
     denoiser: str  # the trained component: "unet" or "transformer" (subfolder and pipeline argument)
-    # text and images, encoded once into the cache
+    # captions and images, encoded once into the cache
     cache_key: Callable  # (args, weight_dtype) -> what the cached encodings depend on besides data and crops
     load_text_encoder: Callable  # (args, device, dtype) -> encode(captions) -> {array name: (n, ...) tensor}
     caption_bytes: Callable  # (args) -> bytes one caption's arrays take in the cache (float16)
-    vae_config: Callable  # (args) -> the VAE's config, read without loading it
-    load_vae: Callable  # (args, dtype) -> the VAE
-    vae_dtype: Callable  # (args, weight_dtype) -> the dtype the VAE encodes in
-    # the denoiser
-    conditioning: Callable  # (batch, device) -> its keyword inputs for the stacked (winners; losers) batch
-    predict: Callable  # (model, noisy_latents, timesteps, conditioning) -> its prediction (epsilon, v or velocity)
-    # saving
-    lora_state_dict: Callable  # (model) -> the LoRA weights as this family's pipelines save them
-    load_pipeline: Callable  # (args, denoiser, **components) -> the family's pipeline around a denoiser
-    card_details: Callable  # (args) -> {license, tags, dtype, and optional load_options, call_options, notes}
+    # the denoiser's inputs: (batch, device, stacked) -> keyword inputs for the (winners; losers) batch or winners
+    conditioning: Callable
+    # the result: (args, denoiser, **components) -> the family's pipeline; (args) -> the model card's particulars
+    load_pipeline: Callable
+    card_details: Callable  # {license, tags, dtype, and optionally load_options, call_options, method_note, notes}
+    vae_config: Callable = model_vae_config  # (args) -> the VAE's config, read without loading it
+    load_vae: Callable = load_model_vae  # (args, dtype) -> the VAE
+    vae_dtype: Callable = weight_dtype_vae  # (args, weight_dtype) -> the dtype the VAE encodes in
+    predict: Callable = unet_prediction  # (model, noisy_latents, timesteps, conditioning) -> eps, v or velocity
+    lora_state_dict: Callable = diffusers_lora_layers  # (model) -> the LoRA weights as the pipelines save them
     kohya_lora: Callable | None = None  # (diffusers-format LoRA, denoiser config) -> kohya format; None: refused
     validation_kwargs: Callable = no_options  # (args) -> more options of the pipeline call for validation images
     resume_flags: tuple = ()  # the script's flags that change what is trained on: a resume must keep them
@@ -94,16 +128,31 @@ def loads_reference(args):
     return not args.sft or args.validation_split_name is not None or args.num_validation_pairs > 0
 
 
-def build_models(args, load_denoiser, lora_targets, device, weight_dtype):
+def build_models(args, family, model_class, lora_targets, accelerator, **load_options):
     """(trained denoiser, frozen reference or None). LoRA: the base frozen in the weight dtype, LoRA weights in
     fp32, and no reference (the same model with its adapter off is one). Full fine-tuning: the trained copy and the
     reference both in fp32, the reference run under the trained copy's autocast (reference_model), so that the two
     compute identically and the first step's loss is ln 2 in every precision (in half-precision weights, norms and
     modulations that use the weights outside matmuls would compute differently; with beta in the thousands that is
-    a visible bias)."""
+    a visible bias). `load_options` go to from_pretrained."""
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    device = accelerator.device
+    set_seed(args.seed)  # the precompute draws random numbers: the LoRA's init must not depend on a cache hit
+
+    def load_denoiser(dtype=None):
+        return model_class.from_pretrained(
+            args.pretrained_model_name_or_path,
+            subfolder=family.denoiser,
+            revision=args.revision,
+            variant=args.variant,
+            cache_dir=args.cache_dir,
+            torch_dtype=dtype,
+            **load_options,
+        )
+
     reference = None
     if args.train_mode == "lora":
-        model = load_denoiser(args, weight_dtype).to(device)
+        model = load_denoiser(weight_dtype).to(device)
         model.requires_grad_(False)  # freeze the base before adding the adapter: only LoRA weights train
         config = LoraConfig(
             r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=lora_targets
@@ -114,9 +163,9 @@ def build_models(args, load_denoiser, lora_targets, device, weight_dtype):
             raise InputError(f"LoRA target modules: {str(error).splitlines()[0]}") from None
         cast_training_params(model, dtype=torch.float32)  # trainable weights stay fp32 under mixed precision
     else:
-        model = load_denoiser(args).to(device).requires_grad_(True)
+        model = load_denoiser().to(device).requires_grad_(True)
         if loads_reference(args):
-            reference = load_denoiser(args).to(device).eval().requires_grad_(False)
+            reference = load_denoiser().to(device).eval().requires_grad_(False)
             reference.autocast_dtype = weight_dtype
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()

@@ -2,9 +2,9 @@
 optimizer step (skipped when not finite), logs and progress, checkpoints, signals, held-out evaluation, validation
 images, and the final save. A script's loop reads:
 
-    run = TrainingRun(args, accelerator, FAMILY, model, reference, noise, data, stop_signals)
+    run = TrainingRun(args, session, FAMILY, model, reference, noise, data)
     for batch, generator in run.batches():
-        with accelerator.accumulate(run.model):
+        with session.accelerator.accumulate(run.model):
             loss, metrics = compute_loss(batch, run.model, reference, noise, FAMILY, args, generator)
             run.backward_and_step(loss, metrics)
         run.end_step()
@@ -27,9 +27,10 @@ from huggingface_hub import create_repo
 from tqdm.auto import tqdm
 
 from diffusion_dpo import TrainingStopped
-from diffusion_dpo.cache import steps_per_epoch, training_dataloader
+from diffusion_dpo.cache import precompute_pairs, steps_per_epoch, training_dataloader
 from diffusion_dpo.checkpoints import (
     check_output_dir,
+    check_resume_flags,
     last_checkpoint_note,
     register_checkpoint_hooks,
     resume,
@@ -37,6 +38,7 @@ from diffusion_dpo.checkpoints import (
     training_settings,
     weights_finite,
 )
+from diffusion_dpo.data import training_and_validation_pairs
 from diffusion_dpo.evaluation import evaluate_held_out
 from diffusion_dpo.losses import step_seed
 from diffusion_dpo.outputs import push_to_hub, render_validation, save_lora, save_model_card
@@ -62,30 +64,44 @@ class TrainingData(NamedTuple):
     held_out_pairs: object = None
 
 
+class Session(NamedTuple):
+    accelerator: object
+    stop_signals: StopSignals
+    repo_id: str | None  # the Hub repository, with --push_to_hub
+
+
 @contextlib.contextmanager
 def training_session(args, family):
-    """(accelerator, stop signals) for a run's lifetime: SIGTERM and SIGINT handled, --output_dir locked and checked
-    (under the lock: no other run can write an earlier run's results meanwhile). Both are released when the block
-    ends or raises (tests run trainers in-process)."""
+    """A Session for a run's lifetime: SIGTERM and SIGINT handled, --output_dir locked and checked (under the lock: no
+    other run can write an earlier run's results meanwhile), a resume's flags checked against its checkpoint, and
+    with --push_to_hub the Hub repository created (a bad token fails now, not after hours of training). The handlers
+    and the lock are released when the block ends or raises (tests run trainers in-process)."""
     with contextlib.ExitStack() as lifetime:
         stop_signals = lifetime.enter_context(StopSignals())
         accelerator = setup_accelerator(args)
         lifetime.enter_context(locked_output_dir(args, accelerator))
         check_output_dir(args, family.denoiser)
-        yield accelerator, stop_signals
+        check_resume_flags(args, accelerator.num_processes, family.resume_flags)
+        repo_id = None
+        if args.push_to_hub and accelerator.is_main_process:
+            repo_name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+            repo_id = create_repo(repo_id=repo_name, exist_ok=True, token=args.hub_token).repo_id
+        yield Session(accelerator, stop_signals, repo_id)
+
+
+def cached_pairs(args, accelerator, family):
+    """The run's pairs, read and the held-out ones set aside (data.py), then encoded into the cache (cache.py)."""
+    train_source, held_out_source = training_and_validation_pairs(args, accelerator)
+    weight_dtype = mixed_precision_dtype(accelerator)
+    train_pairs, held_out_pairs = precompute_pairs(
+        args, family, accelerator, train_source, held_out_source, weight_dtype
+    )
+    return TrainingData(train_source, train_pairs, held_out_pairs)
 
 
 def mixed_precision_dtype(accelerator):
     """The dtype frozen weights are held in and mixed precision computes in (fp32 without mixed precision)."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-
-def create_hub_repo(args, accelerator):
-    """With --push_to_hub, the Hub repository, created before hours of training so that a bad token fails at once."""
-    if args.push_to_hub and accelerator.is_main_process:
-        repo_name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-        return create_repo(repo_id=repo_name, exist_ok=True, token=args.hub_token).repo_id
-    return None
 
 
 def learning_rate(args, pairs_per_step):
@@ -186,10 +202,11 @@ class TrainingRun:
     denoiser as accelerate prepared it; `global_step` counts optimizer steps, resumed ones included; `history` holds
     each step's logged metrics and `evaluations` the held-out ones."""
 
-    def __init__(self, args, accelerator, family, model, reference, noise, data, stop_signals, repo_id=None):
-        self.args, self.accelerator, self.family = args, accelerator, family
-        self.reference, self.noise, self.data, self.stop_signals = reference, noise, data, stop_signals
-        self.repo_id, self.weight_dtype = repo_id, mixed_precision_dtype(accelerator)
+    def __init__(self, args, session, family, model, reference, noise, data):
+        self.args, self.accelerator, self.family = args, session.accelerator, family
+        self.reference, self.noise, self.data, self.stop_signals = reference, noise, data, session.stop_signals
+        self.repo_id, self.weight_dtype = session.repo_id, mixed_precision_dtype(session.accelerator)
+        accelerator, stop_signals = self.accelerator, self.stop_signals
         register_checkpoint_hooks(accelerator, model, args, family)
 
         n_processes = accelerator.num_processes
