@@ -13,9 +13,7 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="dpo-tests-hf-home-")
 import pytest
 import tiny_assets
 import torch
-from testing_utils import N_PAIRS, RESOLUTION, TRAINERS, command_line
-
-import train_diffusion_dpo_sdxl
+from testing_utils import N_PAIRS, RESOLUTION, SD3_SEQUENCE_LENGTH, TRAINERS, command_line
 
 
 @pytest.fixture(scope="session")
@@ -93,16 +91,16 @@ def tiny_clip_scorer(tiny_model, tmp_path_factory):
 
 
 def pytest_generate_tests(metafunc):
-    """A test that takes the `dpo` fixture runs on the SD 1.5 trainer, or once per trainer when it is marked
-    `both_trainers` (the behaviour both scripts must share); an explicit parametrize of `dpo` wins."""
+    """A test that takes the `dpo` fixture runs on the SD 1.5 script, or once per trainer script when it is marked
+    `every_script` (end-to-end behaviour every script must have); an explicit parametrize of `dpo` wins."""
     if "dpo" not in metafunc.fixturenames:
         return
     for mark in metafunc.definition.iter_markers("parametrize"):
         names = mark.args[0]
         if "dpo" in (names.replace(" ", "").split(",") if isinstance(names, str) else names):
             return
-    both = metafunc.definition.get_closest_marker("both_trainers") is not None
-    metafunc.parametrize("dpo", sorted(TRAINERS) if both else ["sd15"], indirect=True)
+    every = metafunc.definition.get_closest_marker("every_script") is not None
+    metafunc.parametrize("dpo", list(TRAINERS) if every else ["sd15"], indirect=True)
 
 
 @pytest.fixture
@@ -114,7 +112,12 @@ def dpo(request):
 @pytest.fixture
 def tiny_pipeline(dpo, request):
     """The tiny model folder that fits the trainer under test."""
-    return request.getfixturevalue("tiny_sdxl_model" if dpo is train_diffusion_dpo_sdxl else "tiny_model")
+    fixture = {"sd15": "tiny_model", "sdxl": "tiny_sdxl_model", "sd3": "tiny_sd3_model"}[script_name(dpo)]
+    return request.getfixturevalue(fixture)
+
+
+def script_name(dpo):
+    return next(name for name, module in TRAINERS.items() if module is dpo)
 
 
 @pytest.fixture
@@ -133,6 +136,8 @@ def cli_args(tiny_pipeline, pickapic_data, tmp_path):
             "report_to": "none",
             "seed": 0,
         }
+        if os.path.isdir(os.path.join(tiny_pipeline, "transformer")):  # SD3: a short T5 sequence
+            flags["max_sequence_length"] = SD3_SEQUENCE_LENGTH
         flags.update(overrides)
         return command_line(flags)
 

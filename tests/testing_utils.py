@@ -10,16 +10,17 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from diffusion_dpo.outputs import LORA_WEIGHT_NAME
+
 import train_diffusion_dpo
 import train_diffusion_dpo_sd3
 import train_diffusion_dpo_sdxl
 
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINERS = {"sd15": train_diffusion_dpo, "sdxl": train_diffusion_dpo_sdxl}
-# The pure loss functions are the same in all three scripts: tested on each (SD3 is left out of TRAINERS, whose
-# end-to-end runs it would make a third longer).
-LOSS_FUNCTION_TRAINERS = {**TRAINERS, "sd3": train_diffusion_dpo_sd3}
+# The trainer scripts: end-to-end behaviour is tested on each of them (the `every_script` marker, conftest.py).
+TRAINERS = {"sd15": train_diffusion_dpo, "sdxl": train_diffusion_dpo_sdxl, "sd3": train_diffusion_dpo_sd3}
+SD3_SEQUENCE_LENGTH = 16  # T5 tokens per caption in the tiny SD3 runs: the tiny captions need a few
 
 N_PAIRS = 8  # decided pairs in the default dataset; it also holds 2 ties and 1 pair with a corrupt image
 RESOLUTION = 32
@@ -72,23 +73,36 @@ def run_cli(module, argv, launcher=None, env=None):
 
 
 def pipeline_class(module):
-    return module.StableDiffusionXLPipeline if module is train_diffusion_dpo_sdxl else module.StableDiffusionPipeline
+    return module.FAMILY.pipeline_class
 
 
-def unet_output(unet):
-    """The UNet's prediction on fixed random inputs (with SDXL's added conditioning when it has one)."""
+def denoiser(pipeline):
+    """The pipeline's trained component: its UNet or transformer."""
+    return getattr(pipeline, "unet", None) or pipeline.transformer
+
+
+def denoiser_output(model):
+    """A UNet's or an SD3 transformer's prediction on fixed random inputs (with SDXL's added conditioning when the
+    UNet has one)."""
     generator = torch.Generator().manual_seed(0)
+    config = model.config
+    if "joint_attention_dim" in config:  # SD3's MMDiT
+        sample = torch.randn(1, config.in_channels, 16, 16, generator=generator)
+        text = torch.randn(1, 8, config.joint_attention_dim, generator=generator)
+        pooled = torch.randn(1, config.pooled_projection_dim, generator=generator)
+        with torch.no_grad():
+            return model(sample, text, pooled, torch.tensor([500.0])).sample
     sample = torch.randn(1, 4, 16, 16, generator=generator)
-    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+    text = torch.randn(1, 77, config.cross_attention_dim, generator=generator)
     extra = {}
-    if unet.config.addition_embed_type == "text_time":
-        pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    if config.addition_embed_type == "text_time":
+        pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
         extra["added_cond_kwargs"] = {
             "text_embeds": torch.randn(1, pooled_dim, generator=generator),
             "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]),
         }
     with torch.no_grad():
-        return unet(sample, torch.tensor([500]), text, **extra).sample
+        return model(sample, torch.tensor([500]), text, **extra).sample
 
 
 def dataset_rows(folder, split="train"):
@@ -106,7 +120,7 @@ def cache_folders(cache_root, n_pairs=None):
 
 
 def lora_weights(output_dir):
-    return load_file(os.path.join(output_dir, train_diffusion_dpo.LORA_WEIGHT_NAME))
+    return load_file(os.path.join(output_dir, LORA_WEIGHT_NAME))
 
 
 def assert_same_tensors(first, second, atol=1e-6):
