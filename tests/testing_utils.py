@@ -10,11 +10,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from diffusion_dpo.outputs import LORA_WEIGHT_NAME
-
 import train_diffusion_dpo
 import train_diffusion_dpo_sd3
 import train_diffusion_dpo_sdxl
+from diffusion_dpo.outputs import LORA_WEIGHT_NAME
 
 
 ROOT = Path(__file__).resolve().parents[1]
