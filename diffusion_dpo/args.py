@@ -41,215 +41,103 @@ def shared_parser(description, model, resolution, beta_dpo, output_dir, validati
     """The parser with every shared flag, and its groups by title ("model", "data", ..., "hub") for a script's own
     flags. The arguments are the script's defaults."""
     parser = OneLineErrorParser(description=description)
-    groups = {
-        title: parser.add_argument_group(title)
-        for title in ("model", "data", "cache", "held-out pairs", "loss", "training", "optimizer", "performance")
-        + ("checkpointing", "logging and validation images", "hub")
-    }
-    add = {title: group.add_argument for title, group in groups.items()}
+    titles = ("model", "data", "cache", "held-out pairs", "loss", "training", "optimizer", "performance")
+    groups = {title: parser.add_argument_group(title) for title in titles + ("checkpointing", "logging", "hub")}
 
-    add["model"]("--pretrained_model_name_or_path", default=model, help=f"Hub id or local pipeline folder ({model}).")
-    add["model"]("--revision", default=None, help="Revision (branch, tag or commit) of the model.")
-    add["model"]("--variant", default=None, help="Weight variant to load, e.g. 'fp16'.")
+    def adder(title):
+        def add(name, default=None, help=None, **options):
+            groups[title].add_argument(name, default=default, help=help, **options)
 
-    add["data"](
-        "--dataset_name",
-        default=DEFAULT_DATASET,
-        help="Hub id, local folder, .parquet file or image folder (with metadata.jsonl or metadata.csv) of "
-        "preference pairs in one of the layouts of --data_layout (docs/data.md).",
-    )
-    add["data"]("--dataset_config_name", default=None, help="Config name of the dataset, if any.")
-    add["data"]("--dataset_split_name", default="train", help="Split to train on.")
-    add["data"]("--cache_dir", default=None, help="Where Hub models are downloaded (datasets are streamed).")
-    add["data"](
-        "--data_layout",
-        default="auto",
-        choices=["auto", *DATA_LAYOUTS],
-        help="How rows hold a pair: pickapic (jpg_0, jpg_1, label_0, caption), chosen_rejected (chosen, rejected, "
-        "prompt; the chosen image wins), votes (image1, image2, votes_image1, votes_image2, prompt; more votes wins). "
-        "auto: the one layout whose columns the dataset has.",
-    )
-    add["data"]("--image_0_column", default=None, help="The first image's column (default: jpg_0, chosen, image1).")
-    add["data"]("--image_1_column", default=None, help="The second image's column (default: jpg_1, rejected, image2).")
-    add["data"](
-        "--label_column",
-        default=None,
-        help="pickapic layout: 1 = first image preferred, 0 = second, 0.5 = tie (dropped); default label_0.",
-    )
-    add["data"]("--caption_column", default=None, help="The prompt's column; default: caption, prompt or txt.")
-    add["data"]("--vote_0_column", default=None, help="votes layout: the first image's votes; default votes_image1.")
-    add["data"]("--vote_1_column", default=None, help="votes layout: the second image's votes; default votes_image2.")
-    add["data"](
-        "--min_vote_margin",
-        type=float,
-        default=1,
-        help="votes layout: the image with at least this many more votes wins; closer pairs are ties (dropped).",
-    )
-    add["data"]("--max_train_samples", type=int, default=None, help="Train on a random subset of this many pairs.")
-    add["data"]("--resolution", type=int, default=resolution, help=f"Square training resolution ({resolution}).")
-    add["data"](
-        "--random_crop",
-        action="store_true",
-        help="Crop at a random position instead of the centre, drawn once per image when it is encoded.",
-    )
-    add["data"](
-        "--no_hflip",
-        action="store_true",
-        help="Do not flip images horizontally. By default both orientations are encoded (as a run reads them) and "
-        "each epoch picks one at random; --no_hflip halves precompute time and cache size.",
-    )
-    add["data"](
-        "--proportion_empty_prompts",
-        type=float,
-        default=0.0,
-        help="Fraction of pairs trained with the pipeline's unconditional input (classifier-free-guidance dropout).",
-    )
+        return add
 
-    add["cache"](
-        "--precompute_cache_dir",
-        default=None,
-        help="Where the latents and text embeddings are cached (default: <--cache_dir or the datasets cache>/"
-        "diffusion_dpo). A later run with the same model, data and image settings reuses them.",
-    )
-    add["cache"]("--vae_encode_batch_size", type=int, default=8, help="Images per VAE forward while precomputing.")
-    add["cache"](
-        "--precompute_commit_seconds",
-        type=float,
-        default=60,
-        help="Save precompute progress this often: an interrupted precompute resumes from the last save.",
-    )
+    base, data, cache, held_out, loss, training, optimizer, performance, checkpointing, log, hub = map(adder, groups)
 
-    add["held-out pairs"](
-        "--validation_split_name",
-        default=None,
-        help="A split of --dataset_name with held-out pairs (e.g. Pick-a-Pic 'validation'), evaluated every "
-        "--validation_steps, before training and at the end.",
-    )
-    add["held-out pairs"](
-        "--num_validation_pairs",
-        type=int,
-        default=0,
-        help="Without --validation_split_name: hold this many pairs out of the training split. With it: use at most "
-        "this many of its pairs (0 = all).",
-    )
-    add["held-out pairs"](
-        "--validation_timesteps",
-        type=int,
-        default=10,
-        help="Fixed (noise level, noise) draws per held-out pair; its errors are averaged over them.",
-    )
+    base("--pretrained_model_name_or_path", model, f"Hub id or local pipeline folder ({model}).")
+    base("--revision", help="Revision (branch, tag or commit) of the model.")
+    base("--variant", help="Weight variant to load, e.g. 'fp16'.")
 
-    add["loss"](
-        "--beta_dpo",
-        type=float,
-        default=beta_dpo,
-        help=f"Diffusion-DPO's beta, in the paper's code's convention inside = -beta/2 * (model_diff - ref_diff) "
-        f"({beta_dpo:g}; docs/loss-and-learning-rates.md).",
-    )
-    add["loss"](
-        "--loss_type",
-        default="sigmoid",
-        choices=["sigmoid", "hinge", "ipo", "mapo"],
-        help="sigmoid: the paper's DPO loss; hinge: relu(1 - inside); ipo: (inside/beta - 1/(2 beta))^2; "
-        "mapo: reference-free MaPO (Hong et al. 2024), no reference forward and no frozen copy.",
-    )
-    add["loss"](
-        "--label_smoothing",
-        type=float,
-        default=0.0,
-        help="Conservative DPO (sigmoid loss): the probability eps that a label is flipped, in [0, 0.5).",
-    )
-    add["loss"]("--beta_mapo", type=float, default=None, help="--loss_type mapo: the margin term's weight (0.1).")
-    add["loss"]("--sft", action="store_true", help="Supervised fine-tuning on the preferred images (a baseline).")
-    add["loss"](
-        "--train_mode",
-        default="lora",
-        choices=["lora", "full"],
-        help="lora: train a LoRA adapter (reference = the same model with the adapter off); full: train every "
-        "weight of the denoiser against a frozen copy.",
-    )
-    add["loss"]("--rank", type=int, default=8, help="LoRA rank (alpha = rank).")
+    data("--dataset_name", DEFAULT_DATASET, "Hub id, local folder, .parquet file or image folder of pairs.")
+    data("--dataset_config_name", help="Config name of the dataset, if any.")
+    data("--dataset_split_name", "train", "Split to train on.")
+    data("--cache_dir", help="Where Hub models are downloaded (datasets are streamed).")
+    data("--data_layout", "auto", "How rows hold a pair (docs/data.md).", choices=["auto", *DATA_LAYOUTS])
+    data("--image_0_column", help="The first image's column (default: jpg_0, chosen or image1).")
+    data("--image_1_column", help="The second image's column (default: jpg_1, rejected or image2).")
+    data("--label_column", help="pickapic: 1 = first image preferred, 0 = second, 0.5 = tie (label_0).")
+    data("--caption_column", help="The prompt's column (default: caption, prompt or txt).")
+    data("--vote_0_column", help="votes: the first image's votes (votes_image1).")
+    data("--vote_1_column", help="votes: the second image's votes (votes_image2).")
+    data("--min_vote_margin", 1, "votes: this many more votes win; closer pairs are ties.", type=float)
+    data("--max_train_samples", help="Train on a random subset of this many pairs.", type=int)
+    data("--resolution", resolution, f"Square training resolution ({resolution}).", type=int)
+    data("--random_crop", help="Crop at a random position (drawn once per image).", action="store_true")
+    data("--no_hflip", help="No horizontal flips: halves precompute time and cache size.", action="store_true")
+    data("--proportion_empty_prompts", 0.0, "Pairs trained with the unconditional input (CFG dropout).", type=float)
 
-    add["training"]("--output_dir", default=output_dir, help=f"Where weights and checkpoints go ({output_dir}).")
-    add["training"]("--seed", type=int, default=0, help="Seed for initialisation, data order, noise and crops.")
-    add["training"](
-        "--output_kohya_format",
-        action="store_true",
-        help=f"LoRA only: also write {KOHYA_WEIGHT_NAME} (kohya-style keys) for ComfyUI, Automatic1111 and Forge "
-        "(SD 1.x/2.x and SDXL; ComfyUI loads the other families' diffusers-format file as it is).",
-    )
-    add["training"]("--train_batch_size", type=int, default=4, help="Preference pairs per device per step.")
-    add["training"]("--num_train_epochs", type=int, default=1)
-    add["training"]("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides the epochs.")
-    add["training"]("--gradient_accumulation_steps", type=int, default=1)
-    add["training"]("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
+    cache("--precompute_cache_dir", help="Cache of latents and text embeddings (<datasets cache>/diffusion_dpo).")
+    cache("--vae_encode_batch_size", 8, "Images per VAE forward while precomputing.", type=int)
+    cache("--precompute_commit_seconds", 60, "Save precompute progress this often.", type=float)
 
-    add["optimizer"](
-        "--learning_rate",
-        type=float,
-        default=None,
-        help="Default: 1e-5 for LoRA; for full fine-tuning the paper's 1e-8 * (2000 / beta_dpo) * pairs per "
-        "optimizer step.",
-    )
-    add["optimizer"]("--scale_lr", action="store_true", help="Multiply the learning rate by pairs per step.")
-    add["optimizer"](
-        "--lr_scheduler",
-        default="constant_with_warmup",
-        choices=[s.value for s in SchedulerType if s.value != "piecewise_constant"],
-    )
-    add["optimizer"]("--lr_warmup_steps", type=int, default=0)
-    add["optimizer"]("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
-    add["optimizer"]("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
-    add["optimizer"]("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (less memory).")
-    add["optimizer"]("--use_adafactor", action="store_true", help="Adafactor (the paper's optimizer for SDXL).")
-    add["optimizer"]("--adam_beta1", type=float, default=0.9)
-    add["optimizer"]("--adam_beta2", type=float, default=0.999)
-    add["optimizer"]("--adam_weight_decay", type=float, default=1e-2)
-    add["optimizer"]("--adam_epsilon", type=float, default=1e-8)
-    add["optimizer"]("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
-    add["optimizer"](
-        "--max_consecutive_skipped_steps",
-        type=int,
-        default=20,
-        help="A step with a non-finite loss or gradient is skipped; stop after this many in a row.",
-    )
+    held_out("--validation_split_name", help="A split of held-out pairs (e.g. Pick-a-Pic's validation).")
+    held_out("--num_validation_pairs", 0, "Hold out this many pairs (or use this many of the split).", type=int)
+    held_out("--validation_timesteps", 10, "Fixed noise draws per held-out pair.", type=int)
 
-    add["performance"]("--dataloader_num_workers", type=int, default=0, help="Worker processes for data loading.")
-    add["performance"](
-        "--mixed_precision",
-        default=None,
-        choices=["no", "fp16", "bf16"],
-        help="Overrides accelerate's config. Trainable weights and the loss stay in fp32.",
-    )
-    add["performance"]("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
-    add["performance"](
-        "--torch_compile",
-        action="store_true",
-        help="torch.compile the denoiser's repeated blocks (regional compilation: most of the speed-up of "
-        "compiling the whole model, a fraction of the compile time).",
-    )
+    loss("--beta_dpo", beta_dpo, f"Diffusion-DPO's beta ({beta_dpo:g}; docs/loss-and-learning-rates.md).", type=float)
+    loss("--loss_type", "sigmoid", "sigmoid is the paper's; mapo: MaPO.", choices=["sigmoid", "hinge", "ipo", "mapo"])
+    loss("--label_smoothing", 0.0, "Conservative DPO: the probability a label is flipped, [0, 0.5).", type=float)
+    loss("--beta_mapo", help="--loss_type mapo: the margin term's weight (0.1).", type=float)
+    loss("--sft", help="Supervised fine-tuning on the preferred images (a baseline).", action="store_true")
+    loss("--train_mode", "lora", "lora (reference: adapter off) or full (a frozen copy).", choices=["lora", "full"])
+    loss("--rank", 8, "LoRA rank (alpha = rank).", type=int)
 
-    add["checkpointing"]("--checkpointing_steps", type=int, default=500, help="A resumable checkpoint every N steps.")
-    add["checkpointing"]("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many.")
-    add["checkpointing"](
-        "--resume_from_checkpoint",
-        default=None,
-        help="'latest' or a checkpoint folder (a path, or a name inside --output_dir) to continue from.",
+    training("--output_dir", output_dir, f"Where weights and checkpoints go ({output_dir}).")
+    training("--seed", 0, "Seed for initialisation, data order, noise and crops.", type=int)
+    training("--output_kohya_format", help=f"LoRA: also write {KOHYA_WEIGHT_NAME}.", action="store_true")
+    training("--train_batch_size", 4, "Preference pairs per device per step.", type=int)
+    training("--num_train_epochs", 1, type=int)
+    training("--max_train_steps", help="Optimizer steps; overrides the epochs.", type=int)
+    training("--gradient_accumulation_steps", 1, type=int)
+    training("--gradient_checkpointing", help="Trade compute for activation memory.", action="store_true")
+
+    optimizer("--learning_rate", help="LoRA: 1e-5; full: 1e-8 * (2000 / beta) * pairs per step.", type=float)
+    optimizer("--scale_lr", help="Multiply the learning rate by pairs per step.", action="store_true")
+    schedules = [schedule.value for schedule in SchedulerType if schedule.value != "piecewise_constant"]
+    optimizer("--lr_scheduler", "constant_with_warmup", choices=schedules)
+    optimizer("--lr_warmup_steps", 0, type=int)
+    optimizer("--lr_num_cycles", 1, "Hard restarts of cosine_with_restarts.", type=int)
+    optimizer("--lr_power", 1.0, "Power of the polynomial schedule.", type=float)
+    optimizer("--use_8bit_adam", help="bitsandbytes 8-bit AdamW (less memory).", action="store_true")
+    optimizer("--use_adafactor", help="Adafactor (the paper's optimizer for SDXL).", action="store_true")
+    optimizer("--adam_beta1", 0.9, type=float)
+    optimizer("--adam_beta2", 0.999, type=float)
+    optimizer("--adam_weight_decay", 1e-2, type=float)
+    optimizer("--adam_epsilon", 1e-8, type=float)
+    optimizer("--max_grad_norm", 1.0, "Gradient clipping norm (0 disables).", type=float)
+    optimizer("--max_consecutive_skipped_steps", 20, "Stop after this many non-finite steps in a row.", type=int)
+
+    performance("--dataloader_num_workers", 0, "Worker processes for data loading.", type=int)
+    performance(
+        "--mixed_precision", help="no, fp16 or bf16 (overrides accelerate's config).", choices=["no", "fp16", "bf16"]
     )
+    performance("--allow_tf32", help="Allow TF32 matmuls on Ampere and newer GPUs.", action="store_true")
+    performance("--torch_compile", help="torch.compile the denoiser's repeated blocks.", action="store_true")
 
-    log = add["logging and validation images"]
-    log("--report_to", default="tensorboard", help="tensorboard, wandb, comet_ml, all or none.")
-    log("--logging_dir", default="logs", help="Tracker folder, relative to --output_dir.")
-    log("--tracker_name", default="diffusion-dpo", help="Project name for the trackers.")
-    log("--run_validation", action="store_true", help="Render --validation_prompts during training.")
-    log("--validation_steps", type=int, default=200, help="Held-out metrics and validation images every N steps.")
-    log("--validation_prompts", nargs="+", default=DEFAULT_VALIDATION_PROMPTS)
-    log("--num_validation_inference_steps", type=int, default=validation_steps, help="Validation sampling steps.")
-    log("--validation_guidance_scale", type=float, default=guidance_scale, help="Validation guidance scale.")
+    checkpointing("--checkpointing_steps", 500, "A resumable checkpoint every N steps.", type=int)
+    checkpointing("--checkpoints_total_limit", help="Keep at most this many checkpoints.", type=int)
+    checkpointing("--resume_from_checkpoint", help="'latest' or a checkpoint folder to continue from.")
 
-    add["hub"]("--push_to_hub", action="store_true", help="Upload the result (not the checkpoints).")
-    add["hub"]("--hub_model_id", default=None, help="Repository id (default: output_dir's name).")
-    add["hub"]("--hub_token", default=None, help="Token for the Hub (prefer `hf auth login`).")
+    log("--report_to", "tensorboard", "tensorboard, wandb, comet_ml, all or none.")
+    log("--logging_dir", "logs", "Tracker folder, relative to --output_dir.")
+    log("--tracker_name", "diffusion-dpo", "Project name for the trackers.")
+    log("--run_validation", help="Render --validation_prompts during training.", action="store_true")
+    log("--validation_steps", 200, "Held-out metrics and validation images every N steps.", type=int)
+    log("--validation_prompts", DEFAULT_VALIDATION_PROMPTS, nargs="+")
+    log("--num_validation_inference_steps", validation_steps, "Validation sampling steps.", type=int)
+    log("--validation_guidance_scale", guidance_scale, "Validation guidance scale.", type=float)
+
+    hub("--push_to_hub", help="Upload the result (not the checkpoints).", action="store_true")
+    hub("--hub_model_id", help="Repository id (default: output_dir's name).")
+    hub("--hub_token", help="Token for the Hub (prefer `hf auth login`).")
     return parser, groups
 
 
