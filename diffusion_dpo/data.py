@@ -34,56 +34,33 @@ from diffusion_dpo.run import removed_on_failure
 logger = get_logger(__name__)
 
 DEFAULT_DATASET = "yuvalkirstain/pickapic_v2"
-
-
 DATASET_ALTERNATIVES = (
     "the original yuvalkirstain/pickapic_v2 has been reported unavailable since 2025; community mirrors with the "
     "same columns exist (e.g. liuhuohuo2/pick-a-pic-v2; kashif/pickascore is a small subset), or pass a local "
     "folder or .parquet file in Pick-a-Pic format (yuvalkirstain/pickapic_v2_no_images holds metadata only and "
     "cannot be trained on)"
 )
-
-
 # Precompute streams the source shard by shard, spread over processes and loader workers: a split with fewer files
 # than this is split into its parquet row groups instead (a split of many files is not: that costs a read per file).
 MIN_SOURCE_SHARDS = 64
-
-
-# The row layouts the trainer reads: each role's column names, the first one a dataset has wins (--image_0_column,
-# --label_column... name others). Every layout reduces a row to a label (1: the first image won, 0: the second, 0.5:
-# a tie, NaN: invalid) and a caption, so the rest of the trainer never sees the layout.
+# The row layouts the trainer reads: each role's column names, the first one a dataset has wins (--<role>_column
+# names others). Every layout reduces a row to a label (1: the first image won, 0: the second, 0.5: a tie, NaN:
+# invalid) and a caption, so the rest of the trainer never sees the layout.
+CAPTION, PROMPT = ("caption", "prompt", "txt"), ("prompt", "caption", "txt")
 DATA_LAYOUTS = {
-    "pickapic": {
-        "image_0": ("jpg_0",),
-        "image_1": ("jpg_1",),
-        "label": ("label_0",),
-        "caption": ("caption", "prompt", "txt"),
-    },
-    "chosen_rejected": {"image_0": ("chosen",), "image_1": ("rejected",), "caption": ("prompt", "caption", "txt")},
+    "pickapic": {"image_0": ("jpg_0",), "image_1": ("jpg_1",), "label": ("label_0",), "caption": CAPTION},
+    "chosen_rejected": {"image_0": ("chosen",), "image_1": ("rejected",), "caption": PROMPT},
     "votes": {
         "image_0": ("image1",),
         "image_1": ("image2",),
         "vote_0": ("votes_image1",),
         "vote_1": ("votes_image2",),
-        "caption": ("prompt", "caption", "txt"),
+        "caption": PROMPT,
     },
 }
-
-
-ROLE_FLAGS = {
-    "image_0": "image_0_column",
-    "image_1": "image_1_column",
-    "label": "label_column",
-    "vote_0": "vote_0_column",
-    "vote_1": "vote_1_column",
-    "caption": "caption_column",
-}
-
-
+ROLES = ("image_0", "image_1", "label", "vote_0", "vote_1", "caption")  # each read from --<role>_column if given
 # an image folder: a local folder whose metadata file's rows name image files relative to it
 IMAGE_FOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
-
-
 INVALID_ROWS = {  # what a NaN label means, per layout
     "pickapic": "pairs with labels outside {0, 0.5, 1}",
     "chosen_rejected": "invalid pairs",
@@ -187,12 +164,12 @@ def data_layout(args, stream):
     """The layout of `stream`'s rows: --data_layout's, or (auto) the one layout whose columns the dataset has.
     Stops in one line naming the dataset's columns when no layout, or more than one, fits."""
     readable, present = readable_columns(stream)
-    named = {role: getattr(args, flag) for role, flag in ROLE_FLAGS.items() if getattr(args, flag) is not None}
+    named = {role: getattr(args, f"{role}_column") for role in ROLES if getattr(args, f"{role}_column") is not None}
     candidates = list(DATA_LAYOUTS) if args.data_layout == "auto" else [args.data_layout]
     fits, partial = {}, {}
     for name in candidates:
         roles = DATA_LAYOUTS[name]
-        unread = [f"--{ROLE_FLAGS[role]}" for role in named if role not in roles]
+        unread = [f"--{role}_column" for role in named if role not in roles]
         if unread and args.data_layout != "auto":
             raise InputError(f"the {name} layout does not read {' and '.join(unread)}")
         if unread:  # a column flag this layout has no use for: the user means another layout
@@ -209,7 +186,7 @@ def data_layout(args, stream):
             fits[name] = columns
         elif "image_0" in columns or "image_1" in columns or args.data_layout != "auto":
             partial[name] = lacking
-    flags = "/".join(f"--{flag}" for flag in ROLE_FLAGS)
+    flags = "/".join(f"--{role}_column" for role in ROLES)
     if not fits and partial:
         name, lacking = min(partial.items(), key=lambda item: len(item[1]))
         raise InputError(
