@@ -203,7 +203,8 @@ def reference_model(model, reference):
     in, or the LoRA model itself with its adapter off."""
     if reference is not None:
         dtype = reference.autocast_dtype
-        with torch.autocast(reference.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        # cache_enabled=False as the trained model's autocast (run.setup_accelerator): the same kernels on both
+        with torch.autocast(reference.device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
             yield reference
     else:
         base = model.module if hasattr(model, "module") else model  # bypass DDP: no gradients flow here

@@ -19,7 +19,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import AutocastKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 
@@ -151,6 +151,10 @@ def setup_accelerator(args):
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
+        # Autocast's cache of cast weights (of weights that require grad: the trained ones) changes what some CPU
+        # kernels compute (seen with oneDNN's AVX2 bf16 matmuls), so that a full fine-tune's reference, whose weights
+        # are not cached, would differ from the trained copy at step 1. Without the cache both compute alike.
+        kwargs_handlers=[AutocastKwargs(cache_enabled=False)],
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:  # each process would train alone and overwrite the others' output
