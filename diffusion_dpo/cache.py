@@ -34,7 +34,15 @@ from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from diffusion_dpo import InputError
-from diffusion_dpo.data import PreferencePairs, cache_root, decode_image, resize_and_crop, source_file, stream_split
+from diffusion_dpo.data import (
+    PreferencePairs,
+    cache_root,
+    decode_image,
+    resize_and_crop,
+    shard_batches,
+    source_file,
+    stream_split,
+)
 from diffusion_dpo.run import first_line, format_bytes, removed_on_failure, save_atomically
 
 
@@ -143,27 +151,15 @@ class PairPixels(torch.utils.data.IterableDataset):
                 streams[split] = stream_split(self.args, split, columns)[0]
             stream, wanted = streams[split], self.tasks[(split, shard)]
             row, unseen = int(source_pairs.shard_starts[shard]), {found for rows in wanted.values() for found in rows}
-            # .iter(), not a for loop over the stream: inside a DataLoader worker the latter splits the (one) shard
-            # among the workers again, and all but one would see nothing
-            batches = stream.shard(stream.num_shards, shard, contiguous=True).iter(batch_size=64)
-            while True:
-                try:
-                    batch = next(batches, None)
-                except Exception as error:  # a broken file costs its pairs (counted skips), not the run
-                    logger.warning(
-                        f"Skipping {len(unseen)} pairs of {source_file(source_pairs.identity, shard)}: "
-                        f"unreadable ({type(error).__name__}: {error})",
-                        main_process_only=False,
-                    )
-                    yield from (self.skipped(group, position) for group, position in sorted(unseen))
-                    break
-                if batch is None:
-                    break
+            # .iter() (in shard_batches), not a for loop over the stream: inside a DataLoader worker the latter
+            # splits the (one) shard among the workers again, and all but one would see nothing
+            for batch in shard_batches(stream, shard, 64, source_file(source_pairs.identity, shard)):
                 for offset in range(len(batch[columns[0]])):
                     for group, position in wanted.get(row + offset, ()):
                         unseen.discard((group, position))
                         yield self.decode(group, position, {column: batch[column][offset] for column in columns})
                 row += len(batch[columns[0]])
+            yield from (self.skipped(group, position) for group, position in sorted(unseen))  # unreadable rows
 
     def skipped(self, group, position):
         pixels = torch.zeros(self.num_orientations, 2, 3, self.resolution, self.resolution)

@@ -9,6 +9,7 @@ Names used throughout: source pairs (`PreferencePairs`: rows, captions, which im
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from diffusion_dpo import InputError
-from diffusion_dpo.run import removed_on_failure
+from diffusion_dpo.run import first_line, removed_on_failure
 
 
 logger = get_logger(__name__)
@@ -367,6 +368,35 @@ def read_labels_and_captions(path):
         return None
 
 
+def shard_batches(stream, shard, batch_size, name):
+    """The batches of one source shard, `name`d in messages. A file broken partway (a truncated tar or parquet file)
+    keeps its intact rows: after a failed batch the shard is read again row by row, up to the first row that fails,
+    and what is lost is logged; a broken file costs its broken rows, not the run."""
+    shard_stream, read = stream.shard(stream.num_shards, shard, contiguous=True), 0
+    try:
+        for batch in shard_stream.iter(batch_size):
+            yield batch
+            read += len(batch) if isinstance(batch, pa.Table) else len(next(iter(batch.values())))
+        return
+    except Exception as error:  # datasets and its readers raise many types; all mean "cannot read on"
+        failure = error
+    rows = shard_stream.iter(1)
+    for row in itertools.count():
+        try:
+            batch = next(rows)
+        except StopIteration:
+            break
+        except Exception as error:
+            failure = error
+            break
+        if row >= read:
+            yield batch
+    logger.warning(
+        f"Skipping what follows row {row} of {name}: unreadable ({type(failure).__name__}: {first_line(failure)})",
+        main_process_only=False,
+    )
+
+
 def labels_and_captions(args, split, identity, num_shards, layout):
     """Every row's label and caption, read shard by shard (so each shard's first row is known), and kept beside the
     latent caches: a later run, or another process of this one, starts without reading the data again."""
@@ -379,18 +409,10 @@ def labels_and_captions(args, split, identity, num_shards, layout):
         schema = pa.schema([("label", pa.float64()), ("caption", pa.string())])
 
         def read_shard(shard):
-            try:
-                batches = stream.shard(num_shards, shard, contiguous=True).with_format("arrow").iter(10_000)
-                return pa.concat_tables(
-                    [schema.empty_table()] + [parse_labels_and_captions(b, layout).cast(schema) for b in batches]
-                )
-            except Exception as error:  # a broken file costs its pairs, not the run
-                logger.warning(
-                    f"Skipping {source_file(identity, shard)} of split '{split}': unreadable "
-                    f"({type(error).__name__}: {error})",
-                    main_process_only=False,
-                )
-                return schema.empty_table()
+            batches = shard_batches(stream.with_format("arrow"), shard, 10_000, source_file(identity, shard))
+            return pa.concat_tables(
+                [schema.empty_table()] + [parse_labels_and_captions(b, layout).cast(schema) for b in batches]
+            )
 
         with ThreadPoolExecutor(max_workers=8) as pool:  # the shards' reads overlap (remote files: round trips)
             shards = list(
