@@ -224,6 +224,10 @@ def stream_split(args, split, columns=None):
             "pairs out of it with --num_validation_pairs instead"
         )
     if metadata:  # an image folder: its metadata file is the split; images are read from their paths
+        if len(Path(metadata).read_text(errors="replace").strip().splitlines()) < (
+            2 if metadata.endswith("csv") else 1
+        ):
+            raise InputError(f"image folder '{name}': {Path(metadata).name} names no image pairs")
         location = dict(path="json" if metadata.endswith(".jsonl") else "csv", data_files={split: metadata})
     elif os.path.isfile(name):
         location = dict(path="parquet", data_files=name)
@@ -238,9 +242,9 @@ def stream_split(args, split, columns=None):
             with contextlib.suppress(Exception):  # a file that cannot be read: keep whole files (it is skipped later)
                 stream = stream.reshard()
     except Exception as error:  # the datasets library raises many types; all mean "cannot load this"
-        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+        note = "" if os.path.exists(name) else f". Note: {DATASET_ALTERNATIVES}"  # a Hub id may be a lost mirror
         raise InputError(
-            f"cannot load dataset '{name}' split '{split}': {reason}. Note: {DATASET_ALTERNATIVES}"
+            f"cannot load dataset '{name}' split '{split}': {first_line(error).rstrip('.')}{note}"
         ) from None
     data_files = (getattr(builder.config, "data_files", None) or {}).get(split)
     identity = {
