@@ -176,6 +176,9 @@ class PairPixels(torch.utils.data.IterableDataset):
                 main_process_only=False,
             )
             return item
+        if images[0].size == images[1].size and images[0].tobytes() == images[1].tobytes():
+            logger.warning(f"Skipping pair {position}: the same image on both sides", main_process_only=False)
+            return item  # nothing to prefer: its DPO loss would be ln 2 with no gradient, whatever the model
         if self.to_decode[group].source_pairs.second_is_winner[position]:
             images.reverse()
         crop_rng = np.random.default_rng([self.seed, position]) if self.random_crop else None
@@ -571,7 +574,7 @@ def load_or_precompute(args, family, requests, accelerator, weight_dtype):
                 if undecodable.any():
                     logger.warning(
                         f"Cache {planned.path.name}: skipping {int(undecodable.sum())} of {len(undecodable)} "
-                        "pairs with an undecodable image."
+                        "pairs with an undecodable image or the same image on both sides."
                     )
     finally:
         if lock.is_locked:
