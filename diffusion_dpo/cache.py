@@ -8,10 +8,12 @@ A cache folder holds, for one set of source pairs (docs/cache.md):
                            family's pipeline decodes them; sparse on disk until encoded
   crops.npy                (pairs, orientations, 2, 6) int32: each image's original height and width, the crop's top,
                            left, height and width: SDXL's micro-conditioning (its time ids)
+  checksums.npy            (pairs, orientations) uint32: CRC-32 of each (pair, orientation)'s latents and crops
   encoded.npy              (pairs, orientations) bool: which latents are there
   undecodable.npy          (pairs,) bool: pairs with an image that could not be decoded (skipped)
   encoded.part-<k>.npy ... what process k of a machine encoded, until folded in
-  cache_info.json          the key fields the folder's name is hashed from, and the caption arrays' names
+  cache_info.json          the key fields the folder's name is hashed from, the caption arrays' names, and the
+                           CRC-32 of some of their rows
 """
 
 import errno
@@ -22,6 +24,7 @@ import os
 import shutil
 import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -49,7 +52,8 @@ from diffusion_dpo.run import first_line, format_bytes, removed_on_failure, save
 logger = get_logger(__name__)
 
 CACHE_FORMAT_VERSION = 4
-LATENT_ARRAYS = ("pair_latents", "crops")  # the per-image arrays, written as images are encoded
+LATENT_ARRAYS = ("pair_latents", "crops", "checksums")  # written as images are encoded, (pair, orientation) each
+CHECKED_ROWS = 16  # rows of each array whose checksums a run verifies before it trusts a cache
 MASK_ARRAYS = ("encoded", "undecodable")
 CAPTION_BATCH = 64  # captions per text-encoder forward
 
@@ -214,7 +218,7 @@ def precompute_bytes(args, family, planned_caches):
     def on_disk(n_bytes, block=4096):
         return -(-n_bytes // block) * block
 
-    chunks = [2 * 2 * math.prod(image_latent_shape(args, family)), 2 * 6 * 4]  # a (pair, orientation) of each
+    chunks = [2 * 2 * math.prod(image_latent_shape(args, family)), 2 * 6 * 4, 4]  # a (pair, orientation) of each
     total = 0
     for planned in planned_caches:
         (n_pairs, n_orientations), todo = planned.needed.shape, planned.needed
@@ -266,11 +270,14 @@ def create_cache(args, planned, encode, latent_shape):
             if zeros:
                 array[0] = 0
             np.save(partial / f"{name}.npy", array)
+        checked_rows = np.unique(np.linspace(0, len(captioned), CHECKED_ROWS).astype(int)).tolist()
+        checksums = {name: [zlib.crc32(array[row]) for row in checked_rows] for name, array in arrays.items()}
         logger.info(
             f"Encoded {len(captioned)} unique captions for {len(captions)} pairs ({captions.count('')} empty)."
         )
         n_pairs, n_orientations = planned.needed.shape
-        for name, dtype, shape in (("pair_latents", np.float16, (2, *latent_shape)), ("crops", np.int32, (2, 6))):
+        latent_arrays = (np.float16, (2, *latent_shape)), (np.int32, (2, 6)), (np.uint32, ())
+        for name, (dtype, shape) in zip(LATENT_ARRAYS, latent_arrays):
             # allocated, not written: the file stays sparse on disk until latents are encoded into it
             np.lib.format.open_memmap(partial / f"{name}.npy", "w+", dtype, (n_pairs, n_orientations, *shape))
         np.save(partial / "encoded.npy", np.zeros((n_pairs, n_orientations), dtype=bool))
@@ -279,6 +286,8 @@ def create_cache(args, planned, encode, latent_shape):
             **planned.key_fields,
             "pairs": n_pairs,
             "caption_arrays": list(arrays),
+            "caption_checksums": checksums,
+            "checked_rows": checked_rows,
             "unique_captions": len(captioned),
         }
         (partial / "cache_info.json").write_text(json.dumps(info, indent=2))
@@ -429,7 +438,8 @@ def encode_latents(args, family, planned_caches, device, weight_dtype, part=0, p
             latents = latents.view(*images.shape[:2], *latents.shape[1:]).cpu().to(torch.float16).numpy()
             n_images += 2 * len(latents)
             for latent, crop, (row, orientation) in zip(latents, crops, zip(*np.nonzero(wanted.numpy()))):
-                caches[group[row]].store(index[row], orientation, pair_latents=latent, crops=crop)
+                checksum = zlib.crc32(crop.tobytes(), zlib.crc32(latent.tobytes()))
+                caches[group[row]].store(index[row], orientation, pair_latents=latent, crops=crop, checksums=checksum)
             if time.monotonic() - last_commit > args.precompute_commit_seconds:
                 for cache in caches:
                     cache.commit()
@@ -482,7 +492,8 @@ def check_cache_files(cache_path):
     """Opens every array of an existing cache folder and checks that their shapes agree, so that a damaged file (a
     truncated copy, a disk that filled up) stops the run here, before any encoding or training, in one line."""
     try:
-        caption_arrays = json.loads((cache_path / "cache_info.json").read_text())["caption_arrays"]
+        info = json.loads((cache_path / "cache_info.json").read_text())
+        caption_arrays = info["caption_arrays"]
     except Exception as error:  # missing, truncated, or of another format
         raise damaged_cache_file(cache_path / "cache_info.json", first_line(error)) from None
     names = ["caption_index", *caption_arrays, *LATENT_ARRAYS, *MASK_ARRAYS]
@@ -503,6 +514,7 @@ def check_cache_files(cache_path):
         "caption_index": (n_pairs,),
         "pair_latents": (n_pairs, n_orientations, 2),
         "crops": (n_pairs, n_orientations, 2, 6),
+        "checksums": (n_pairs, n_orientations),
         **{name: (n_captions,) for name in caption_arrays},
     }
     for name, array in arrays.items():
@@ -512,6 +524,21 @@ def check_cache_files(cache_path):
     caption_index = np.asarray(arrays["caption_index"])
     if n_pairs and not 0 <= caption_index.min() <= caption_index.max() < n_captions:
         raise damaged_cache_file(cache_path / "caption_index.npy", f"rows outside the {n_captions} embeddings")
+    check_contents(cache_path, arrays, info)
+
+
+def check_contents(cache_path, arrays, info):
+    """Checks the contents of some rows of every array against the checksums written with them: a file overwritten
+    under an intact header (a bad copy, a disk fault) is named here, not blamed on the learning rate later."""
+    for name in info["caption_arrays"]:
+        for row, expected in zip(info["checked_rows"], info["caption_checksums"][name]):
+            if zlib.crc32(np.ascontiguousarray(arrays[name][row])) != expected:
+                raise damaged_cache_file(cache_path / f"{name}.npy", f"row {row} differs from its checksum")
+    encoded = np.argwhere(np.asarray(arrays["encoded"]))
+    for index, orientation in encoded[np.unique(np.linspace(0, len(encoded) - 1, CHECKED_ROWS).astype(int))]:
+        latent, crop = (np.ascontiguousarray(arrays[name][index, orientation]) for name in ("pair_latents", "crops"))
+        if zlib.crc32(crop.tobytes(), zlib.crc32(latent.tobytes())) != arrays["checksums"][index, orientation]:
+            raise damaged_cache_file(cache_path / "pair_latents.npy", f"pair {index} differs from its checksum")
 
 
 def remove_leftover_partials(args, planned_caches):
@@ -610,7 +637,7 @@ class CachedPreferencePairs(torch.utils.data.Dataset):
         if not self.encoded[index, orientation]:  # never read the zeros of a latent that was not encoded
             raise RuntimeError(f"pair {index} orientation {orientation} is not in the cache {self.cache_path}")
         caption_row = 0 if drop_caption else int(self._arrays["caption_index"][index])
-        item = {name: np.array(self._arrays[name][index, orientation]) for name in LATENT_ARRAYS}
+        item = {name: np.array(self._arrays[name][index, orientation]) for name in ("pair_latents", "crops")}
         item.update({name: np.array(self._arrays[name][caption_row]) for name in self.caption_arrays})
         return {name: torch.from_numpy(value) for name, value in item.items()}
 
