@@ -535,7 +535,8 @@ def check_contents(cache_path, arrays, info):
             if zlib.crc32(np.ascontiguousarray(arrays[name][row])) != expected:
                 raise damaged_cache_file(cache_path / f"{name}.npy", f"row {row} differs from its checksum")
     encoded = np.argwhere(np.asarray(arrays["encoded"]))
-    for index, orientation in encoded[np.unique(np.linspace(0, len(encoded) - 1, CHECKED_ROWS).astype(int))]:
+    sampled = np.unique(np.linspace(0, len(encoded) - 1, CHECKED_ROWS).astype(int)) if len(encoded) else []
+    for index, orientation in encoded[sampled]:
         latent, crop = (np.ascontiguousarray(arrays[name][index, orientation]) for name in ("pair_latents", "crops"))
         if zlib.crc32(crop.tobytes(), zlib.crc32(latent.tobytes())) != arrays["checksums"][index, orientation]:
             raise damaged_cache_file(cache_path / "pair_latents.npy", f"pair {index} differs from its checksum")
