@@ -4,14 +4,27 @@ import math
 
 import pytest
 import torch
+from accelerate import Accelerator
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 from testing_utils import ACCELERATE_LAUNCH, cache_folders, lora_weights, run_cli, run_trainer
+
+from diffusion_dpo.cache import CachedPreferencePairs, PairSampler
+from diffusion_dpo.family import build_models, lora_disabled
+from diffusion_dpo.losses import compute_loss
+from diffusion_dpo.outputs import LORA_WEIGHT_NAME
 
 
 LN2 = math.log(2)
 
 
+def trained_and_reference(dpo, args):
+    """The script's trained denoiser and its reference (None for LoRA), built as its main builds them, on the CPU."""
+    model_class = UNet2DConditionModel if dpo.FAMILY.denoiser == "unet" else SD3Transformer2DModel
+    return build_models(args, dpo.FAMILY, model_class, dpo.LORA_TARGET_MODULES, Accelerator(cpu=True))
+
+
+@pytest.mark.every_script
 @pytest.mark.parametrize("train_mode", ["lora", "full"])
-@pytest.mark.both_trainers
 def test_first_step_loss_is_ln2_when_policy_equals_reference(dpo, cli_args, train_mode):
     result = run_trainer(dpo, cli_args(train_mode=train_mode, max_train_steps=1))
     first = result["history"][0]
@@ -34,27 +47,26 @@ def first_batch(dpo, args, tmp_path):
     """Precomputes the cache through a 1-step run and returns the first training batch of 4 pairs."""
     run_trainer(dpo, args + ["--max_train_steps", "1"])
     (cache,) = cache_folders(tmp_path / "cache")
-    pairs = dpo.CachedPreferencePairs(cache)
-    loader = torch.utils.data.DataLoader(pairs, batch_size=4, sampler=dpo.PairSampler(pairs, 0, 0.0))
+    pairs = CachedPreferencePairs(cache)
+    loader = torch.utils.data.DataLoader(pairs, batch_size=4, sampler=PairSampler(pairs, 0, 0.0))
     return next(iter(loader))
 
 
+@pytest.mark.every_script
 @pytest.mark.parametrize("train_mode", ["lora", "full"])
-@pytest.mark.both_trainers
 def test_a_gradient_step_lowers_the_winners_error_relative_to_the_losers(dpo, cli_args, tmp_path, train_mode):
-    args_list = cli_args(train_mode=train_mode, output_dir=tmp_path / "precompute")
-    batch = first_batch(dpo, args_list, tmp_path)
+    batch = first_batch(dpo, cli_args(train_mode=train_mode, output_dir=tmp_path / "precompute"), tmp_path)
     args = dpo.parse_args(cli_args(train_mode=train_mode))
-    unet, reference = dpo.build_unets(args, torch.device("cpu"), torch.float32)
-    scheduler = dpo.DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+    model, reference = trained_and_reference(dpo, args)
+    noise = dpo.load_noise(args)
 
     def loss_and_metrics():
-        return dpo.compute_loss(batch, unet, reference, scheduler, args, torch.Generator().manual_seed(7))
+        return compute_loss(batch, model, reference, noise, dpo.FAMILY, args, torch.Generator().manual_seed(7))
 
     loss, before = loss_and_metrics()
     assert loss.item() == pytest.approx(LN2, abs=1e-5)
     loss.backward()
-    trainable = [p for p in unet.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
     with torch.no_grad():
         for p in trainable:
@@ -68,18 +80,15 @@ def test_a_gradient_step_lowers_the_winners_error_relative_to_the_losers(dpo, cl
     assert all(p.requires_grad for p in trainable)
 
 
-@pytest.mark.both_trainers
 def test_reference_pass_re_enables_the_adapter_even_when_it_fails(dpo, cli_args):
-    args = dpo.parse_args(cli_args())
-    unet, _ = dpo.build_unets(args, torch.device("cpu"), torch.float32)
+    model, _ = trained_and_reference(dpo, dpo.parse_args(cli_args()))
     with pytest.raises(RuntimeError):
-        with dpo.lora_disabled(unet):
+        with lora_disabled(model):
             raise RuntimeError("forward failed")
-    lora_params = [p for n, p in unet.named_parameters() if "lora" in n]
+    lora_params = [p for n, p in model.named_parameters() if "lora" in n]
     assert lora_params and all(p.requires_grad for p in lora_params)
 
 
-@pytest.mark.both_trainers
 @pytest.mark.parametrize(
     "flags",
     [
@@ -98,9 +107,9 @@ def test_lora_weights_move_under_every_objective_and_optimizer(dpo, cli_args, tm
     assert lora_up and any(w.abs().max() > 0 for w in lora_up)  # LoRA B starts at zero: non-zero means it trained
 
 
-@pytest.mark.both_trainers
+@pytest.mark.every_script
 def test_accelerate_launch_runs_the_script(dpo, cli_args, tmp_path):
     completed = run_cli(dpo, cli_args(max_train_steps=2, report_to="tensorboard"), launcher=ACCELERATE_LAUNCH)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert (tmp_path / "out" / dpo.LORA_WEIGHT_NAME).exists()
+    assert (tmp_path / "out" / LORA_WEIGHT_NAME).exists()
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents*"))
