@@ -46,7 +46,7 @@ from diffusion_dpo.data import (
     source_file,
     stream_split,
 )
-from diffusion_dpo.run import first_line, format_bytes, removed_on_failure, save_atomically
+from diffusion_dpo.run import first_line, format_bytes, removed_on_failure, save_atomically, stop_together
 
 
 logger = get_logger(__name__)
@@ -571,30 +571,28 @@ def load_or_precompute(args, family, requests, accelerator, weight_dtype):
         machine, _ = torch.distributed.new_subgroups(group_size=per_machine)
     lock = FileLock(cache_root(args) / ".precompute.lock")
     try:
-        if accelerator.is_local_main_process:
-            cache_root(args).mkdir(parents=True, exist_ok=True)
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:  # another run holds it: say why nothing happens, then take turns as always
-                logger.info(
-                    f"Waiting for the cache lock {lock.lock_file}: another run is precomputing into "
-                    f"{cache_root(args)}",
-                    main_process_only=False,
-                )
-                lock.acquire()
-            remove_leftover_partials(args, planned_caches)
-            for planned in planned_caches:
-                if planned.path.exists():
-                    check_cache_files(planned.path)
-                    fold_parts(planned.path)
-            check_free_space(args, family, planned_caches)
-            create_missing_caches(args, family, planned_caches, accelerator.device, weight_dtype)
-        if machine is not None:
-            torch.distributed.barrier(group=machine)
-        part = accelerator.local_process_index
-        encode_latents(args, family, planned_caches, accelerator.device, weight_dtype, part, per_machine)
-        if machine is not None:
-            torch.distributed.barrier(group=machine)
+        with stop_together(machine):  # the machine's processes only: other machines may wait for the lock
+            if accelerator.is_local_main_process:
+                cache_root(args).mkdir(parents=True, exist_ok=True)
+                try:
+                    lock.acquire(timeout=0)
+                except Timeout:  # another run holds it: say why nothing happens, then take turns as always
+                    logger.info(
+                        f"Waiting for the cache lock {lock.lock_file}: another run is precomputing into "
+                        f"{cache_root(args)}",
+                        main_process_only=False,
+                    )
+                    lock.acquire()
+                remove_leftover_partials(args, planned_caches)
+                for planned in planned_caches:
+                    if planned.path.exists():
+                        check_cache_files(planned.path)
+                        fold_parts(planned.path)
+                check_free_space(args, family, planned_caches)
+                create_missing_caches(args, family, planned_caches, accelerator.device, weight_dtype)
+        with stop_together(machine):
+            part = accelerator.local_process_index
+            encode_latents(args, family, planned_caches, accelerator.device, weight_dtype, part, per_machine)
         if accelerator.is_local_main_process:
             for planned in planned_caches:
                 fold_parts(planned.path)

@@ -212,11 +212,31 @@ def locked_output_dir(args, accelerator):
 
 
 @contextlib.contextmanager
-def one_line_errors():
-    """A trainer's command line: bad input, a stopped run or an interrupt end the process with one line."""
+def stop_together(group=None):
+    """For a stretch that some processes of `group` (default: all) run alone, e.g. on the main process: after it,
+    every process raises the InputError or TrainingStopped one of them met, or none does, so that no process waits
+    for a failed one at the next collective, and all of them stop with its one line."""
+    failure = None
     try:
         yield
     except (InputError, TrainingStopped) as error:
-        sys.exit(f"error: {error}")
+        failure = error
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        failures = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(failures, failure, group=group)
+        failure = next((found for found in failures if found is not None), None)
+    if failure is not None:
+        raise failure
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """A trainer's command line: bad input, a stopped run or an interrupt end the process with one line, said by the
+    main process alone (the others stop quietly: their line would repeat it, or follow from it)."""
+    say = os.environ.get("RANK", "0") == "0"
+    try:
+        yield
+    except (InputError, TrainingStopped) as error:
+        sys.exit(f"error: {error}" if say else 1)
     except KeyboardInterrupt as interrupted:  # Ctrl-C or SIGTERM (an Interrupted says when and what is kept)
-        sys.exit(f"error: {interrupted or 'interrupted'}")
+        sys.exit(f"error: {interrupted or 'interrupted'}" if say else 1)

@@ -50,6 +50,7 @@ from diffusion_dpo.run import (
     give_usual_file_modes,
     locked_output_dir,
     setup_accelerator,
+    stop_together,
 )
 
 
@@ -383,10 +384,31 @@ class TrainingRun:
             time.sleep(1)
         return {"global_step": self.global_step, "history": self.history, "evaluations": self.evaluations}
 
+    def write_result(self):
+        """On the main process: the last validation images, the result, its model card, the Hub upload."""
+        args, accelerator, family, step = self.args, self.accelerator, self.family, self.global_step
+        trained = accelerator.unwrap_model(self.model)
+        if args.run_validation and step % args.validation_steps != 0:
+            self.render()
+
+        def write(folder):
+            if args.train_mode == "lora":
+                save_lora(trained, family, folder, kohya=args.output_kohya_format)
+            else:
+                family.load_pipeline(args, trained).save_pretrained(folder)
+
+        saved = family.lora_state_dict(trained) if args.train_mode == "lora" else trained.state_dict()
+        saved_bytes = sum(t.numel() * t.element_size() for t in saved.values())
+        write_into_output_dir(args, write, saved_bytes * (2 if args.output_kohya_format else 1), step)
+        save_model_card(args, family, self.repo_id or os.path.abspath(args.output_dir), step)
+        if args.push_to_hub:
+            push_to_hub(args, self.repo_id)
+        logger.info(f"Saved the trained {'LoRA' if args.train_mode == 'lora' else 'pipeline'} to {args.output_dir}")
+
     def save(self):
         """The result (the LoRA in diffusers format, or a complete pipeline folder) and its model card, written by
         the main process once every process holds the same, finite weights."""
-        args, accelerator, family, step = self.args, self.accelerator, self.family, self.global_step
+        args, accelerator, step = self.args, self.accelerator, self.global_step
         accelerator.wait_for_everyone()
         if accelerator.num_processes > 1:
             check_weights_identical(accelerator, self.params)
@@ -395,26 +417,9 @@ class TrainingRun:
                 f"the trained weights of step {step} are not finite, so nothing was saved; "
                 f"{last_checkpoint_note(args)}"
             )
-        if accelerator.is_main_process:
-            trained = accelerator.unwrap_model(self.model)
-            if args.run_validation and step % args.validation_steps != 0:
-                self.render()
-
-            def write(folder):
-                if args.train_mode == "lora":
-                    save_lora(trained, family, folder, kohya=args.output_kohya_format)
-                else:
-                    family.load_pipeline(args, trained).save_pretrained(folder)
-
-            saved = family.lora_state_dict(trained) if args.train_mode == "lora" else trained.state_dict()
-            saved_bytes = sum(t.numel() * t.element_size() for t in saved.values())
-            write_into_output_dir(args, write, saved_bytes * (2 if args.output_kohya_format else 1), step)
-            save_model_card(args, family, self.repo_id or os.path.abspath(args.output_dir), step)
-            if args.push_to_hub:
-                push_to_hub(args, self.repo_id)
-            logger.info(
-                f"Saved the trained {'LoRA' if args.train_mode == 'lora' else 'pipeline'} to {args.output_dir}"
-            )
+        with stop_together():  # a failure on the main process stops the others with its line
+            if accelerator.is_main_process:
+                self.write_result()
         accelerator.wait_for_everyone()  # the others wait for the main process to finish saving before the group ends
 
 
