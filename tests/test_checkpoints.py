@@ -1,4 +1,5 @@
-"""Checkpoints: resume continues exactly, rotation keeps the newest, mismatched checkpoints are refused."""
+"""Checkpoints: resume continues exactly (every script), rotation keeps the newest, mismatched checkpoints are
+refused (diffusion_dpo.checkpoints, once on SD 1.5)."""
 
 import shutil
 
@@ -6,11 +7,14 @@ import pytest
 from safetensors.torch import load_file
 from testing_utils import assert_same_tensors, lora_weights, run_trainer
 
+from diffusion_dpo import InputError
+from diffusion_dpo.outputs import LORA_WEIGHT_NAME
 
-def final_weights(output_dir, train_mode):
+
+def final_weights(dpo, output_dir, train_mode):
     if train_mode == "lora":
         return lora_weights(output_dir)
-    return load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    return load_file(output_dir / dpo.FAMILY.denoiser / "diffusion_pytorch_model.safetensors")
 
 
 @pytest.mark.parametrize(
@@ -23,7 +27,7 @@ def final_weights(output_dir, train_mode):
     ],
     ids=["lora-mid-epoch", "full-accumulation"],
 )
-@pytest.mark.both_trainers
+@pytest.mark.every_script
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
     dpo, cli_args, tmp_path, train_mode, flags, resume_step
 ):
@@ -40,54 +44,47 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
     assert [h["step"] for h in resumed["history"]] == list(range(resume_step + 1, 5))
     for mine, theirs in zip(resumed["history"], straight["history"][resume_step:]):
         assert mine == pytest.approx(theirs, abs=1e-6)  # same data, noise, timesteps and learning rate
-    assert_same_tensors(final_weights(interrupted, train_mode), final_weights(tmp_path / "straight", train_mode))
+    assert_same_tensors(
+        final_weights(dpo, interrupted, train_mode), final_weights(dpo, tmp_path / "straight", train_mode)
+    )
 
 
-@pytest.mark.both_trainers
 def test_rotation_keeps_the_newest_checkpoints(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2))
     names = sorted(p.name for p in (tmp_path / "out").iterdir() if "checkpoint" in p.name)
     assert names == ["checkpoint-4", "checkpoint-6"]  # no partial folder left behind either
     # every LoRA checkpoint is itself loadable LoRA weights
-    assert (tmp_path / "out" / "checkpoint-6" / dpo.LORA_WEIGHT_NAME).exists()
+    assert (tmp_path / "out" / "checkpoint-6" / LORA_WEIGHT_NAME).exists()
 
 
-@pytest.mark.both_trainers
 def test_resume_from_a_named_checkpoint_continues_its_step_count(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(max_train_steps=2, checkpointing_steps=1))
     result = run_trainer(dpo, cli_args(max_train_steps=3, resume_from_checkpoint="checkpoint-1"))
     assert [h["step"] for h in result["history"]] == [2, 3]
 
 
-@pytest.mark.both_trainers
 def test_a_lora_checkpoint_is_refused_by_a_full_run(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(max_train_steps=1, checkpointing_steps=1))
-    with pytest.raises(dpo.InputError, match="not written by a --train_mode full run"):
+    with pytest.raises(InputError, match="not written by a --train_mode full run"):
         run_trainer(dpo, cli_args(max_train_steps=2, train_mode="full", resume_from_checkpoint="latest"))
 
 
-@pytest.mark.both_trainers
 def test_a_checkpoint_of_another_lora_or_model_is_refused(dpo, cli_args, tiny_pipeline, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    run_trainer(dpo, cli_args(max_train_steps=1, checkpointing_steps=1, rank=4))
-    with pytest.raises(dpo.InputError, match="does not match this model's LoRA layers"):
-        run_trainer(dpo, cli_args(max_train_steps=2, rank=8, resume_from_checkpoint="latest"))
-    # the same LoRA rank on a model with other layer sizes
-    other = tmp_path / "other-model"
-    shutil.copytree(tiny_pipeline, other)
-    unet = UNet2DConditionModel.from_pretrained(other / "unet")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, model)
+    run_trainer(dpo, cli_args(pretrained_model_name_or_path=model, max_train_steps=1, checkpointing_steps=1, rank=4))
+    resume = cli_args(pretrained_model_name_or_path=model, max_train_steps=2, resume_from_checkpoint="latest")
+    with pytest.raises(InputError, match="does not match this model's LoRA layers"):
+        run_trainer(dpo, resume + ["--rank", "8"])
+    # another model folder is refused by name
+    with pytest.raises(InputError, match=f"--pretrained_model_name_or_path {model}, this run has {tiny_pipeline}"):
+        run_trainer(dpo, cli_args(max_train_steps=2, rank=4, resume_from_checkpoint="latest"))
+    # the same LoRA rank on the same folder, its UNet replaced by one with other layer sizes
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
     *inner, last = unet.config.block_out_channels
     wider = UNet2DConditionModel.from_config({**unet.config, "block_out_channels": [*inner, last + 32]})
-    wider.save_pretrained(other / "unet")
-    with pytest.raises(dpo.InputError, match="does not match this model's LoRA layers"):
-        run_trainer(
-            dpo,
-            cli_args(
-                max_train_steps=2,
-                rank=4,
-                resume_from_checkpoint="latest",
-                pretrained_model_name_or_path=other,
-                precompute_cache_dir=tmp_path / "cache2",
-            ),
-        )
+    wider.save_pretrained(model / "unet")
+    with pytest.raises(InputError, match="does not match this model's LoRA layers"):
+        run_trainer(dpo, resume + ["--rank", "4"])
