@@ -46,7 +46,9 @@ def shared_parser(description, model, resolution, beta_dpo, output_dir, validati
 
     def adder(title):
         def add(name, default=None, help=None, **options):
-            groups[title].add_argument(name, default=default, help=help, **options)
+            if default is not None:  # else argparse's own: False for a store_true switch, not None
+                options["default"] = default
+            groups[title].add_argument(name, help=help, **options)
 
         return add
 
