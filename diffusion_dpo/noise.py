@@ -7,6 +7,7 @@ one noise, for both of its images (`NoiseLevels.twice`)."""
 from typing import NamedTuple
 
 import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 
@@ -58,25 +59,37 @@ class DDPMNoise:
 
 class FlowMatchNoise:
     """Rectified flow: the point at noise level sigma on the straight line from the image to the noise, and the
-    velocity along it (the target). sigma is the scheduler's (shifted) sigma at an index drawn from
-    `weighting_scheme`'s density, and errors are weighted as it says, as diffusers' SD3 and Flux DreamBooth scripts
-    do (compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3)."""
+    velocity along it (the target). sigma is the scheduler's sigma at an index drawn from `weighting_scheme`'s
+    density, shifted as the family's pipeline shifts it: by the scheduler's static shift (SD3), or, where the
+    scheduler shifts dynamically (Flux), by the shift its pipeline computes from the image's sequence length
+    (`image_seq_len` tokens). Errors are weighted as the scheme says (diffusers' compute_loss_weighting_for_sd3)."""
 
-    def __init__(self, scheduler, weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29):
-        self.scheduler = scheduler
+    def __init__(self, scheduler, weighting_scheme, logit_mean, logit_std, mode_scale, image_seq_len=None):
         self.density = dict(
             weighting_scheme=weighting_scheme, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale
         )
         self.weighting_scheme = weighting_scheme
         self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.sigmas = scheduler.sigmas[: self.num_train_timesteps]
+        if scheduler.config.get("use_dynamic_shifting"):  # its sigmas are unshifted until a pipeline shifts them
+            config = scheduler.config
+            mu = calculate_shift(
+                image_seq_len,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15),
+            )
+            self.sigmas = scheduler.time_shift(mu, 1.0, self.sigmas)
+        self.timesteps = self.sigmas * self.num_train_timesteps
 
     def draw(self, n, generator, device):
         u = compute_density_for_timestep_sampling(batch_size=n, device=device, generator=generator, **self.density)
         # the mode density reaches u = 1 (one past the last index): clamped
-        indices = (u.cpu() * self.num_train_timesteps).long().clamp(0, len(self.scheduler.timesteps) - 1)
-        sigmas = self.scheduler.sigmas[indices].to(device)
+        indices = (u.cpu() * self.num_train_timesteps).long().clamp(0, len(self.sigmas) - 1)
+        sigmas = self.sigmas[indices].to(device)
         weighting = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas)
-        return NoiseLevels(self.scheduler.timesteps[indices].to(device), sigmas, weighting)
+        return NoiseLevels(self.timesteps[indices].to(device), sigmas, weighting)
 
     def corrupt(self, latents, noise, levels):
         sigmas = levels.sigmas.view(-1, *[1] * (latents.ndim - 1)).to(latents.dtype)
