@@ -57,6 +57,7 @@ import repo_paths
 import testing_utils
 import tiny_assets
 
+import diffusion_dpo.cache
 import train_diffusion_dpo
 import train_diffusion_dpo_sd3
 import train_diffusion_dpo_sdxl
@@ -100,16 +101,18 @@ class PeakMemory:
 
 
 class Timers:
-    """Wraps trainer functions (looked up in the module's globals at call time) to record when they are called."""
+    """Wraps functions, each looked up by name in a module's globals at call time, to record when they are called.
+    `targets`: {name: the module whose global it is}, where its caller finds it (a trainer script for compute_loss,
+    which the script's loop calls; diffusion_dpo.cache for what the precompute calls)."""
 
-    def __init__(self, module, names):
-        self.module, self.names = module, names
-        self.calls = {name: [] for name in names}
+    def __init__(self, targets):
+        self.targets = targets
+        self.calls = {name: [] for name in targets}
 
     def __enter__(self):
-        self.originals = {name: getattr(self.module, name) for name in self.names}
+        self.originals = {name: getattr(module, name) for name, module in self.targets.items()}
         for name, original in self.originals.items():
-            setattr(self.module, name, self._timed(name, original))
+            setattr(self.targets[name], name, self._timed(name, original))
         return self
 
     def _timed(self, name, original):
@@ -127,12 +130,17 @@ class Timers:
 
     def __exit__(self, *exc):
         for name, original in self.originals.items():
-            setattr(self.module, name, original)
+            setattr(self.targets[name], name, original)
 
 
 def run_trainer(dpo, argv):
     """One `main(args)` of a trainer in this process: (result, timers, peak memory, wall seconds)."""
-    with Timers(dpo, ["create_missing_caches", "encode_latents", "compute_loss"]) as timers, PeakMemory() as memory:
+    timed = {
+        "create_missing_caches": diffusion_dpo.cache,  # text encoder load + every unique caption
+        "encode_latents": diffusion_dpo.cache,  # VAE load + streaming, decoding and encoding the images
+        "compute_loss": dpo,  # once per micro-batch, from the script's loop
+    }
+    with Timers(timed) as timers, PeakMemory() as memory:
         start = time.perf_counter()
         result = testing_utils.run_trainer(dpo, argv)
         wall = time.perf_counter() - start

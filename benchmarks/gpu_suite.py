@@ -30,6 +30,7 @@ import benchmark_dpo
 import testing_utils
 import torch
 
+import diffusion_dpo.cache
 import train_diffusion_dpo
 
 
@@ -156,7 +157,8 @@ def compare_step(args):
 @contextlib.contextmanager
 def unet_compiled_whole():
     """The trainer's --torch_compile, with the whole UNet compiled (nn.Module.compile, in place) instead of its
-    repeated blocks: full-graph compilation measured without a trainer flag."""
+    repeated blocks (diffusion_dpo.family.build_models calls compile_repeated_blocks): full-graph compilation
+    measured without a trainer flag."""
     from diffusers import UNet2DConditionModel
 
     original = UNet2DConditionModel.compile_repeated_blocks
@@ -280,13 +282,13 @@ def recipe_list(work, suite_preset):
 
 class PrecomputePeak:
     """CUDA peak memory of the precompute (text encoders and VAE) and, separately, of what follows it: the peak
-    statistics are read and reset when encode_latents returns."""
+    statistics are read and reset when encode_latents (called by diffusion_dpo.cache.load_or_precompute) returns."""
 
-    def __init__(self, dpo):
-        self.dpo, self.figures = dpo, {}
+    def __init__(self):
+        self.figures = {}
 
     def __enter__(self):
-        self.original = self.dpo.encode_latents
+        self.original = diffusion_dpo.cache.encode_latents
 
         def encode_latents(*args, **kwargs):
             result = self.original(*args, **kwargs)
@@ -298,11 +300,11 @@ class PrecomputePeak:
                 torch.cuda.reset_peak_memory_stats()
             return result
 
-        self.dpo.encode_latents = encode_latents
+        diffusion_dpo.cache.encode_latents = encode_latents
         return self
 
     def __exit__(self, *exc):
-        self.dpo.encode_latents = self.original
+        diffusion_dpo.cache.encode_latents = self.original
 
 
 def memory_step(args):
@@ -334,7 +336,7 @@ def memory_step(args):
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, (cap_gb * 1e9 - 2**30) / total))
         try:
-            with PrecomputePeak(dpo) as precompute:
+            with PrecomputePeak() as precompute:
                 result, timers, memory, wall = benchmark_dpo.run_trainer(dpo, argv)
             run |= {"fits": True, "training_peak_gib": memory.gib, "wall_s": wall, **precompute.figures}
             if torch.cuda.is_available():

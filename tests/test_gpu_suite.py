@@ -1,5 +1,5 @@
-"""benchmarks/gpu_suite.sh rehearsed on the CPU with the tiny presets, and the trainers' memory features it measures
-on a GPU: the VAE encode batch that halves on CUDA out-of-memory."""
+"""benchmarks/gpu_suite.sh rehearsed on the CPU with the tiny presets, its whole-UNet compile patch, and a memory
+feature of the package it measures on a GPU: the VAE encode batch that halves on CUDA out-of-memory."""
 
 import importlib
 import json
@@ -10,10 +10,11 @@ import sys
 
 import pytest
 import torch
+from diffusers.configuration_utils import FrozenDict
 from testing_utils import ROOT
 
-import train_diffusion_dpo
-import train_diffusion_dpo_sdxl
+from diffusion_dpo.cache import VaeEncoder
+from diffusion_dpo.family import build_models
 
 
 @pytest.fixture
@@ -24,7 +25,10 @@ def gpu_suite(monkeypatch):
 
 
 class OutOfMemoryAbove:
-    """A stand-in VAE whose encode raises CUDA out-of-memory for batches larger than `limit` images."""
+    """A stand-in VAE whose encode raises CUDA out-of-memory for batches larger than `limit` images; its latents'
+    mean is twice the first channel of the pixels, and its config has a shift and a scale, as SD3's VAE has."""
+
+    config = FrozenDict(shift_factor=0.25, scaling_factor=0.5)
 
     def __init__(self, limit):
         self.limit, self.batch_sizes = limit, []
@@ -37,25 +41,29 @@ class OutOfMemoryAbove:
         return type("Output", (), {"latent_dist": type("Dist", (), {"mean": latents})})
 
 
-@pytest.mark.parametrize("dpo", [train_diffusion_dpo, train_diffusion_dpo_sdxl], ids=["sd15", "sdxl"])
-def test_vae_encode_batch_halves_on_out_of_memory(dpo, caplog):
+def stand_in_latents(images):
+    return (images[:, :1] * 2 - 0.25) * 0.5
+
+
+def test_vae_encode_batch_halves_on_out_of_memory(caplog):
+    """The precompute survives a VAE batch too large for the GPU: the batch halves (one warning), the failed images
+    are encoded again, and every latent comes out as one batch would have given it."""
     vae = OutOfMemoryAbove(limit=2)
-    encoder = dpo.VaeEncoder(vae, 8, torch.device("cpu"), torch.float32, torch.contiguous_format)
+    encoder = VaeEncoder(vae, 8, torch.device("cpu"), torch.float32, torch.contiguous_format)
     images = torch.randn(11, 3, 4, 4)
     with caplog.at_level(logging.WARNING):
         latents = encoder(images)
         more = encoder(images[:3])  # the smaller size is kept: no further out-of-memory
-    torch.testing.assert_close(latents, images[:, :1] * 2)
-    torch.testing.assert_close(more, images[:3, :1] * 2)
+    torch.testing.assert_close(latents, stand_in_latents(images))
+    torch.testing.assert_close(more, stand_in_latents(images[:3]))
     assert encoder.batch_size == 2 and encoder.backed_off
     assert vae.batch_sizes == [8, 4, 2, 2, 2, 2, 2, 1, 2, 1]
     warnings = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
     assert len(warnings) == 1 and "halved to 4" in warnings[0]
 
 
-@pytest.mark.parametrize("dpo", [train_diffusion_dpo, train_diffusion_dpo_sdxl], ids=["sd15", "sdxl"])
-def test_vae_encode_out_of_memory_at_one_image_is_raised(dpo):
-    encoder = dpo.VaeEncoder(OutOfMemoryAbove(limit=0), 4, torch.device("cpu"), torch.float32, torch.contiguous_format)
+def test_vae_encode_out_of_memory_at_one_image_is_raised():
+    encoder = VaeEncoder(OutOfMemoryAbove(limit=0), 4, torch.device("cpu"), torch.float32, torch.contiguous_format)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         encoder(torch.randn(3, 3, 4, 4))
     assert encoder.batch_size == 1
@@ -148,21 +156,18 @@ def test_gpu_suite_missing_research_script_is_skipped(tmp_path):
     assert {s["step"]: s["status"] for s in steps}["compare-sd15"] == "skipped: no research script"
 
 
-def test_whole_unet_compile_patch(monkeypatch, gpu_suite):
-    """The variants' full-graph compile: the trainer's --torch_compile call compiles the whole UNet instead."""
+def test_whole_unet_compile_patch(monkeypatch, gpu_suite, dpo, cli_args):
+    """The variants' full-graph compile: the trainer's --torch_compile (in build_models) compiles the whole UNet
+    instead of its repeated blocks, and only inside the patch."""
+    from accelerate import Accelerator
     from diffusers import UNet2DConditionModel
 
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: compiled.append(self))
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        layers_per_block=1,
-        sample_size=8,
-    )
+    args = dpo.parse_args(cli_args(torch_compile=True))
     with gpu_suite.unet_compiled_whole():
-        unet.compile_repeated_blocks()
+        unet, _ = build_models(args, dpo.FAMILY, UNet2DConditionModel, dpo.LORA_TARGET_MODULES, Accelerator())
     assert compiled == [unet]
-    assert UNet2DConditionModel.compile_repeated_blocks is not gpu_suite.unet_compiled_whole  # restored
+    compiled.clear()
+    unet.compile_repeated_blocks()  # restored: the trainer's regional compilation again
+    assert compiled and unet not in compiled
