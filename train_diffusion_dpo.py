@@ -100,6 +100,17 @@ def cache_key(args, weight_dtype):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def load_noise(args):
+    """DDPM noise at uniform timesteps; the target epsilon or v, as the scheduler (or --prediction_type) says. Also
+    what examples/evaluate_dpo.py evaluates with."""
+    scheduler = DDPMScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
+    )
+    if args.prediction_type is not None:
+        scheduler.register_to_config(prediction_type=args.prediction_type)
+    return DDPMNoise(scheduler)
+
+
 def conditioning(batch, device, stacked=True):
     """The UNet's text input, for the stacked (winners; losers) batch or the winners alone: one caption a pair."""
     prompt_embeds = batch["prompt_embeds"].to(device, torch.float32, non_blocking=True)
@@ -168,12 +179,7 @@ def main(args):
 
         # The UNet and its reference (LoRA: the same UNet, adapter off), and the noise it learns to remove.
         unet, reference = build_models(args, FAMILY, UNet2DConditionModel, LORA_TARGET_MODULES, accelerator)
-        scheduler = DDPMScheduler.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
-        )
-        if args.prediction_type is not None:
-            scheduler.register_to_config(prediction_type=args.prediction_type)
-        noise = DDPMNoise(scheduler)  # uniform timesteps; epsilon or v target, as the scheduler predicts
+        noise = load_noise(args)
 
         # Every step: the DPO loss on the UNet's and the reference's errors on winner and loser, corrupted alike.
         run = TrainingRun(args, session, FAMILY, unet, reference, noise, data)

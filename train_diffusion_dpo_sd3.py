@@ -172,6 +172,15 @@ def cache_key(args, weight_dtype):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def load_noise(args):
+    """Rectified flow at the scheduler's (shifted) sigmas, drawn and weighted by --weighting_scheme. Also what
+    examples/evaluate_dpo.py evaluates with."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
+    )
+    return FlowMatchNoise(scheduler, args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
+
+
 def conditioning(batch, device, stacked=True):
     """The transformer's text inputs, for the stacked (winners; losers) batch or the winners alone."""
     prompt_embeds = batch["prompt_embeds"].to(device, torch.float32, non_blocking=True)
@@ -256,10 +265,7 @@ def main(args):
         # flow at the scheduler's (shifted) sigmas, drawn by --weighting_scheme.
         targets = lora_target_modules(args)
         transformer, reference = build_models(args, FAMILY, SD3Transformer2DModel, targets, accelerator)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
-        )
-        noise = FlowMatchNoise(scheduler, args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
+        noise = load_noise(args)
 
         # Every step: the DPO loss on the velocity errors of winner and loser, corrupted alike.
         run = TrainingRun(args, session, FAMILY, transformer, reference, noise, data)

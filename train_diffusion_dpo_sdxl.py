@@ -177,6 +177,20 @@ def cache_key(args, weight_dtype):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def load_noise(args):
+    """DDPM noise at uniform timesteps (epsilon target). SDXL-Turbo was distilled with zero terminal SNR (ADD, Sauer
+    et al. 2023) on a 4-step grid: at t = 999 it sees pure noise, as at inference; its scheduler config's schedule
+    would leave 7 % of the signal there. Also what examples/evaluate_dpo.py evaluates with."""
+    scheduler = DDPMScheduler.from_pretrained(
+        args.pretrained_model_name_or_path,
+        subfolder="scheduler",
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        **({"rescale_betas_zero_snr": True} if args.is_turbo else {}),
+    )
+    return DDPMNoise(scheduler, timestep_grid=TURBO_TIMESTEPS if args.is_turbo else None)
+
+
 def conditioning(batch, device, stacked=True):
     """The UNet's inputs besides latents and timesteps, for the stacked (winners; losers) batch or the winners
     alone: the caption's embeddings, and each image's own size and crop (its time ids)."""
@@ -283,16 +297,7 @@ def main(args):
 
         # The UNet and its reference (LoRA: the same UNet, adapter off), and the noise it learns to remove.
         unet, reference = build_models(args, FAMILY, UNet2DConditionModel, LORA_TARGET_MODULES, accelerator)
-        # SDXL-Turbo was distilled with zero terminal SNR (ADD, Sauer et al. 2023) on a 4-step grid: at t = 999 it
-        # sees pure noise, as at inference; its scheduler config's schedule would leave 7 % of the signal there.
-        scheduler = DDPMScheduler.from_pretrained(
-            args.pretrained_model_name_or_path,
-            subfolder="scheduler",
-            revision=args.revision,
-            cache_dir=args.cache_dir,
-            **({"rescale_betas_zero_snr": True} if args.is_turbo else {}),
-        )
-        noise = DDPMNoise(scheduler, timestep_grid=TURBO_TIMESTEPS if args.is_turbo else None)
+        noise = load_noise(args)
 
         # Every step: the DPO loss on the UNet's and the reference's errors on winner and loser, corrupted alike.
         run = TrainingRun(args, session, FAMILY, unet, reference, noise, data)

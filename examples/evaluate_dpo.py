@@ -10,13 +10,16 @@ results.json, the printed table, and grids of the biggest wins and losses.
         --prompts_dataset yuvalkirstain/pickapic_v2 --prompts_split validation_unique --mixed_precision fp16
 
 `--mode implicit_accuracy` instead measures the paper's implicit-reward accuracy of the tuned model on a split of
-preference pairs, with the trainer's own held-out evaluation (no images are generated):
+preference pairs, with the held-out evaluation of the trainer script of the base model's family (SD 1.x/2.x, SDXL or
+SD3, from its model_index.json; no images are generated). Flags this script does not know are that trainer's, passed
+on as the run was trained with (e.g. --is_turbo, --no_t5, --max_sequence_length 77):
 
     python examples/evaluate_dpo.py --mode implicit_accuracy --base_model stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --tuned sd15-dpo-lora --preference_dataset yuvalkirstain/pickapic_v2 --preference_split validation
 """
 
 import gc
+import inspect
 import json
 import math
 import os
@@ -27,17 +30,25 @@ from pathlib import Path
 import repo_paths  # noqa: F401  (puts the trainer scripts on sys.path)
 import datasets
 import torch
-from diffusers import AutoPipelineForText2Image, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont
 from reward_models import SCORERS, add_scorer_model_arguments, check_scorer_available, load_scorer, score_images
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import train_diffusion_dpo
+import train_diffusion_dpo_sd3
 import train_diffusion_dpo_sdxl
-from train_diffusion_dpo import LORA_WEIGHT_NAME, InputError, OneLineErrorParser
+from diffusion_dpo import InputError
+from diffusion_dpo.args import OneLineErrorParser
+from diffusion_dpo.cache import CacheRequest, load_or_precompute
+from diffusion_dpo.data import load_preference_pairs
+from diffusion_dpo.evaluation import evaluate_held_out
+from diffusion_dpo.family import build_models
+from diffusion_dpo.outputs import LORA_WEIGHT_NAME, load_lora_into
 
 
-INPUT_ERRORS = (InputError, train_diffusion_dpo_sdxl.InputError)  # each trainer is self-contained: two classes
+TRAINERS = (train_diffusion_dpo, train_diffusion_dpo_sdxl, train_diffusion_dpo_sd3)  # one per model family
 Z_95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
 GRID_CELL = 384  # side of one image in the wins/losses grids, in pixels
 
@@ -64,7 +75,7 @@ def parse_args(input_args=None):
         "--tuned",
         required=True,
         help="Local folder of the tuned model: a LoRA output or checkpoint folder (pytorch_lora_weights.safetensors), "
-        "a full pipeline folder (model_index.json), or a full fine-tuning checkpoint folder (unet/).",
+        "a full pipeline folder (model_index.json), or a full fine-tuning checkpoint folder (unet/ or transformer/).",
     )
 
     prompts = parser.add_argument_group("prompts (one source)")
@@ -114,14 +125,9 @@ def parse_args(input_args=None):
         "--beta_dpo",
         type=float,
         default=None,
-        help="Only changes the reported loss and margin (default: the trainer's, 2000 / 5000 SDXL).",
+        help="Only changes the reported loss and margin (default: the trainer's, 2000 / 5000 SDXL and SD3).",
     )
     pairs.add_argument("--precompute_cache_dir", default=None, help="Where the trainer caches latents of the pairs.")
-    pairs.add_argument(
-        "--is_turbo",
-        action="store_true",
-        help="The base is SDXL-Turbo: evaluate on the Turbo timesteps and schedule its trainer uses.",
-    )
 
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="dpo-eval")
@@ -129,11 +135,22 @@ def parse_args(input_args=None):
         "--num_grid_prompts", type=int, default=8, help="Rows of biggest_wins.png and biggest_losses.png."
     )
 
-    return parser.parse_and_validate(input_args, validate_args)
+    parser.epilog = (
+        "--mode implicit_accuracy: any other flag is the trainer script's own, passed on to it as the run was trained "
+        "with (--is_turbo for SDXL-Turbo, --no_t5 and --max_sequence_length for SD3, ...)."
+    )
+    args, args.trainer_flags = parser.parse_known_args(input_args)
+    try:
+        validate_args(args)
+    except InputError as error:
+        parser.error(str(error))
+    return args
 
 
 def validate_args(args):
     """Rejects bad input before any model or data is loaded."""
+    if args.trainer_flags and args.mode != "implicit_accuracy":
+        raise InputError(f"unrecognized arguments: {' '.join(args.trainer_flags)}")
     if args.mode == "implicit_accuracy":
         if args.preference_dataset is None:
             raise InputError("--mode implicit_accuracy needs --preference_dataset")
@@ -166,7 +183,8 @@ def validate_args(args):
 
 
 def tuned_kind(path):
-    """'lora', 'pipeline' or 'unet', from what the folder holds."""
+    """'lora', 'pipeline', or the trained component of a full fine-tuning checkpoint ('unet' or 'transformer'), from
+    what the folder holds."""
     if not os.path.isdir(path):
         raise InputError(
             f"--tuned {path}: no such folder (download a Hub model first, e.g. `hf download ID --local-dir DIR`)"
@@ -175,12 +193,32 @@ def tuned_kind(path):
         return "lora"
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return "pipeline"
-    if os.path.isfile(os.path.join(path, "unet", "config.json")):
-        return "unet"
+    for denoiser in ("unet", "transformer"):
+        if os.path.isfile(os.path.join(path, denoiser, "config.json")):
+            return denoiser
     raise InputError(
         f"--tuned {path} holds neither {LORA_WEIGHT_NAME} (LoRA) nor model_index.json (pipeline) "
-        "nor unet/ (full fine-tuning checkpoint)"
+        "nor unet/ or transformer/ (full fine-tuning checkpoint)"
     )
+
+
+def trainer_for(model, revision=None):
+    """The trainer script of the model's family, from the pipeline class its model_index.json names."""
+    try:
+        class_name = DiffusionPipeline.load_config(model, revision=revision)["_class_name"]
+    except Exception as error:  # no such folder or Hub id, no model_index.json
+        raise InputError(f"cannot read the pipeline config of {model}: {str(error).splitlines()[0]}") from None
+    for trainer in TRAINERS:
+        if trainer.FAMILY.pipeline_class.__name__ == class_name:
+            return trainer
+    families = ", ".join(trainer.FAMILY.pipeline_class.__name__ for trainer in TRAINERS)
+    raise InputError(f"{model} is a {class_name}; the trainer scripts train {families}")
+
+
+def denoiser_class(family):
+    """The class of the family's trained component (UNet2DConditionModel, SD3Transformer2DModel), as its pipeline
+    declares it."""
+    return inspect.signature(family.pipeline_class.__init__).parameters[family.denoiser].annotation
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,14 +280,16 @@ def load_pipeline(model, dtype, device, revision=None, variant=None):
 
 
 def load_tuned_weights(pipeline, args, dtype, device):
-    """Turns the base pipeline into the tuned model in place: the LoRA on top of its UNet, or a trained UNet instead
-    of its own (swapped while the new one is still on the CPU, so the device never holds both)."""
+    """Turns the base pipeline into the tuned model in place: the LoRA on top of its UNet or transformer, or a
+    trained one instead of its own (swapped while the new one is still on the CPU, so the device never holds both)."""
     if args.tuned_kind == "lora":
         pipeline.load_lora_weights(args.tuned, weight_name=LORA_WEIGHT_NAME)
     else:
-        pipeline.unet = UNet2DConditionModel.from_pretrained(args.tuned, subfolder="unet", dtype=dtype)
+        denoiser = args.tuned_kind  # unet or transformer
+        trained = type(getattr(pipeline, denoiser)).from_pretrained(args.tuned, subfolder=denoiser, dtype=dtype)
+        setattr(pipeline, denoiser, trained)
         free_memory()
-        pipeline.unet.to(device)
+        trained.to(device)
 
 
 def generate(
@@ -357,33 +397,24 @@ def comparison_grid(rows, scorer, title):
 
 def implicit_accuracy(args):
     """The paper's implicit-reward accuracy of the tuned model (reference: the base model) on preference pairs,
-    computed by the trainer's own code: its data loading and latent cache, its LoRA/UNet loading and
-    evaluate_held_out (fixed noise and timesteps per pair, exact ties counting half). Writes implicit_accuracy.json."""
+    computed by the code the trainer script of the base model's family evaluates held-out pairs with: its data
+    loading and latent cache, its noise (load_noise), its model and reference (build_models) and evaluate_held_out
+    (fixed noise and noise levels per pair, exact ties counting half). Writes implicit_accuracy.json."""
     from accelerate import Accelerator
 
-    is_sdxl = "XL" in DiffusionPipeline.load_config(args.base_model, revision=args.revision)["_class_name"]
-    trainer = train_diffusion_dpo_sdxl if is_sdxl else train_diffusion_dpo
+    trainer = trainer_for(args.base_model, args.revision)
+    family = trainer.FAMILY
     lora = args.tuned_kind == "lora"
-    # The trainer's own flags, parsed by its parse_args (which reads nothing from disk): its defaults fill in the rest.
-    # No --output_dir: nothing is trained or written there.
+    if not lora and args.tuned_kind != "pipeline" and args.tuned_kind != family.denoiser:
+        raise InputError(f"--tuned {args.tuned} holds a {args.tuned_kind}; {args.base_model} has a {family.denoiser}")
+    rank, targets = lora_settings(args.tuned, family) if lora else (None, None)
+    # The trainer's own flags, parsed by its parse_args (which reads nothing but configs): its defaults fill in the
+    # rest. No --output_dir: nothing is trained or written there.
     argv = [
-        "--pretrained_model_name_or_path",
-        args.base_model,
-        "--dataset_name",
-        args.preference_dataset,
-        "--dataset_split_name",
-        args.preference_split,
-        "--validation_timesteps",
-        str(args.validation_timesteps),
-        "--seed",
-        str(args.seed),
-        "--report_to",
-        "none",
-        "--train_mode",
-        "lora" if lora else "full",
-        "--train_batch_size",
-        str(args.batch_size),
-        "--no_hflip",
+        *("--pretrained_model_name_or_path", args.base_model, "--dataset_name", args.preference_dataset),
+        *("--dataset_split_name", args.preference_split, "--validation_timesteps", str(args.validation_timesteps)),
+        *("--seed", str(args.seed), "--report_to", "none", "--train_mode", "lora" if lora else "full"),
+        *("--train_batch_size", str(args.batch_size), "--no_hflip"),
     ]
     for flag, value in (  # unset here: the trainer's own default
         ("--beta_dpo", args.beta_dpo),
@@ -391,29 +422,30 @@ def implicit_accuracy(args):
         ("--revision", args.revision),
         ("--variant", args.variant),
         ("--precompute_cache_dir", args.precompute_cache_dir),
-        ("--rank", lora_rank(args.tuned) if lora else None),
+        ("--rank", rank),
     ):
         if value is not None:
             argv += [flag, str(value)]
-    if args.is_turbo:
-        argv.append("--is_turbo")
-    trainer_args = trainer.parse_args(argv)
+    trainer_args = trainer.parse_args(argv + args.trainer_flags)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
 
-    dataset = trainer.load_preference_pairs(trainer_args, args.preference_split)
+    dataset = load_preference_pairs(trainer_args, args.preference_split)
     if args.num_pairs is not None:
         dataset = dataset.subset(dataset.sample(args.num_pairs, args.seed))
-    (pairs,) = trainer.load_or_precompute(trainer_args, [trainer.CacheRequest(dataset)], accelerator, weight_dtype)
-    scheduler = trainer.load_noise_scheduler(trainer_args)  # the schedule the trainer trains with
-    if lora:  # the base UNet with the tuned adapter; the reference is the same UNet with the adapter off
-        unet, reference = trainer.build_unets(trainer_args, accelerator.device, weight_dtype)
-        trainer.load_lora_into(unet, args.tuned)
+    (pairs,) = load_or_precompute(trainer_args, family, [CacheRequest(dataset)], accelerator, weight_dtype)
+    noise = trainer.load_noise(trainer_args)  # the noise the trainer trains and evaluates with
+    # LoRA: the base model with the tuned adapter, its reference the same model with the adapter off; full: the
+    # tuned weights in the trained copy, the base model as the frozen reference, both held as the trainer holds them
+    model_class = denoiser_class(family)
+    targets = targets or default_lora_targets(trainer, trainer_args)
+    model, reference = build_models(trainer_args, family, model_class, targets, accelerator)
+    if lora:
+        load_lora_into(model, family, args.tuned)
     else:
-        unet = UNet2DConditionModel.from_pretrained(args.tuned, subfolder="unet").to(accelerator.device)
-        reference = trainer.load_unet(trainer_args, weight_dtype).to(accelerator.device)
-    unet = accelerator.prepare_model(unet, evaluation_mode=True)  # mixed precision: autocast, as in training
-    metrics, _ = trainer.evaluate_held_out(accelerator, unet, reference, pairs, scheduler, trainer_args)
+        model.load_state_dict(model_class.from_pretrained(args.tuned, subfolder=family.denoiser).state_dict())
+    model = accelerator.prepare_model(model, evaluation_mode=True)  # mixed precision: autocast, as in training
+    metrics, _ = evaluate_held_out(accelerator, model, reference, family, noise, pairs, trainer_args)
     results = {
         "base_model": args.base_model,
         "tuned": args.tuned,
@@ -436,13 +468,23 @@ def implicit_accuracy(args):
     return results
 
 
-def lora_rank(folder):
-    """The rank of a saved LoRA, read off its weight shapes."""
-    from safetensors import safe_open
+def default_lora_targets(trainer, trainer_args):
+    """The modules the trainer puts LoRA layers on by default (SD3: --lora_target_modules)."""
+    if hasattr(trainer, "lora_target_modules"):
+        return trainer.lora_target_modules(trainer_args)
+    return trainer.LORA_TARGET_MODULES
 
+
+def lora_settings(folder, family):
+    """(rank, target modules) of a saved LoRA: from the adapter config diffusers stores in the file, or, in a file
+    without one, the rank read off its weight shapes and no targets (the trainer's default ones)."""
     with safe_open(os.path.join(folder, LORA_WEIGHT_NAME), framework="pt") as weights:
+        config = json.loads((weights.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        prefix = f"{family.denoiser}."
+        if f"{prefix}r" in config:
+            return config[f"{prefix}r"], sorted(config.get(f"{prefix}target_modules") or []) or None
         name = next(k for k in weights.keys() if "lora_A" in k or "lora.down" in k)
-        return weights.get_slice(name).get_shape()[0]
+        return weights.get_slice(name).get_shape()[0], None
 
 
 def main(args):
@@ -563,5 +605,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except INPUT_ERRORS as error:
+    except InputError as error:
         sys.exit(f"error: {error}")

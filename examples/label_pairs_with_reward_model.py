@@ -11,14 +11,17 @@ sources of pairs:
   captions, for pairs without a usable label (or an order to be judged afresh).
 - `--prompts_file` / `--prompts_dataset`: nothing but prompts. `--images_per_prompt` images of each are generated
   with `--base_model` (seeds from (--seed, prompt index, image index)), scored, and the best is paired with the
-  worst (or, `--pairing all`, every two of them).
+  worst (or, `--pairing all`, every two of them). The same seeds draw the same images for any `--batch_size` up to
+  float rounding: batched matrix products are not bitwise the same at every batch size on every CPU or GPU, so
+  pixels may differ by a level or two and scores in their last digits, and a label only where two images' scores
+  are about that close.
 
 Output: OUTPUT_DIR/SPLIT-00000.parquet, SPLIT-00001.parquet, ... with columns caption, jpg_0, jpg_1 (encoded image
 bytes: a dataset's as they came, generated images as PNG), label_0 (1: jpg_0 preferred, 0: jpg_1), score_0,
 score_1, and where each pair came from. Pairs whose score margin is below --min_margin are dropped (and counted).
 Each shard is written atomically once it holds --pairs_per_shard pairs; a rerun with the same flags continues after
-the last shard written. The counts and settings are in OUTPUT_DIR/ai_feedback.json. Both trainers train on
-OUTPUT_DIR as it is.
+the last shard written. The counts and settings are in OUTPUT_DIR/ai_feedback.json. Every trainer script
+trains on OUTPUT_DIR as it is.
 
     python examples/label_pairs_with_reward_model.py --dataset_name yuvalkirstain/pickapic_v2 --scorer pickscore \
         --min_margin 0.5 --output_dir pickapic-pickscore --mixed_precision fp16
@@ -47,11 +50,11 @@ from reward_models import SCORERS, add_scorer_model_arguments, check_scorer_avai
 from tqdm.auto import tqdm
 
 import train_diffusion_dpo
-import train_diffusion_dpo_sdxl
-from train_diffusion_dpo import InputError, OneLineErrorParser
+from diffusion_dpo import InputError
+from diffusion_dpo.args import OneLineErrorParser
+from diffusion_dpo.data import DATA_LAYOUTS, decode_image, read_preference_rows, readable_columns, stream_split
 
 
-INPUT_ERRORS = (InputError, train_diffusion_dpo_sdxl.InputError)
 SUMMARY_NAME = "ai_feedback.json"  # matches no split name, so datasets does not read it as data
 LOCK_NAME = ".ai-feedback.lock"
 SHARD_METADATA_KEY = b"ai_feedback"
@@ -107,7 +110,7 @@ def parse_args(input_args=None):
     data.add_argument("--dataset_config_name", default=None)
     data.add_argument("--dataset_split_name", default="train")
     data.add_argument("--cache_dir", default=None, help="Where Hub files are downloaded.")
-    data.add_argument("--data_layout", default="auto", choices=["auto", *train_diffusion_dpo.DATA_LAYOUTS])
+    data.add_argument("--data_layout", default="auto", choices=["auto", *DATA_LAYOUTS])
     for flag in ("image_0_column", "image_1_column", "caption_column", "label_column"):
         data.add_argument(f"--{flag}", default=None)
     data.add_argument("--vote_0_column", default=None)
@@ -170,7 +173,7 @@ def parse_args(input_args=None):
         default=None,
         help="Stop once the output holds this many pairs (a rerun without it goes on).",
     )
-    return parser.parse_and_validate(input_args, validate_args)
+    return parser.parse_and_check(input_args, validate_args)
 
 
 def validate_args(args):
@@ -360,7 +363,13 @@ def trainer_args(args):
     for flag in flags:
         if getattr(args, flag) is not None:
             argv += [f"--{flag}", str(getattr(args, flag))]
-    return train_diffusion_dpo.parse_args(argv)
+    return data_flags(argv)
+
+
+def data_flags(argv):
+    """The SD 1.5 trainer's parse_args result for these data flags (all trainer scripts read data alike); nothing is
+    logged, so no tracker is asked for."""
+    return train_diffusion_dpo.parse_args([*argv, "--report_to", "none"])
 
 
 def image_columns_without_labels(args):
@@ -368,10 +377,10 @@ def image_columns_without_labels(args):
     has (jpg_0/jpg_1, chosen/rejected, image1/image2)."""
     if args.image_0_column and args.image_1_column:
         return ["--image_0_column", args.image_0_column, "--image_1_column", args.image_1_column]
-    plain = train_diffusion_dpo.parse_args(["--dataset_name", args.dataset_name] + config_flags(args))
-    stream, _ = train_diffusion_dpo.stream_split(plain, args.dataset_split_name)
-    readable, present = train_diffusion_dpo.readable_columns(stream)
-    for roles in train_diffusion_dpo.DATA_LAYOUTS.values():
+    plain = data_flags(["--dataset_name", args.dataset_name, *config_flags(args)])
+    stream, _ = stream_split(plain, args.dataset_split_name)
+    readable, present = readable_columns(stream)
+    for roles in DATA_LAYOUTS.values():
         first = args.image_0_column or roles["image_0"][0]
         second = args.image_1_column or roles["image_1"][0]
         if first in readable and second in readable:
@@ -402,7 +411,7 @@ def decoded_pair(row):
     """(image_0, image_1, bytes_0, bytes_1) of a PreferenceRow, or None when either image is unreadable."""
     try:
         raw = [encoded_bytes(row.image_0), encoded_bytes(row.image_1)]
-        return [train_diffusion_dpo.decode_image(value) for value in raw] + raw
+        return [decode_image(value) for value in raw] + raw
     except Exception:  # missing, corrupt or truncated: the pair is dropped and counted, as the trainer skips it
         return None
 
@@ -410,7 +419,7 @@ def decoded_pair(row):
 def dataset_rows(args):
     """The rows of the split as the trainer reads them; its first row is read here, so that a dataset the trainer
     cannot read (no layout fits, no such split) stops the run before anything is written."""
-    rows = train_diffusion_dpo.read_preference_rows(trainer_args(args))
+    rows = read_preference_rows(trainer_args(args))
     first = next(rows, None)
     if first is None:
         raise InputError(f"dataset '{args.dataset_name}' split '{args.dataset_split_name}' has no rows")
@@ -602,5 +611,5 @@ def report(args, entry):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except INPUT_ERRORS as error:
+    except InputError as error:
         sys.exit(f"error: {error}")

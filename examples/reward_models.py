@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoProcessor, CLIPImageProcessor, CLIPModel
 
-from train_diffusion_dpo import InputError
+from diffusion_dpo import InputError
 
 
 # scorer name -> (module it needs, pip package); pickscore and clip need only transformers

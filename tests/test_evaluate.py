@@ -1,4 +1,5 @@
-"""examples/evaluate_dpo.py: base and tuned images from the same seeds, scored, with win rates, grids and reruns."""
+"""examples/evaluate_dpo.py: base and tuned images from the same seeds, scored, with win rates, grids and reruns; and
+the implicit-reward accuracy of a run, which must equal its trainer's own held-out numbers, on every script."""
 
 import importlib.util
 import json
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 import tiny_assets
 from PIL import Image, ImageDraw, ImageFont
-from testing_utils import RESOLUTION, cache_folders, run_trainer
+from testing_utils import RESOLUTION, SD3_SEQUENCE_LENGTH, TRAINERS, cache_folders, run_trainer
+
+from diffusion_dpo import InputError
 
 
 PROMPTS = list(tiny_assets.CAPTION_POOL)  # 6 prompts the tiny tokenizer knows
@@ -89,23 +92,24 @@ def test_lora_evaluation_end_to_end_and_rerun_gives_the_same_base_images(dpo, cl
         )
 
 
-@pytest.mark.both_trainers
-def test_full_fine_tune_as_a_pipeline_folder_or_a_unet_checkpoint_with_prompts_from_a_dataset(
+@pytest.mark.every_script
+def test_full_fine_tune_as_a_pipeline_folder_or_a_checkpoint_with_prompts_from_a_dataset(
     dpo, cli_args, eval_args, pickapic_data, tmp_path
 ):
+    """A checkpoint holds the trained UNet or transformer alone: it replaces the base pipeline's own."""
     run_trainer(dpo, cli_args(train_mode="full", learning_rate=1e-2, max_train_steps=2, checkpointing_steps=2))
     captions = datasets.load_dataset(pickapic_data, split="train")["caption"]
     tuned_images = {}
-    for tuned, kind in (("out", "pipeline"), ("out/checkpoint-2", "unet")):
+    for tuned, kind in (("out", "pipeline"), ("out/checkpoint-2", dpo.FAMILY.denoiser)):
         argv = eval_args(tmp_path / tuned, tmp_path / f"eval-{kind}")
         at = argv.index("--prompts_file")
-        argv[at : at + 2] = ["--prompts_dataset", pickapic_data, "--num_prompts", "3"]  # default column and split
+        argv[at : at + 2] = ["--prompts_dataset", pickapic_data, "--num_prompts", "2"]  # default column and split
         results = evaluate(argv)
-        assert results["tuned_kind"] == kind and results["num_prompts"] == 3
-        assert [row["prompt"] for row in results["per_prompt"]] == captions[:3]
+        assert results["tuned_kind"] == kind and results["num_prompts"] == 2
+        assert [row["prompt"] for row in results["per_prompt"]] == captions[:2]
         tuned_images[kind] = [pixels(row["tuned_image"]) for row in results["per_prompt"]]
-    # the final pipeline and the step-2 checkpoint hold the same UNet
-    for pipeline_image, checkpoint_image in zip(tuned_images["pipeline"], tuned_images["unet"]):
+    # the final pipeline and the step-2 checkpoint hold the same weights: the same process draws the same images
+    for pipeline_image, checkpoint_image in zip(tuned_images["pipeline"], tuned_images[dpo.FAMILY.denoiser]):
         np.testing.assert_array_equal(pipeline_image, checkpoint_image)
 
 
@@ -156,6 +160,7 @@ def test_a_grid_with_no_rows_says_none_under_its_title():
         ("missing_package", "--scorers hpsv2 needs `pip install hpsv2`"),
         ("num_prompts", "--num_prompts must be at least 1"),
         ("earlier_evaluation", "already holds an evaluation; choose a new --output_dir"),
+        ("trainer_flag", "unrecognized arguments: --no_t5"),
     ],
 )
 def test_bad_flags_fail_in_one_line_before_anything_loads(eval_args, tmp_path, capsys, case, message):
@@ -168,6 +173,7 @@ def test_bad_flags_fail_in_one_line_before_anything_loads(eval_args, tmp_path, c
         "resolution": ["--resolution", "30"],
         "missing_package": ["--scorers", "pickscore,hpsv2"],
         "num_prompts": ["--num_prompts", "0"],
+        "trainer_flag": ["--no_t5"],  # a trainer's flag: for --mode implicit_accuracy only
     }.get(case, [])
     if case == "earlier_evaluation":
         (tmp_path / "eval").mkdir()
@@ -202,29 +208,31 @@ def test_unusable_prompts_are_one_clear_error_before_any_model_loads(
         "wrong_column": ["--prompts_dataset", pickapic_data, "--prompts_column", "prompt"],
         "wrong_split": ["--prompts_dataset", pickapic_data, "--prompts_split", "validation_unique"],
     }[source]
-    with pytest.raises(evaluate_dpo.InputError) as error:
+    with pytest.raises(InputError) as error:
         evaluate(argv)
     assert message in str(error.value)
     assert not (tmp_path / "eval").exists()  # nothing was generated
 
 
-@pytest.mark.parametrize("dpo", ["sdxl"], indirect=True)
-def test_sdxl_lora_from_the_sdxl_trainer(dpo, cli_args, eval_args, tmp_path):
-    run_trainer(dpo, cli_args(learning_rate=0.1, max_train_steps=2))
-    argv = eval_args(tmp_path / "out", tmp_path / "eval", "--num_prompts", "2")
-    results = evaluate(argv)
-    assert results["tuned_kind"] == "lora" and results["num_prompts"] == 2
-    changed = [(pixels(row["base_image"]) != pixels(row["tuned_image"])).any() for row in results["per_prompt"]]
-    assert any(changed) and Image.open(results["per_prompt"][0]["base_image"]).size == (RESOLUTION, RESOLUTION)
+def implicit_accuracy_args(base_model, tuned, dataset, output_dir, *extra):
+    return [
+        *("--mode", "implicit_accuracy", "--base_model", str(base_model), "--tuned", str(tuned)),
+        *("--preference_dataset", dataset, "--preference_split", "train", "--num_pairs", "4"),
+        *("--validation_timesteps", "3", "--resolution", str(RESOLUTION), "--output_dir", str(output_dir), *extra),
+    ]
 
 
-@pytest.mark.both_trainers
-@pytest.mark.parametrize("train_mode", ["lora", "full"])
+@pytest.mark.parametrize(
+    "dpo, train_mode",
+    [("sd15", "lora"), ("sdxl", "lora"), ("sd3", "lora"), ("sd15", "full"), ("sd3", "full")],
+    indirect=["dpo"],
+)  # every script; a full fine-tune's UNet and transformer (SDXL's loads as SD 1.5's)
 def test_implicit_accuracy_mode_reproduces_the_trainers_held_out_numbers(
     dpo, cli_args, tiny_pipeline, pickapic_data, tmp_path, train_mode
 ):
-    # The trainer holds out 4 pairs of the train split (seeded) and evaluates them at the end; the evaluation
-    # script, pointed at the same 4 pairs of that split with the same seed, must report the same numbers.
+    """The trainer holds out 4 pairs of the train split (seeded) and evaluates them at the end; the evaluation
+    script, pointed at the same 4 pairs of that split with the same seed, picks that trainer by the model's family
+    and must report the same numbers (the trainer's flags it does not know, SD3's T5 length here, passed on)."""
     trained = run_trainer(
         dpo,
         cli_args(
@@ -235,34 +243,28 @@ def test_implicit_accuracy_mode_reproduces_the_trainers_held_out_numbers(
             validation_timesteps=3,
         ),
     )
+    trainer_flags = ["--max_sequence_length", str(SD3_SEQUENCE_LENGTH)] if dpo is TRAINERS["sd3"] else []
     results = evaluate(
-        [
-            "--mode",
-            "implicit_accuracy",
-            "--base_model",
-            tiny_pipeline,
-            "--tuned",
-            str(tmp_path / "out"),
-            "--preference_dataset",
-            pickapic_data,
-            "--preference_split",
-            "train",
-            "--num_pairs",
-            "4",
-            "--validation_timesteps",
-            "3",
-            "--resolution",
-            str(RESOLUTION),
-            "--output_dir",
-            str(tmp_path / "eval"),
-        ]
+        implicit_accuracy_args(tiny_pipeline, tmp_path / "out", pickapic_data, tmp_path / "eval", *trainer_flags)
     )
     expected = trained["evaluations"][-1]
     (held_out_cache,) = cache_folders(tmp_path / "cache", n_pairs=4)
     assert results["num_pairs"] == 4 - np.load(held_out_cache / "undecodable.npy").sum()  # its decodable pairs
     for name in ("implicit_acc", "reward_margin", "loss", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l"):
         assert results[name] == pytest.approx(expected[f"eval/{name}"], rel=1e-4, abs=1e-6), name
+    assert expected["eval/reward_margin"] != 0  # the tuned model is not the reference: the numbers say something
     assert (
         json.loads((tmp_path / "eval" / "implicit_accuracy.json").read_text())["implicit_acc"]
         == results["implicit_acc"]
     )
+
+
+def test_a_model_no_trainer_script_trains_is_refused_in_one_line(pickapic_data, tmp_path):
+    other = tmp_path / "other-model"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").touch()  # not a loadable LoRA: nothing may load it
+    with pytest.raises(InputError, match="is a FluxPipeline; the trainer scripts train StableDiffusionPipeline, "):
+        evaluate(implicit_accuracy_args(other, tmp_path / "lora", pickapic_data, tmp_path / "eval"))
+    assert not (tmp_path / "eval").exists()

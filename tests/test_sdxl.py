@@ -1,4 +1,6 @@
-"""What only the SDXL trainer does: two text encoders, per-image micro-conditioning, its VAE, SDXL-Turbo."""
+"""What only the SDXL trainer does: two text encoders, per-image micro-conditioning (its time ids, read from the
+cache's crops), the pipeline's unconditional input, its VAE, SDXL-Turbo. What every script does is tested on this
+one too, through the `every_script` tests of the other files."""
 
 import io
 import json
@@ -7,35 +9,49 @@ import os
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from PIL import Image
 from testing_utils import RESOLUTION, cache_folders, dataset_rows, run_trainer
 
 import train_diffusion_dpo_sdxl as dpo_xl
+from diffusion_dpo.cache import CachedPreferencePairs, PairPixels, PairsToDecode
+from diffusion_dpo.data import load_preference_pairs
+from diffusion_dpo.noise import NoiseLevels
 
 
 # every test here needs the SDXL trainer's fixtures (tiny_pipeline, cli_args): the SDXL ones
 pytestmark = pytest.mark.parametrize("dpo", ["sdxl"], indirect=True)
 
 
+def time_ids(crops):
+    """The time ids the SDXL UNet is conditioned on, for (pairs, winner/loser, 6) crops as the cache holds them: the
+    winners' rows, then the losers'."""
+    n = len(crops)
+    batch = {"prompt_embeds": torch.zeros(n, 1, 1), "pooled_prompt_embeds": torch.zeros(n, 1), "crops": crops}
+    return dpo_xl.conditioning(batch, "cpu")["added_cond_kwargs"]["time_ids"]
+
+
 @pytest.mark.parametrize("random_crop", [False, True], ids=["centre-crop", "random-crop"])
-def test_time_ids_record_each_images_own_size_and_crop(cli_args, pickapic_data, random_crop):
+def test_time_ids_are_each_images_own_size_and_crop(dpo, cli_args, pickapic_data, random_crop):
+    """SDXL is conditioned on each image's original size, the top-left of its crop and the crop's size, as its
+    pipeline's _get_add_time_ids orders them; a mirrored image's crop is mirrored too."""
     args = dpo_xl.parse_args(cli_args(random_crop=random_crop))
-    pairs = dpo_xl.load_preference_pairs(args, "train")
+    pairs = load_preference_pairs(args, "train")
     rows = dataset_rows(pickapic_data)
     differing = off_centre = 0
-    for item in dpo_xl.PairPixels(args, [dpo_xl.PairsToDecode(pairs)]):
+    for item in PairPixels(args, [PairsToDecode(pairs)]):
         if not item["ok"]:
             continue
         row = rows[pairs.rows[item["index"]]]
         images = [Image.open(io.BytesIO(row[c])) for c in ("jpg_0", "jpg_1")]
         if row["label_0"] == 0.0:
             images.reverse()  # winner first
+        ids = time_ids(item["crops"]).view(2, -1, 6)  # (winner/loser, orientation, 6)
         for side, image in enumerate(images):
-            original, flipped = item["time_ids"][0, side], item["time_ids"][1, side]
+            original, flipped = ids[side]
             assert original[:2].tolist() == [image.height, image.width]
             assert original[4:].tolist() == [RESOLUTION, RESOLUTION]
-            resized = [max(RESOLUTION, round(side * RESOLUTION / min(image.size))) for side in image.size[::-1]]
+            resized = [max(RESOLUTION, round(length * RESOLUTION / min(image.size))) for length in image.size[::-1]]
             assert flipped[3] == resized[1] - original[3] - RESOLUTION  # the mirrored crop offset
             margin = np.array(resized) - RESOLUTION  # room for the crop: (height, width)
             offset = original[2:4].numpy()
@@ -46,43 +62,50 @@ def test_time_ids_record_each_images_own_size_and_crop(cli_args, pickapic_data, 
     assert (off_centre > 0) == random_crop
 
 
-def test_cached_embeddings_equal_the_pipelines_own_encode_prompt(cli_args, tiny_sdxl_model, tmp_path):
+def test_cached_embeddings_and_time_ids_equal_the_pipelines_own(dpo, cli_args, tiny_sdxl_model, tmp_path):
     run_trainer(dpo_xl, cli_args(max_train_steps=1))
     (cache,) = cache_folders(tmp_path / "cache")
-    pairs = dpo_xl.CachedPreferencePairs(cache)
+    pairs = CachedPreferencePairs(cache)
     index = int(pairs.valid_indices[0])
-    caption = dpo_xl.load_preference_pairs(dpo_xl.parse_args(cli_args(output_dir=tmp_path / "x")), "train").captions[
-        index
-    ]
+    caption = load_preference_pairs(dpo_xl.parse_args(cli_args(output_dir=tmp_path / "x")), "train").captions[index]
     pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model)
     prompt_embeds, _, pooled, _ = pipeline.encode_prompt(caption, do_classifier_free_guidance=False)
     item = pairs[(index, int(pairs.encoded[index].argmax()), False)]  # the orientation a 1-epoch run encoded
     torch.testing.assert_close(item["prompt_embeds"].float(), prompt_embeds[0], atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(item["pooled_prompt_embeds"].float(), pooled[0], atol=2e-3, rtol=1e-3)
-    assert item["time_ids"].shape == (2, 6)
+    # the time ids from crops.npy, as the pipeline builds them from (original size, crop top-left, target size)
+    winner = item["crops"][0].tolist()
+    expected = pipeline._get_add_time_ids(
+        tuple(winner[:2]),
+        tuple(winner[2:4]),
+        (RESOLUTION, RESOLUTION),
+        torch.float32,
+        text_encoder_projection_dim=pipeline.text_encoder_2.config.projection_dim,
+    )
+    torch.testing.assert_close(time_ids(item["crops"][None])[:1], expected)
 
 
-def test_turbo_trains_on_the_four_step_grid(dpo):
-    args = dpo_xl.parse_args(["--is_turbo", "--output_dir", "unused"])
-    scheduler = dpo_xl.DDPMScheduler(num_train_timesteps=1000)
-    timesteps = dpo_xl.sample_timesteps(1000, scheduler, args, torch.Generator().manual_seed(0), "cpu")
-    assert set(timesteps.tolist()) == {249, 499, 749, 999}
+def test_turbo_trains_on_the_four_step_grid(dpo, cli_args):
+    noise = dpo_xl.load_noise(dpo_xl.parse_args(cli_args(is_turbo=True)))
+    levels = noise.draw(1000, torch.Generator().manual_seed(0), "cpu")
+    assert set(levels.timesteps.tolist()) == {249, 499, 749, 999}
 
 
 @pytest.mark.parametrize("is_turbo", [False, True])
 def test_turbo_sees_pure_noise_at_its_first_step_as_it_was_distilled(dpo, cli_args, is_turbo):
-    scheduler = dpo_xl.load_noise_scheduler(dpo_xl.parse_args(cli_args(is_turbo=is_turbo)))
+    noise = dpo_xl.load_noise(dpo_xl.parse_args(cli_args(is_turbo=is_turbo)))
     generator = torch.Generator().manual_seed(0)
-    winner, loser, noise = torch.randn(3, 1, 4, 4, 4, generator=generator)
-    noisy_winner, _ = dpo_xl.noisy_latents_and_target(winner, noise, torch.tensor([999]), scheduler)
-    noisy_loser, _ = dpo_xl.noisy_latents_and_target(loser, noise, torch.tensor([999]), scheduler)
+    winner, loser, pure_noise = torch.randn(3, 1, 4, 4, 4, generator=generator)
+    at_999 = NoiseLevels(torch.tensor([999]))
+    noisy_winner, _ = noise.corrupt(winner, pure_noise, at_999)
+    noisy_loser, _ = noise.corrupt(loser, pure_noise, at_999)
     signal_left = (noisy_winner - noisy_loser).norm() / (winner - loser).norm()  # of the image, at t = 999
     if is_turbo:  # zero terminal SNR: pure noise, as Turbo's first sampling step sees
         assert signal_left == 0
     else:  # SDXL base's scaled-linear schedule keeps sqrt(alphas_cumprod[999]) = 6.8 % of the image
         assert 0.06 < signal_left < 0.075
     # the rest of the schedule is nearly unchanged: t = 0 is still almost clean
-    assert scheduler.alphas_cumprod[0] > 0.99
+    assert noise.scheduler.alphas_cumprod[0] > 0.99
 
 
 def test_turbo_validation_defaults_to_four_steps_without_guidance_unless_set(dpo, cli_args):
@@ -113,24 +136,16 @@ def test_turbo_end_to_end_with_held_out_evaluation_validation_images_and_model_c
     assert np.isfinite(end["eval/loss"]) and end["eval/model_mse_w"] != start["eval/model_mse_w"]
     validation = tmp_path / "out" / "validation"
     assert sorted(p.name for p in validation.iterdir()) == ["reference.png", "step-000002.png"]
-    assert (tmp_path / "out" / dpo_xl.LORA_WEIGHT_NAME).exists()
     assert "num_inference_steps=4, guidance_scale=0.0" in (tmp_path / "out" / "README.md").read_text()
 
 
-def test_the_vae_encodes_in_fp32_unless_a_safe_vae_is_given(cli_args, tiny_sdxl_model, tmp_path):
+def test_the_vae_encodes_in_fp32_unless_a_safe_vae_is_given_which_gets_its_own_cache(dpo, cli_args, tiny_sdxl_model):
     args = dpo_xl.parse_args(cli_args())
     assert dpo_xl.vae_dtype(args, torch.float16) == torch.float32
     custom = dpo_xl.parse_args(cli_args(pretrained_vae_model_name_or_path=f"{tiny_sdxl_model}/vae"))
     assert dpo_xl.vae_dtype(custom, torch.float16) == torch.float16
-    # a separately given VAE trains, and gets its own cache
-    run_trainer(dpo_xl, cli_args(max_train_steps=1, output_dir=tmp_path / "a"))
-    run_trainer(
-        dpo_xl,
-        cli_args(
-            max_train_steps=1, output_dir=tmp_path / "b", pretrained_vae_model_name_or_path=f"{tiny_sdxl_model}/vae"
-        ),
-    )
-    assert len(cache_folders(tmp_path / "cache")) == 2
+    # latents of another VAE are other latents: the cache key (the cache folder's name) changes
+    assert dpo_xl.cache_key(args, torch.float32) != dpo_xl.cache_key(custom, torch.float32)
 
 
 def linked_parts(model, folder, leave_out):
@@ -150,7 +165,7 @@ def sdxl_model_copy(tiny_sdxl_model, tmp_path):
     return folder
 
 
-def test_the_dropout_row_is_the_pipelines_own_unconditional_input(cli_args, sdxl_model_copy, tmp_path):
+def test_the_dropout_row_is_the_pipelines_own_unconditional_input(dpo, cli_args, sdxl_model_copy, tmp_path):
     model_index = sdxl_model_copy / "model_index.json"
     caches = []
     for force_zeros in (True, False):  # SDXL base's setting, then a model that encodes "" instead
@@ -181,7 +196,7 @@ def test_a_full_fine_tune_with_a_separate_vae_validates_and_saves_that_vae(
     dpo, cli_args, tiny_sdxl_model, model_without_vae, tmp_path
 ):
     vae_folder = tmp_path / "vae"
-    vae = dpo_xl.AutoencoderKL.from_pretrained(tiny_sdxl_model, subfolder="vae")
+    vae = AutoencoderKL.from_pretrained(tiny_sdxl_model, subfolder="vae")
     vae.register_to_config(force_upcast=False)  # an fp16-safe VAE, as madebyollin/sdxl-vae-fp16-fix says it is
     vae.save_pretrained(vae_folder)
     run_trainer(
@@ -208,7 +223,7 @@ def test_a_missing_vae_folder_is_named_before_anything_loads(dpo, cli_args, tmp_
     assert "--pretrained_vae_model_name_or_path" in capsys.readouterr().err
 
 
-def test_validation_decodes_in_fp32_outside_mixed_precision_autocast(dpo, cli_args, monkeypatch):
+def test_validation_decodes_in_fp32_outside_mixed_precision_autocast(dpo, cli_args):
     """The SDXL VAE overflows in fp16: under --mixed_precision autocast its convolutions would run in half precision
     (bf16 here, as CPUs autocast to) unless it is fp16-safe."""
     from diffusers.models.autoencoders.vae import Decoder
