@@ -88,8 +88,11 @@ def check_flags(args):
         args.num_validation_inference_steps = 4 if args.is_turbo else 25
     if args.validation_guidance_scale is None:
         args.validation_guidance_scale = 0.0 if args.is_turbo else 5.0
-    vae = args.pretrained_vae_model_name_or_path
-    check_model_folder(args, [part for part in MODEL_PARTS if part != "vae" or vae is None])
+    vae, model = args.pretrained_vae_model_name_or_path, args.pretrained_model_name_or_path
+    # a folder with one text encoder is an SD 1.x/2.x pipeline: say which script trains it
+    single_encoder = os.path.isdir(model) and not os.path.isdir(os.path.join(model, "text_encoder_2"))
+    hint = f"; {OTHER_MODELS_HINT}" if single_encoder else ""
+    check_model_folder(args, [part for part in MODEL_PARTS if part != "vae" or vae is None], hint)
     if vae is not None and not os.path.isdir(vae) and (vae.startswith((".", "/", "~")) or os.path.exists(vae)):
         raise InputError(f"--pretrained_vae_model_name_or_path {vae}: no such VAE folder (an AutoencoderKL folder)")
     check_args(args, FAMILY)

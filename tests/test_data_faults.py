@@ -1,6 +1,8 @@
 """Data and cache faults a user can cause: odd labels and captions, data files changed in place, damaged caches, a
 full or unwritable disk, an interrupted precompute, a model the trainer cannot condition. Each ends in a counted
-skip, a one-line message, or a refusal, never a silent wrong result."""
+skip, a one-line message, or a refusal, never a silent wrong result. The data and cache machinery is shared
+(diffusion_dpo.data, diffusion_dpo.cache): tested once, on the SD 1.5 script; refusing a model of another family is
+each script's own, tested on every script."""
 
 import json
 import logging
@@ -11,15 +13,20 @@ import shutil
 import subprocess
 import sys
 
+import diffusers
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tiny_assets
+import transformers
 from testing_utils import cache_folders, run_trainer
 
-import train_diffusion_dpo
+import diffusion_dpo.cache
+from diffusion_dpo import InputError
+from diffusion_dpo.cache import LATENT_ARRAYS, MASK_ARRAYS
+from diffusion_dpo.data import load_preference_pairs, stream_split
 
 
 def jpeg_pair(rng):
@@ -48,19 +55,17 @@ def write_split(folder, labels, captions, label_type=pa.string(), caption_type=p
 # ---- labels and captions -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.both_trainers
 def test_an_unparsable_label_drops_its_pair_not_its_file(dpo, cli_args, tmp_path, caplog):
     labels = ["1", "0", "left", "0.5", "1.0", "0", None]
     write_split(tmp_path / "data", labels, [f"caption {i}" for i in range(len(labels))])
     caplog.set_level(logging.INFO)
-    pairs = dpo.load_preference_pairs(dpo.parse_args(cli_args(dataset_name=str(tmp_path / "data"))), "train")
+    pairs = load_preference_pairs(dpo.parse_args(cli_args(dataset_name=str(tmp_path / "data"))), "train")
     assert pairs.rows.tolist() == [0, 1, 4, 5]
     assert pairs.second_is_winner.tolist() == [False, True, False, True]
     assert "dropped 1 tied pairs and 2 pairs with labels outside {0, 0.5, 1}" in caplog.text
     assert "Skipping" not in caplog.text
 
 
-@pytest.mark.both_trainers
 def test_a_nan_caption_is_the_empty_caption(dpo, cli_args, tmp_path):
     rng = random.Random(0)
     images = [jpeg_pair(rng) for _ in range(3)]
@@ -76,7 +81,7 @@ def test_a_nan_caption_is_the_empty_caption(dpo, cli_args, tmp_path):
     (tmp_path / "data").mkdir()
     frame.to_parquet(tmp_path / "data" / "train-00000-of-00001.parquet")
     assert pq.read_schema(tmp_path / "data" / "train-00000-of-00001.parquet").field("caption").type == pa.float64()
-    pairs = dpo.load_preference_pairs(dpo.parse_args(cli_args(dataset_name=str(tmp_path / "data"))), "train")
+    pairs = load_preference_pairs(dpo.parse_args(cli_args(dataset_name=str(tmp_path / "data"))), "train")
     assert pairs.captions == ["", "", ""]
 
 
@@ -87,19 +92,17 @@ def keep_times(path, stat):
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-@pytest.mark.both_trainers
 def test_other_rows_of_the_same_size_and_mtime_change_the_identity(dpo, cli_args, tmp_path):
     options = dict(compression="none")  # same-length captions: the same file size
     path = write_split(tmp_path / "data", [1.0, 0.0], ["a red cat", "a big dog"], pa.float64(), **options)
     args = dpo.parse_args(cli_args(dataset_name=str(tmp_path / "data")))
-    before, stat = dpo.stream_split(args, "train")[1], path.stat()
+    before, stat = stream_split(args, "train")[1], path.stat()
     write_split(tmp_path / "data", [1.0, 0.0], ["a tan cow", "a big dog"], pa.float64(), **options)
     keep_times(path, stat)
     assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
-    assert dpo.stream_split(args, "train")[1] != before
+    assert stream_split(args, "train")[1] != before
 
 
-@pytest.mark.both_trainers
 def test_a_data_file_rewritten_with_its_old_mtime_is_not_read_from_the_old_cache(dpo, cli_args, tmp_path):
     data = tiny_assets.build_pickapic_dataset(str(tmp_path / "data"), n_pairs=6, n_ties=0, seed=0)
     path = tmp_path / "data" / "train-00000-of-00001.parquet"
@@ -112,26 +115,28 @@ def test_a_data_file_rewritten_with_its_old_mtime_is_not_read_from_the_old_cache
     assert len(list((tmp_path / "cache").glob("pairs-*.parquet"))) == 2
     args = dpo.parse_args(cli_args(dataset_name=data, output_dir=tmp_path / "c"))
     captions = pq.read_table(path).column("caption").to_pylist()
-    assert dpo.load_preference_pairs(args, "train").captions == captions
+    assert load_preference_pairs(args, "train").captions == captions
 
 
 # ---- a damaged cache -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.both_trainers
 def test_a_damaged_cache_file_is_named_in_one_line_before_anything_is_encoded(dpo, cli_args, tmp_path, monkeypatch):
     run_trainer(dpo, cli_args(output_dir=tmp_path / "a", max_train_steps=1))
     (cache,) = cache_folders(tmp_path / "cache")
     np.save(cache / "encoded.part-1.npy", np.load(cache / "encoded.npy"))  # a part file left by a killed process
     pristine = tmp_path / "pristine"
     shutil.copytree(cache, pristine)
-    monkeypatch.setattr(dpo, "load_vae", must_not_load)
+    no_encoder_loads(monkeypatch)
+    caption_arrays = json.loads((cache / "cache_info.json").read_text())["caption_arrays"]
+    files = ["cache_info.json"] + [f"{name}.npy" for name in ("caption_index", *caption_arrays, *LATENT_ARRAYS)]
+    files += [f"{name}.npy" for name in (*MASK_ARRAYS, "encoded.part-1")]
     damages = {"truncated": lambda data: data[: len(data) // 2], "overwritten": lambda data: b"\0" * len(data)}
-    for name in [*dpo.CACHE_ARRAYS, "encoded.part-1"]:
+    for name in files:
         for damage, damaged in damages.items():
-            file = cache / f"{name}.npy"
+            file = cache / name
             file.write_bytes(damaged(file.read_bytes()))
-            with pytest.raises(dpo.InputError) as error:
+            with pytest.raises(InputError) as error:
                 run_trainer(dpo, cli_args(output_dir=tmp_path / f"{name}-{damage}", max_train_steps=1))
             message = str(error.value)
             assert f"the cache file {file} is damaged" in message, (name, damage)
@@ -139,16 +144,14 @@ def test_a_damaged_cache_file_is_named_in_one_line_before_anything_is_encoded(dp
             shutil.copyfile(pristine / file.name, file)
 
 
-@pytest.mark.both_trainers
 def test_arrays_that_disagree_in_shape_are_named(dpo, cli_args, tmp_path):
     run_trainer(dpo, cli_args(output_dir=tmp_path / "a", max_train_steps=1))
     (cache,) = cache_folders(tmp_path / "cache")
     np.save(cache / "undecodable.npy", np.zeros(3, dtype=bool))  # another cache's mask, copied in by hand
-    with pytest.raises(dpo.InputError, match=f"the cache file {cache / 'undecodable.npy'} is damaged"):
+    with pytest.raises(InputError, match=f"the cache file {cache / 'undecodable.npy'} is damaged"):
         run_trainer(dpo, cli_args(output_dir=tmp_path / "b", max_train_steps=1))
 
 
-@pytest.mark.both_trainers
 def test_a_damaged_labels_and_captions_cache_is_read_again(dpo, cli_args, tmp_path, caplog):
     run_trainer(dpo, cli_args(output_dir=tmp_path / "a", max_train_steps=1))
     (labels_cache,) = (tmp_path / "cache").glob("pairs-*.parquet")
@@ -164,10 +167,15 @@ def must_not_load(*args, **kwargs):
     raise AssertionError("a model was loaded although the run should have stopped before")
 
 
+def no_encoder_loads(monkeypatch):
+    """Makes loading the SD 1.5 script's text encoder or VAE fail the test."""
+    monkeypatch.setattr(transformers.CLIPTextModel, "from_pretrained", must_not_load)
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", must_not_load)
+
+
 # ---- the cache lock ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.both_trainers
 def test_waiting_for_another_runs_cache_lock_is_said(dpo, cli_args, tmp_path, caplog):
     lock_file = tmp_path / "cache" / ".precompute.lock"
     lock_file.parent.mkdir()
@@ -189,12 +197,11 @@ def test_waiting_for_another_runs_cache_lock_is_said(dpo, cli_args, tmp_path, ca
 # ---- disk space ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.both_trainers
 def test_a_cache_folder_that_cannot_be_written_is_refused_before_anything_loads(dpo, cli_args, tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("not a folder")
     monkeypatch.setattr(dpo.UNet2DConditionModel, "from_pretrained", must_not_load)
-    monkeypatch.setattr(dpo, "load_text_encoders", must_not_load)
-    with pytest.raises(dpo.InputError, match=f"cannot write to the cache folder {tmp_path / 'a-file' / 'cache'}"):
+    no_encoder_loads(monkeypatch)
+    with pytest.raises(InputError, match=f"cannot write to the cache folder {tmp_path / 'a-file' / 'cache'}"):
         run_trainer(dpo, cli_args(precompute_cache_dir=tmp_path / "a-file" / "cache"))
 
 
@@ -223,14 +230,12 @@ def partials(folder):
     return [path for path in folder.rglob("*") if ".partial-" in path.name]
 
 
-@pytest.mark.both_trainers
 def test_a_cache_that_does_not_fit_on_the_disk_stops_before_the_encoders_load(
     dpo, cli_args, small_disk, tmp_path, monkeypatch
 ):
     fill(small_disk, 48 * 1024)  # the labels and captions fit, the text embeddings and latents do not
-    monkeypatch.setattr(dpo, "load_text_encoders", must_not_load)
-    monkeypatch.setattr(dpo, "load_vae", must_not_load)
-    with pytest.raises(dpo.InputError) as error:
+    no_encoder_loads(monkeypatch)
+    with pytest.raises(InputError) as error:
         run_trainer(dpo, cli_args(precompute_cache_dir=small_disk / "cache"))
     needed, free = re.match(
         f"not enough disk space for the precompute cache in {small_disk / 'cache'}: it needs ([0-9.]+) KiB, "
@@ -241,13 +246,13 @@ def test_a_cache_that_does_not_fit_on_the_disk_stops_before_the_encoders_load(
     assert not cache_folders(small_disk / "cache") and not partials(small_disk)
 
 
-@pytest.mark.both_trainers
 def test_a_disk_that_fills_up_while_the_cache_is_written_leaves_no_partial_files(
     dpo, cli_args, small_disk, monkeypatch
 ):
     fill(small_disk, 16 * 1024)
-    monkeypatch.setattr(dpo, "check_free_space", lambda *args: None)  # as if another program filled the disk
-    with pytest.raises(dpo.InputError, match=f"the disk of {small_disk / 'cache'} is full"):
+    # the free space check passes, as if another program filled the disk after it
+    monkeypatch.setattr(diffusion_dpo.cache, "check_free_space", lambda *args: None)
+    with pytest.raises(InputError, match=f"the disk of {small_disk / 'cache'} is full"):
         run_trainer(dpo, cli_args(precompute_cache_dir=small_disk / "cache"))
     assert not cache_folders(small_disk / "cache") and not partials(small_disk)
 
@@ -255,31 +260,23 @@ def test_a_disk_that_fills_up_while_the_cache_is_written_leaves_no_partial_files
 # ---- an interrupted precompute -------------------------------------------------------------------------------------
 
 
-@pytest.mark.both_trainers
 def test_an_interrupt_while_encoding_keeps_the_latents_encoded_so_far(dpo, cli_args, tmp_path, monkeypatch):
-    load_vae = dpo.load_vae
+    encode, calls = diffusers.AutoencoderKL.encode, []
 
-    def vae_interrupted_at_the_third_batch(*args, **kwargs):
-        vae = load_vae(*args, **kwargs)
-        encode, calls = vae.encode, []
+    def encode_or_interrupt(vae, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C (SIGTERM arrives as one too)
+        return encode(vae, *args, **kwargs)
 
-        def encode_or_interrupt(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 3:
-                raise KeyboardInterrupt  # Ctrl-C (SIGTERM arrives as one too)
-            return encode(*args, **kwargs)
-
-        vae.encode = encode_or_interrupt
-        return vae
-
-    monkeypatch.setattr(dpo, "load_vae", vae_interrupted_at_the_third_batch)
+    monkeypatch.setattr(diffusers.AutoencoderKL, "encode", encode_or_interrupt)
     flags = dict(vae_encode_batch_size=2, precompute_commit_seconds=3600)  # a pair per batch; no periodic commit
     with pytest.raises(KeyboardInterrupt):
         run_trainer(dpo, cli_args(output_dir=tmp_path / "a", **flags))
     (cache,) = cache_folders(tmp_path / "cache")
     kept = np.load(cache / "encoded.npy")
     assert kept.sum() == 2  # the two batches encoded before the interrupt
-    monkeypatch.setattr(dpo, "load_vae", load_vae)
+    monkeypatch.setattr(diffusers.AutoencoderKL, "encode", encode)
     run_trainer(dpo, cli_args(output_dir=tmp_path / "b", **flags))
     encoded = np.load(cache / "encoded.npy")
     assert (encoded | ~kept).all() and encoded.any(axis=1).sum() == np.count_nonzero(
@@ -287,24 +284,51 @@ def test_an_interrupt_while_encoding_keeps_the_latents_encoded_so_far(dpo, cli_a
     )
 
 
+def test_a_dataset_without_a_decodable_pair_stops_in_one_line(dpo, cli_args, tmp_path):
+    """With --max_train_steps the epochs are planned from the usable pairs: none must stop the run, not divide by 0."""
+    data = tiny_assets.build_pickapic_dataset(str(tmp_path / "data"), n_pairs=0, n_ties=0, corrupt_pairs=3)
+    with pytest.raises(InputError) as error:
+        run_trainer(dpo, cli_args(dataset_name=data, max_train_steps=2))
+    assert str(error.value) == f"no pair of dataset '{data}' has two decodable images"
+
+
 # ---- a model the trainer cannot condition --------------------------------------------------------------------------
 
+# each script given the tiny model of another family, and the script its message must point to
+OTHER_FAMILY = {
+    "train_diffusion_dpo": ("tiny_sdxl_model", "train_diffusion_dpo_sdxl.py"),
+    "train_diffusion_dpo_sdxl": ("tiny_model", "train_diffusion_dpo.py"),
+    "train_diffusion_dpo_sd3": ("tiny_model", "train_diffusion_dpo.py"),
+}
 
-def test_the_sd_trainer_refuses_an_sdxl_model_before_reading_any_data(cli_args, tiny_sdxl_model, tmp_path):
-    dpo = train_diffusion_dpo
-    with pytest.raises(dpo.InputError, match="train SDXL models with train_diffusion_dpo_sdxl.py") as error:
-        run_trainer(dpo, cli_args(pretrained_model_name_or_path=tiny_sdxl_model))
-    assert "addition_embed_type 'text_time'" in str(error.value)
-    assert not (tmp_path / "cache").exists()
+
+def refusal(dpo, argv, capsys):
+    """The one line a trainer stops with on `argv`: when it parses the flags (exit status 2) or as its run starts."""
+    try:
+        dpo.parse_args(argv)
+    except SystemExit as exit_info:
+        assert exit_info.code == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        return line
+    with pytest.raises(InputError) as error:
+        run_trainer(dpo, argv)
+    assert "\n" not in str(error.value)
+    return str(error.value)
 
 
-@pytest.mark.both_trainers
+@pytest.mark.every_script
+def test_a_model_of_another_family_is_refused_in_one_line_naming_its_script(dpo, cli_args, tmp_path, request, capsys):
+    fixture, other_script = OTHER_FAMILY[dpo.__name__]
+    model = request.getfixturevalue(fixture)
+    line = refusal(dpo, cli_args(pretrained_model_name_or_path=model), capsys)
+    assert model in line and other_script in line
+    assert not (tmp_path / "cache").exists()  # before any data is read
+
+
 def test_a_unet_with_a_class_embedding_is_refused(dpo, cli_args, tiny_pipeline, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_pipeline, model)
     config = json.loads((model / "unet" / "config.json").read_text())
     (model / "unet" / "config.json").write_text(json.dumps({**config, "class_embed_type": "timestep"}))
-    with pytest.raises(
-        dpo.InputError, match="has a UNet this script cannot condition \\(class_embed_type 'timestep'\\)"
-    ):
+    with pytest.raises(InputError, match="has a unet of another kind \\(class_embed_type 'timestep'\\)"):
         run_trainer(dpo, cli_args(pretrained_model_name_or_path=model))
