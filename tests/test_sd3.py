@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
 from testing_utils import (
@@ -75,7 +76,8 @@ def test_a_pairs_two_images_share_their_noise_level_and_noise(dpo, cli_args, mon
         return denoising_errors(model, family, noisy_latents, levels, conditioning, target)
 
     monkeypatch.setattr(losses, "denoising_errors", record)
-    accelerator = Accelerator(mixed_precision="no", cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)  # as a fresh process: earlier runs set their own
+    accelerator = Accelerator(mixed_precision="no")
     targets = dpo_sd3.lora_target_modules(args)
     transformer, reference = build_models(args, dpo_sd3.FAMILY, SD3Transformer2DModel, targets, accelerator)
     winners, losers = torch.randn(2, 2, transformer.config.in_channels, 16, 16)
