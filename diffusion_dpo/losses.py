@@ -132,9 +132,9 @@ def compute_loss(batch, model, reference, noise, family, args, generator):
     if args.loss_type == "mapo":
         return mapo_loss(model_err_w, model_err_l, args.beta_mapo, noise.num_train_timesteps)
 
-    with torch.inference_mode(), reference_model(model, reference) as ref:
+    with reference_model(model, reference, training=True) as ref:
         ref_err = denoising_errors(ref, family, noisy_latents, levels, conditioning, target)
-    ref_err_w, ref_err_l = ref_err.clone().chunk(2)  # clone: an ordinary tensor again, usable next to the graph
+    ref_err_w, ref_err_l = ref_err.detach().clone().chunk(2)  # clone: an ordinary tensor, usable next to the graph
     return dpo_loss(
         model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type, args.label_smoothing
     )
