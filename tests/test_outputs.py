@@ -1,36 +1,40 @@
-"""What a run leaves behind: weights that reload in diffusers, validation grids, the model card, the Hub upload."""
+"""What a run leaves behind: weights that reload in diffusers and validation grids (every script); the model card
+and the Hub upload (diffusion_dpo.outputs, once on SD 1.5)."""
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from PIL import Image
-from testing_utils import RESOLUTION, pipeline_class, run_trainer, unet_output
+from testing_utils import RESOLUTION, denoiser, denoiser_output, pipeline_class, run_trainer
+
+import diffusion_dpo.outputs
+import diffusion_dpo.training
 
 
-pytestmark = pytest.mark.both_trainers
-
-
-@pytest.mark.parametrize("weights_dir", ["out", "out/checkpoint-2"])
-def test_lora_reloads_with_load_lora_weights_and_changes_the_unet(dpo, cli_args, tiny_pipeline, tmp_path, weights_dir):
+@pytest.mark.every_script
+def test_lora_reloads_with_load_lora_weights_and_changes_the_denoiser(dpo, cli_args, tiny_pipeline, tmp_path):
+    """The result and every LoRA checkpoint load with the family's pipeline's load_lora_weights."""
     run_trainer(dpo, cli_args(learning_rate=1e-2, max_train_steps=2, checkpointing_steps=2))
-    pipeline = pipeline_class(dpo).from_pretrained(tiny_pipeline)
-    base = unet_output(pipeline.unet)
-    pipeline.load_lora_weights(str(tmp_path / weights_dir))
-    tuned = unet_output(pipeline.unet)
-    assert (tuned - base).abs().max() > 1e-4
-    pipeline.unet.disable_adapters()  # the adapter is all that changed
-    torch.testing.assert_close(unet_output(pipeline.unet), base)
+    for weights_dir in (tmp_path / "out", tmp_path / "out" / "checkpoint-2"):
+        pipeline = pipeline_class(dpo).from_pretrained(tiny_pipeline)
+        base = denoiser_output(denoiser(pipeline))
+        pipeline.load_lora_weights(str(weights_dir))
+        tuned = denoiser_output(denoiser(pipeline))
+        assert (tuned - base).abs().max() > 1e-4, weights_dir
+        denoiser(pipeline).disable_adapters()  # the adapter is all that changed
+        torch.testing.assert_close(denoiser_output(denoiser(pipeline)), base)
 
 
+@pytest.mark.every_script
 def test_full_fine_tuning_saves_a_pipeline_that_from_pretrained_loads(dpo, cli_args, tiny_pipeline, tmp_path):
     run_trainer(dpo, cli_args(train_mode="full", learning_rate=1e-3, max_train_steps=2))
     tuned = pipeline_class(dpo).from_pretrained(str(tmp_path / "out"))
-    base = UNet2DConditionModel.from_pretrained(tiny_pipeline, subfolder="unet")
-    assert (unet_output(tuned.unet) - unet_output(base)).abs().max() > 1e-4
+    base = pipeline_class(dpo).from_pretrained(tiny_pipeline)
+    assert (denoiser_output(denoiser(tuned)) - denoiser_output(denoiser(base))).abs().max() > 1e-4
     image = tuned("a shape", num_inference_steps=2, height=RESOLUTION, width=RESOLUTION).images[0]
     assert image.size == (RESOLUTION, RESOLUTION)
 
 
+@pytest.mark.every_script
 def test_validation_renders_grids_and_logs_to_tensorboard(dpo, cli_args, tmp_path):
     prompts = ["a shape", "a photo of a shape"]
     run_trainer(
@@ -71,8 +75,11 @@ def test_model_card_and_push_to_hub_upload_the_result_without_checkpoints(dpo, c
     class Repo:
         repo_id = "someone/my-dpo-lora"
 
-    monkeypatch.setattr(dpo, "create_repo", lambda **kwargs: calls.setdefault("create_repo", kwargs) and Repo)
-    monkeypatch.setattr(dpo, "upload_folder", lambda **kwargs: calls.setdefault("upload_folder", kwargs))
+    create_repo = lambda **kwargs: calls.setdefault("create_repo", kwargs) and Repo  # noqa: E731
+    monkeypatch.setattr(diffusion_dpo.training, "create_repo", create_repo)
+    monkeypatch.setattr(
+        diffusion_dpo.outputs, "upload_folder", lambda **kwargs: calls.setdefault("upload_folder", kwargs)
+    )
     run_trainer(
         dpo, cli_args(push_to_hub=True, hub_model_id="someone/my-dpo-lora", checkpointing_steps=1, beta_dpo=2500)
     )
