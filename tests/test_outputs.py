@@ -75,11 +75,12 @@ def test_model_card_and_push_to_hub_upload_the_result_without_checkpoints(dpo, c
     class Repo:
         repo_id = "someone/my-dpo-lora"
 
-    create_repo = lambda **kwargs: calls.setdefault("create_repo", kwargs) and Repo  # noqa: E731
+    def create_repo(**kwargs):
+        calls["create_repo"] = kwargs
+        return Repo
+
     monkeypatch.setattr(diffusion_dpo.training, "create_repo", create_repo)
-    monkeypatch.setattr(
-        diffusion_dpo.outputs, "upload_folder", lambda **kwargs: calls.setdefault("upload_folder", kwargs)
-    )
+    monkeypatch.setattr(diffusion_dpo.outputs, "upload_folder", lambda **kwargs: calls.update(upload_folder=kwargs))
     run_trainer(
         dpo, cli_args(push_to_hub=True, hub_model_id="someone/my-dpo-lora", checkpointing_steps=1, beta_dpo=2500)
     )
