@@ -2,6 +2,7 @@
 that way, and the person running it sees progress and no library notices."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -20,6 +21,9 @@ def demo(tmp_path_factory):
         capture_output=True,
         text=True,
         timeout=900,
+        # one thread, as every subprocess of the suite: OpenMP threads of processes sharing the cores spin against
+        # each other, which made this run 7x slower next to other tests (docs/alignment-demo.md, Time)
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (result_file,) = work_dir.glob("run-seed0-*/demo_result.json")
