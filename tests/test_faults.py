@@ -110,7 +110,8 @@ def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(dpo, 
     write_from, done_at = rng.randint(2, 5), rng.randint(1, 5)
 
     def latents_encoded(cache):  # committed (pair, orientation) latents of the training cache (the larger one)
-        return max([int(np.load(p).sum()) for p in Path(cache).glob("*/encoded.npy")], default=0)
+        complete = [p for p in Path(cache).glob("*/encoded.npy") if not p.parent.name.startswith(".")]  # not partial
+        return max([int(np.load(p).sum()) for p in complete], default=0)
 
     def to_encode(log):  # what the killed run set out to encode: "... 0 pair latents present, N to encode"
         return int(re.search(r": 0 pair latents present, (\d+) to encode", Path(log).read_text()).group(1))
