@@ -34,8 +34,6 @@ from diffusion_dpo.training import TrainingRun, cached_pairs, training_session
 
 MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # subfolders of a pipeline folder it reads
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
-# the UNet config this script conditions: text embeddings alone (SDXL's UNet also takes pooled text and sizes)
-UNET_CONDITIONING = {"addition_embed_type": None, "class_embed_type": None}
 OTHER_MODELS_HINT = "this script trains SD 1.x/2.x-class models; train SDXL models with train_diffusion_dpo_sdxl.py"
 
 
@@ -172,7 +170,9 @@ def main(args):
     """Trains and saves; returns {'global_step', 'history': [per-step metrics], 'evaluations': [held-out metrics]}."""
     with training_session(args, FAMILY) as session:
         accelerator = session.accelerator
-        check_denoiser_config(args, UNet2DConditionModel, "unet", UNET_CONDITIONING, OTHER_MODELS_HINT)
+        # the UNet config this script conditions: text embeddings alone (an SDXL UNet also takes pooled text, sizes)
+        conditioned_on = {"addition_embed_type": None, "class_embed_type": None}
+        check_denoiser_config(args, UNet2DConditionModel, "unet", conditioned_on, OTHER_MODELS_HINT)
 
         # Data: the pairs, then their latents and caption embeddings, encoded once into the cache.
         data = cached_pairs(args, accelerator, FAMILY)

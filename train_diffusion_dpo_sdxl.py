@@ -46,8 +46,6 @@ logger = get_logger(__name__)
 
 MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
-# the UNet config this script conditions: text embeddings plus SDXL's pooled text and size micro-conditioning
-UNET_CONDITIONING = {"addition_embed_type": "text_time", "class_embed_type": None}
 OTHER_MODELS_HINT = "this script trains SDXL-class models; train SD 1.x/2.x models with train_diffusion_dpo.py"
 TURBO_TIMESTEPS = (249, 499, 749, 999)  # SDXL-Turbo's 4-step grid, which it was distilled to sample on
 
@@ -293,7 +291,9 @@ def main(args):
     """Trains and saves; returns {'global_step', 'history': [per-step metrics], 'evaluations': [held-out metrics]}."""
     with training_session(args, FAMILY) as session:
         accelerator = session.accelerator
-        check_denoiser_config(args, UNet2DConditionModel, "unet", UNET_CONDITIONING, OTHER_MODELS_HINT)
+        # the UNet config this script conditions: text, pooled text and image sizes (SDXL's micro-conditioning)
+        conditioned_on = {"addition_embed_type": "text_time", "class_embed_type": None}
+        check_denoiser_config(args, UNet2DConditionModel, "unet", conditioned_on, OTHER_MODELS_HINT)
 
         # Data: the pairs, then their latents, sizes, crops and caption embeddings, encoded once into the cache.
         data = cached_pairs(args, accelerator, FAMILY)
