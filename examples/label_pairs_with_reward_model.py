@@ -202,7 +202,23 @@ def validate_args(args):
     args.output_split = args.output_split or (args.dataset_split_name if args.mode == "dataset" else "train")
     if not args.output_split.isidentifier():  # it names files that datasets must read as that split
         raise InputError(f"--output_split must be a plain name like train, got '{args.output_split}'")
+    check_output_apart_from_input(args)
     check_scorer_available(args.scorer, "--scorer")  # last: importing it can take seconds
+
+
+def check_output_apart_from_input(args):
+    """Shards written into (or around) a local dataset would be read as its data by the next run or trainer."""
+    output = Path(args.output_dir).resolve()  # symlinks and relative paths resolved, the folder need not exist
+    for flag in ("dataset_name", "prompts_dataset"):
+        source = getattr(args, flag)
+        if source is None or not os.path.exists(source):
+            continue  # a Hub id
+        source_path = Path(source).resolve()
+        if output == source_path or output in source_path.parents or source_path in output.parents:
+            raise InputError(
+                f"--output_dir {args.output_dir} is, holds or lies inside --{flag} {source}: the labelled shards "
+                "would be read as part of it; choose a folder apart from the input"
+            )
 
 
 def settings(args):

@@ -4,6 +4,9 @@ reads data alike)."""
 
 import io
 import json
+import os
+import re
+import shutil
 
 import label_pairs_with_reward_model as ai_feedback
 import numpy as np
@@ -15,7 +18,7 @@ import torch
 from filelock import FileLock
 from PIL import Image
 from reward_models import ClipScorer, score_images
-from testing_utils import RESOLUTION, dataset_rows, run_trainer
+from testing_utils import RESOLUTION, dataset_rows, parse_error, run_trainer
 
 import train_diffusion_dpo
 from diffusion_dpo import InputError
@@ -217,3 +220,27 @@ def test_pairs_from_prompts_are_best_against_worst_reproducibly_and_train(tiny_m
     assert compared >= 2  # the tiny scorer's margins are far wider than rounding: the pairs were compared
 
     run_trainer(train_diffusion_dpo, cli_args(dataset_name=str(tmp_path / "best-worst"), max_train_steps=1))
+
+
+@pytest.mark.parametrize("output", ["the dataset", "inside it", "around it", "inside it through a link", "relative"])
+def test_an_output_folder_that_is_holds_or_lies_inside_the_dataset_is_refused(
+    pickapic_data, tmp_path, monkeypatch, capsys, output
+):
+    """Shards written there would be read back as the dataset's own rows: refused at parse time, nothing written."""
+    dataset = tmp_path / "data" / "pairs"
+    dataset.mkdir(parents=True)
+    for source in sorted(os.listdir(pickapic_data)):
+        shutil.copy(os.path.join(pickapic_data, source), dataset)
+    (tmp_path / "link").symlink_to(dataset)
+    monkeypatch.chdir(tmp_path / "data")
+    output_dir = {
+        "the dataset": dataset,
+        "inside it": dataset / "labelled",
+        "around it": tmp_path / "data",
+        "inside it through a link": tmp_path / "link" / "labelled",
+        "relative": "pairs/../pairs",
+    }[output]
+    before = sorted(os.listdir(dataset))
+    line = parse_error(ai_feedback, ["--dataset_name", str(dataset), "--output_dir", str(output_dir)], capsys)
+    assert re.search(r"error: --output_dir .* is, holds or lies inside --dataset_name .*pairs: ", line)
+    assert sorted(os.listdir(dataset)) == before
