@@ -38,8 +38,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def shared_parser(description, model, resolution, beta_dpo, output_dir, validation_steps=25, guidance_scale=7.5):
-    """The parser with every shared flag, and its groups by title ("model", "data", ..., "hub") for a script's own
-    flags. The arguments are the script's defaults."""
+    """The parser with every shared flag (the arguments: the script's defaults), and its groups by title."""
     parser = OneLineErrorParser(description=description)
     titles = ("model", "data", "cache", "held-out pairs", "loss", "training", "optimizer", "performance")
     groups = {title: parser.add_argument_group(title) for title in titles + ("checkpointing", "logging", "hub")}
@@ -178,8 +177,7 @@ def finite_number(args, name, low=None, open_low=False):
 
 
 def check_args(args, family, resolution_multiple=8):
-    """Refuses bad flag values and combinations before anything heavy is loaded; fills the defaults that depend on
-    other flags."""
+    """Refuses bad flag values and combinations before anything is loaded; fills defaults that depend on others."""
     if args.resolution < resolution_multiple or args.resolution % resolution_multiple != 0:
         raise InputError(f"--resolution must be a positive multiple of {resolution_multiple}, got {args.resolution}")
     for name in (
@@ -195,14 +193,12 @@ def check_args(args, family, resolution_multiple=8):
     for name in ("dataloader_num_workers", "lr_warmup_steps", "num_validation_pairs"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name} must not be negative")
-    finite_number(args, "beta_dpo", 0, open_low=True)
-    finite_number(args, "min_vote_margin", 0, open_low=True)
-    finite_number(args, "adam_epsilon", 0, open_low=True)
-    finite_number(args, "adam_weight_decay", 0)
-    finite_number(args, "max_grad_norm", 0)
-    finite_number(args, "precompute_commit_seconds", 0)
-    finite_number(args, "lr_power")
-    finite_number(args, "validation_guidance_scale")
+    for name in ("beta_dpo", "min_vote_margin", "adam_epsilon"):
+        finite_number(args, name, 0, open_low=True)
+    for name in ("adam_weight_decay", "max_grad_norm", "precompute_commit_seconds"):
+        finite_number(args, name, 0)
+    for name in ("lr_power", "validation_guidance_scale"):
+        finite_number(args, name)
     if args.learning_rate is not None:
         finite_number(args, "learning_rate", 0, open_low=True)
     if hasattr(args, "weighting_scheme"):

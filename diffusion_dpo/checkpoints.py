@@ -46,7 +46,7 @@ def named_checkpoint(args):
 
 def holds_earlier_run(output_dir, denoiser):
     saved = [LORA_WEIGHT_NAME, "model_index.json", denoiser]
-    return bool(complete_checkpoints(output_dir)) or any(os.path.exists(os.path.join(output_dir, s)) for s in saved)
+    return bool(complete_checkpoints(output_dir)) or any(os.path.exists(Path(output_dir, name)) for name in saved)
 
 
 def check_output_dir(args, denoiser):
@@ -71,10 +71,8 @@ def check_output_dir(args, denoiser):
 
 
 def training_settings(args, num_processes, family_flags=(), source_pairs=None, train_pairs=None):
-    """What a resumed run must share with its checkpoint: what decides which batches step N reads (or it would skip
-    other batches than those trained on) and what the model is trained on (or conditioning would switch mid-run).
-    Flags first, so that a mismatch names the flag to fix; the pairs themselves once they are known (without them:
-    the flags alone, checked before the precompute). `family_flags`: the script's own flags of that kind."""
+    """What a resumed run must share with its checkpoint: what decides which batches step N reads, and what the model
+    is trained on (`family_flags`: the script's own such flags); the pairs themselves once they are known."""
     dataset = os.path.abspath(args.dataset_name) if os.path.exists(args.dataset_name) else args.dataset_name
     settings = {
         "--train_batch_size": args.train_batch_size,
@@ -102,25 +100,17 @@ def training_settings(args, num_processes, family_flags=(), source_pairs=None, t
 
 
 def write_checkpoint_record(folder, args, global_step):
-    record = {
-        "format": CHECKPOINT_RECORD_FORMAT,
-        "step": global_step,
-        "train_mode": args.train_mode,
-        "settings": args.training_settings,
-        "files": folder_files(folder),
-    }
-    with open(os.path.join(folder, CHECKPOINT_RECORD_NAME), "w") as file:
-        json.dump(record, file, indent=2)
+    record = dict(format=CHECKPOINT_RECORD_FORMAT, step=global_step, train_mode=args.train_mode)
+    record.update(settings=args.training_settings, files=folder_files(folder))
+    Path(folder, CHECKPOINT_RECORD_NAME).write_text(json.dumps(record, indent=2))
 
 
 def checkpoint_record(checkpoint):
-    with open(os.path.join(checkpoint, CHECKPOINT_RECORD_NAME)) as file:
-        return json.load(file)
+    return json.loads(Path(checkpoint, CHECKPOINT_RECORD_NAME).read_text())
 
 
 def checkpoint_damage(checkpoint, args):
-    """What is wrong with a checkpoint folder (no record, a missing or truncated file), or None when it is intact.
-    Reads file sizes only. Raises InputError for an intact checkpoint of the other --train_mode."""
+    """What is wrong with a checkpoint folder (no record, a missing or truncated file), or None; reads sizes only."""
     try:
         record = checkpoint_record(checkpoint)
         files = dict(record["files"])
@@ -145,8 +135,8 @@ def checkpoint_damage(checkpoint, args):
 
 
 def checkpoint_to_resume(args):
-    """The checkpoint folder to resume from, or None when there is none. `latest` passes over damaged checkpoints
-    (newest first) with a warning naming what is wrong; a damaged checkpoint named explicitly is refused."""
+    """The checkpoint to resume from, or None. `latest` passes over damaged ones with a warning; a damaged
+    checkpoint named explicitly is refused."""
     if args.resume_from_checkpoint != "latest":
         checkpoint = named_checkpoint(args)
         if checkpoint is not None and (damage := checkpoint_damage(checkpoint, args)):
@@ -178,8 +168,7 @@ def check_settings(checkpoint, settings):
 
 
 def check_resume_flags(args, num_processes, family_flags=()):
-    """Refuses a resume with a changed flag before the precompute (hours on a large dataset) instead of after it;
-    the resume itself checks the pairs too."""
+    """Refuses a resume with a changed flag before the precompute (hours on a large dataset), not after it."""
     if args.resume_from_checkpoint is not None and (checkpoint := checkpoint_to_resume(args)) is not None:
         check_settings(checkpoint, training_settings(args, num_processes, family_flags))
 
@@ -189,7 +178,7 @@ def trained_parameters(accelerator):
 
 
 def weights_finite(params):
-    """Whether every trained weight is finite (each process holds the same weights, so all decide alike)."""
+    """Whether every trained weight is finite (every process holds the same weights: all decide alike)."""
     with torch.no_grad():
         return all(bool(torch.isfinite(p).all()) for p in params)
 
@@ -203,8 +192,7 @@ def last_checkpoint_note(args):
 
 
 def checkpoint_bytes_needed(args, params):
-    """About what the next checkpoint takes: the last one's size, or without one the trained weights x 3 (the weights
-    and AdamW's two moments), plus room for the small files."""
+    """About what the next checkpoint takes: the last one's size, or the weights and AdamW's two moments."""
     checkpoints = complete_checkpoints(args.output_dir)
     if checkpoints:
         return sum(folder_files(checkpoints[-1]).values())

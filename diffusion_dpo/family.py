@@ -22,20 +22,18 @@ from diffusion_dpo import InputError
 logger = get_logger(__name__)
 
 
-def model_vae_config(args):
+def from_model(args, load, subfolder=None, **options):
+    """`load` (a from_pretrained or load_config) applied to `subfolder` of --pretrained_model_name_or_path."""
     model = args.pretrained_model_name_or_path
-    return AutoencoderKL.load_config(model, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir)
+    return load(model, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir, **options)
+
+
+def model_vae_config(args):
+    return from_model(args, AutoencoderKL.load_config, "vae")
 
 
 def load_model_vae(args, dtype):
-    return AutoencoderKL.from_pretrained(
-        args.pretrained_model_name_or_path,
-        subfolder="vae",
-        revision=args.revision,
-        variant=args.variant,
-        cache_dir=args.cache_dir,
-        torch_dtype=dtype,
-    )
+    return from_model(args, AutoencoderKL.from_pretrained, "vae", variant=args.variant, torch_dtype=dtype)
 
 
 def weight_dtype_vae(args, weight_dtype):
@@ -140,15 +138,8 @@ def build_models(args, family, model_class, lora_targets, accelerator, **load_op
     set_seed(args.seed)  # the precompute draws random numbers: the LoRA's init must not depend on a cache hit
 
     def load_denoiser(dtype=None):
-        return model_class.from_pretrained(
-            args.pretrained_model_name_or_path,
-            subfolder=family.denoiser,
-            revision=args.revision,
-            variant=args.variant,
-            cache_dir=args.cache_dir,
-            torch_dtype=dtype,
-            **load_options,
-        )
+        load = model_class.from_pretrained
+        return from_model(args, load, family.denoiser, variant=args.variant, torch_dtype=dtype, **load_options)
 
     reference = None
     if args.train_mode == "lora":
@@ -234,9 +225,7 @@ def check_denoiser_config(args, denoiser_class, subfolder, expected, hint):
     """Refuses, before any data is read, a model whose denoiser's config differs from `expected` (the values this
     script relies on): it would fail only at the first training step, after the precompute."""
     try:
-        config = denoiser_class.load_config(
-            args.pretrained_model_name_or_path, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir
-        )
+        config = from_model(args, denoiser_class.load_config, subfolder)
     except Exception:  # nothing to read (offline, a typo in a Hub id): loading the model reports it
         return
     differing = {name: config.get(name) for name, value in expected.items() if config.get(name) != value}
@@ -248,9 +237,7 @@ def check_denoiser_config(args, denoiser_class, subfolder, expected, hint):
 
 
 def text_encoder_config(args, subfolder):
-    return transformers.AutoConfig.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir
-    )
+    return from_model(args, transformers.AutoConfig.from_pretrained, subfolder)
 
 
 def load_text_encoders(args, suffixes, device, dtype):
@@ -258,21 +245,10 @@ def load_text_encoders(args, suffixes, device, dtype):
     the class its config names."""
     loaded = []
     for suffix in suffixes:
-        config = text_encoder_config(args, f"text_encoder{suffix}")
-        encoder = getattr(transformers, config.architectures[0]).from_pretrained(
-            args.pretrained_model_name_or_path,
-            subfolder=f"text_encoder{suffix}",
-            revision=args.revision,
-            variant=args.variant,
-            cache_dir=args.cache_dir,
-            torch_dtype=dtype,
-        )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            args.pretrained_model_name_or_path,
-            subfolder=f"tokenizer{suffix}",
-            revision=args.revision,
-            cache_dir=args.cache_dir,
-        )
+        encoder_class = getattr(transformers, text_encoder_config(args, f"text_encoder{suffix}").architectures[0])
+        load_encoder = encoder_class.from_pretrained
+        encoder = from_model(args, load_encoder, f"text_encoder{suffix}", variant=args.variant, torch_dtype=dtype)
+        tokenizer = from_model(args, transformers.AutoTokenizer.from_pretrained, f"tokenizer{suffix}")
         loaded.append((encoder.to(device).eval().requires_grad_(False), tokenizer))
     return loaded
 

@@ -32,17 +32,10 @@ def implicit_accuracy(inside):
 
 
 def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, loss_type="sigmoid", label_smoothing=0.0):
-    """Diffusion-DPO loss from four per-sample denoising errors (MSE averaged over latent dims).
-
-    inside = -0.5 * beta * ((err_theta(w) - err_theta(l)) - (err_ref(w) - err_ref(l)));
-    sigmoid (the paper): -logsigmoid(inside); hinge: relu(1 - inside); ipo: (inside / beta - 1 / (2 beta))^2.
-    label_smoothing eps (sigmoid only) is conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences";
-    TRL's `label_smoothing`): each label is assumed flipped with probability eps, so the loss is the expected one,
-    -(1 - eps) * logsigmoid(inside) - eps * logsigmoid(-inside); eps = 0 is the paper's loss exactly.
-    `inside` is the implicit reward margin of winner over loser; implicit accuracy is the fraction with inside > 0,
-    exact ties (inside == 0, e.g. while the model equals the reference) counting half, in training logs and held-out
-    metrics alike.
-    """
+    """Diffusion-DPO loss from four per-sample denoising errors (MSE averaged over latent dims): sigmoid (the paper's)
+    -logsigmoid(inside), hinge relu(1 - inside), ipo (inside / beta - 1 / (2 beta))^2. label_smoothing eps (sigmoid
+    only) is conservative DPO (Mitchell 2023; TRL's `label_smoothing`): each label flipped with probability eps, the
+    expected loss -(1 - eps) logsigmoid(inside) - eps logsigmoid(-inside); eps = 0 is the paper's loss exactly."""
     inside = implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)
     if loss_type == "sigmoid":
         losses = -(1.0 - label_smoothing) * F.logsigmoid(inside) - label_smoothing * F.logsigmoid(-inside)
@@ -64,9 +57,7 @@ def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, loss_type="si
 
 
 def mapo_loss(model_err_w, model_err_l, beta_mapo, num_train_timesteps, snr_value=MAPO_SNR_VALUE):
-    """MaPO loss (margin-aware preference optimization, Hong et al. 2024, arXiv 2406.06424) from the trained model's
-    per-sample denoising errors alone: reference-free.
-
+    """MaPO loss (Hong et al. 2024, arXiv 2406.06424) from the trained model's per-sample errors alone (no reference).
     As the reference code computes it (mapo-t2i/mapo, utils.py `compute_loss`), with s = snr_value = 0.5 and
     T = num_train_timesteps (1000):
         log_odds = s * err(w) / (exp(s * err(w)) - 1) - s * err(l) / (exp(s * err(l)) - 1)   (> 0 when err(w) < err(l))
@@ -97,8 +88,7 @@ def mapo_loss(model_err_w, model_err_l, beta_mapo, num_train_timesteps, snr_valu
 
 
 def denoising_errors(model, family, noisy_latents, levels, conditioning, target):
-    """Per-sample MSE of the model's prediction, averaged over latent dims, in fp32 (weighted where the noise scheme
-    weights errors)."""
+    """Per-sample MSE of the model's prediction over latent dims, in fp32 (weighted where the noise scheme says)."""
     prediction = family.predict(model, noisy_latents, levels.timesteps, conditioning)
     errors = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
     return errors if levels.weighting is None else levels.weighting.float() * errors
@@ -110,10 +100,9 @@ def step_seed(*parts):
 
 
 def compute_loss(batch, model, reference, noise, family, args, generator):
-    """The loss of one batch of pairs: one forward of the trained model on the stacked (winners; losers) latents,
-    corrupted with one noise and one noise level per pair, one forward of the reference on the same inputs, and
-    dpo_loss on the four error vectors. `reference` is None for LoRA (the adapter is switched off instead); --sft
-    trains on the winners alone and --loss_type mapo runs no reference forward."""
+    """The loss of a batch of pairs: the trained model and the reference (None for LoRA: the adapter off) on the
+    stacked (winners; losers), one noise and noise level per pair, then dpo_loss (--sft: winners only; MaPO: no
+    reference)."""
     device = model.device
     pair_latents = batch["pair_latents"].to(device, torch.float32, non_blocking=True)
     winners, losers = pair_latents[:, 0], pair_latents[:, 1]

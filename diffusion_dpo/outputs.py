@@ -63,9 +63,8 @@ def load_lora_into(model, family, directory):
 
 @torch.no_grad()
 def decode_outside_autocast(pipeline, latents):
-    """PIL images from a pipeline's latents, decoded as the pipeline decodes them but with autocast off: under fp16
-    autocast an fp32 VAE's convolutions would run in half precision, where a VAE marked force_upcast (SDXL's)
-    overflows into black images."""
+    """PIL images from a pipeline's latents, decoded with autocast off: under fp16 autocast a force_upcast VAE
+    (SDXL's) would overflow into black images."""
     vae, config = pipeline.vae, pipeline.vae.config
     latents = latents.to(vae.dtype)
     if config.get("latents_mean") is not None and config.get("latents_std") is not None:
@@ -82,8 +81,7 @@ def decode_outside_autocast(pipeline, latents):
 
 
 def render_validation(args, accelerator, family, model, reference, weight_dtype, global_step):
-    """Renders --validation_prompts with fixed seeds, logs them and saves a PNG grid under output_dir/validation;
-    the first time also the untuned model's grid (reference.png), for comparison."""
+    """Renders --validation_prompts with fixed seeds into output_dir/validation (first also reference.png)."""
     trained = accelerator.unwrap_model(model)
     # A VAE that is not fp16-safe (diffusers' signal: force_upcast in its config) decodes in fp32, outside autocast.
     fp16_safe_vae = not family.vae_config(args).get("force_upcast", True)
@@ -157,12 +155,9 @@ def training_objective(args):
 def lora_files_section(args, family, location):
     """The model card's list of the LoRA files and where each one loads."""
     if args.output_kohya_format:
-        kohya = f"""- `{KOHYA_WEIGHT_NAME}`: the same LoRA in kohya format (`lora_unet_...` keys), for the UIs people
-  generate with:
-  - ComfyUI: copy it into `ComfyUI/models/loras` and choose it in a `LoraLoader` node;
-  - Automatic1111 and Forge: copy it into `models/Lora` and add `<lora:{Path(KOHYA_WEIGHT_NAME).stem}:1>` to the
-    prompt (the name is the file's, without `.safetensors`: rename the file to give the LoRA a better one);
-  - diffusers loads it too: `pipeline.load_lora_weights("{location}", weight_name="{KOHYA_WEIGHT_NAME}")`."""
+        kohya = f"""- `{KOHYA_WEIGHT_NAME}`: the same LoRA in kohya format, for ComfyUI (`ComfyUI/models/loras`, a
+  `LoraLoader` node), Automatic1111 and Forge (`models/Lora`, `<lora:{Path(KOHYA_WEIGHT_NAME).stem}:1>` in the
+  prompt)."""
     elif family.kohya_lora is not None:
         kohya = (
             "- For ComfyUI, Automatic1111 or Forge, write the kohya-format file with the training repository's "

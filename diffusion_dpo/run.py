@@ -49,8 +49,7 @@ def format_bytes(n_bytes):
 
 @contextlib.contextmanager
 def removed_on_failure(partial):
-    """Yields `partial`, a file or folder being written under a temporary name, and removes it when the writing fails
-    or is interrupted. A full disk is reported in one line."""
+    """Yields `partial` (written under a temporary name) and removes it when writing fails; a full disk is one line."""
     try:
         yield partial
     except BaseException as error:
@@ -78,8 +77,7 @@ def save_atomically(path, array):
 
 
 def give_usual_file_modes(folder):
-    """safetensors writes through a temporary file, created 0600: give every file under `folder` the mode a plain
-    write gives (0644 under umask 022), so that others who may read the output folder can read the weights."""
+    """Files under `folder` get the mode a plain write gives (safetensors' temporary files are 0600)."""
     umask = os.umask(0o022)
     os.umask(umask)
     for root, _, files in os.walk(folder):
@@ -97,21 +95,14 @@ def folder_files(folder):
 
 
 class StopSignals:
-    """SIGTERM and SIGINT (preemption, SLURM, Ctrl-C) for the run's lifetime; the previous handlers come back on exit.
-
-    Before training (loading, precompute) a signal ends the run at once, as Ctrl-C does, with an Interrupted (on which
-    the precompute commits its progress). During training the first signal only sets `requested`, which the step's
-    metric reduction carries to every process: all of them finish the same optimizer step, checkpoint it and stop. A
-    second signal ends the run at once.
-    """
+    """SIGTERM and SIGINT for the run's lifetime. Before training a signal raises Interrupted at once (the precompute
+    commits its progress); during training the first only sets `requested`, which the step's metric all-reduce
+    carries to every process, so all checkpoint the same step and stop; a second ends the run at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.phase = "before training"
-        self.requested = None  # the name of the first signal received during training
-        self.previous_handlers = {}
-        self.pid = os.getpid()
+        self.phase, self.requested, self.previous_handlers, self.pid = "before training", None, {}, os.getpid()
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
@@ -186,9 +177,8 @@ def output_dir_problem(output_dir, error):
 
 @contextlib.contextmanager
 def locked_output_dir(args, accelerator):
-    """Creates --output_dir and, on the main process, holds a lock file in it for the run's lifetime: a second run on
-    the same folder would silently overwrite this one's checkpoints and weights, so it stops instead. Also stops a
-    run whose folder cannot be created or written, before anything is loaded."""
+    """Creates --output_dir and holds a lock file in it for the run's lifetime: a second run on the same folder
+    stops instead of overwriting this one's checkpoints and weights."""
     lock, problem = None, None
     if accelerator.is_main_process:
         try:
@@ -213,9 +203,8 @@ def locked_output_dir(args, accelerator):
 
 @contextlib.contextmanager
 def stop_together(group=None):
-    """For a stretch that some processes of `group` (default: all) run alone, e.g. on the main process: after it,
-    every process raises the InputError or TrainingStopped one of them met, or none does, so that no process waits
-    for a failed one at the next collective, and all of them stop with its one line."""
+    """After a stretch some processes of `group` ran alone (e.g. the main one), every process raises the InputError
+    or TrainingStopped one of them met, or none does: no process waits for a failed one at the next collective."""
     failure = None
     try:
         yield
@@ -231,8 +220,7 @@ def stop_together(group=None):
 
 @contextlib.contextmanager
 def one_line_errors():
-    """A trainer's command line: bad input, a stopped run or an interrupt end the process with one line, said by the
-    main process alone (the others stop quietly: their line would repeat it, or follow from it)."""
+    """Bad input, a stopped run or an interrupt end the process with one line, said by rank 0 alone."""
     say = os.environ.get("RANK", "0") == "0"
     try:
         yield

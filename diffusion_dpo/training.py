@@ -1,6 +1,5 @@
-"""The bookkeeping around a trainer script's loop: optimizer and schedule, resume, the batches of each epoch, the
-optimizer step (skipped when not finite), logs and progress, checkpoints, signals, held-out evaluation, validation
-images, and the final save. A script's loop reads:
+"""The bookkeeping around a trainer script's loop (optimizer, schedule, resume, batches, skipped steps, logs,
+checkpoints, signals, held-out evaluation, validation images, the final save). A script's loop reads:
 
     run = TrainingRun(args, session, FAMILY, model, reference, noise, data)
     for batch, generator in run.batches():
@@ -115,14 +114,8 @@ def learning_rate(args, pairs_per_step):
 
 def build_optimizer(args, params, device):
     if args.use_adafactor:
-        return transformers.Adafactor(
-            params,
-            lr=args.learning_rate,
-            weight_decay=args.adam_weight_decay,
-            scale_parameter=False,
-            relative_step=False,
-            warmup_init=False,
-        )
+        options = dict(scale_parameter=False, relative_step=False)
+        return transformers.Adafactor(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, **options)
     optimizer_class, options = torch.optim.AdamW, {}
     if args.use_8bit_adam:
         import bitsandbytes
@@ -130,15 +123,10 @@ def build_optimizer(args, params, device):
         optimizer_class = bitsandbytes.optim.AdamW8bit
     else:  # one fused kernel for the whole update instead of a few per parameter tensor
         options["fused"] = device.type in ("cuda", "cpu")
-    betas = (args.adam_beta1, args.adam_beta2)
-    return optimizer_class(
-        params,
-        lr=args.learning_rate,
-        betas=betas,
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-        **options,
+    options.update(
+        betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
     )
+    return optimizer_class(params, lr=args.learning_rate, **options)
 
 
 class SkippedSteps:
@@ -146,15 +134,15 @@ class SkippedSteps:
     values; the step still consumed its data) and stops the run after --max_consecutive_skipped_steps in a row."""
 
     def __init__(self, max_consecutive):
-        self.max_consecutive = max_consecutive
-        self.total = self.consecutive = self.succeeded = 0
+        self.max_consecutive, self.total, self.consecutive, self.succeeded = max_consecutive, 0, 0, 0
 
     def record(self, global_step, skipped):
         if not skipped:
             self.consecutive = 0
             self.succeeded += 1
             return
-        self.total, self.consecutive = self.total + 1, self.consecutive + 1
+        self.total += 1
+        self.consecutive += 1
         logger.warning(
             f"Step {global_step}: non-finite loss or gradient, optimizer step skipped "
             f"({self.total} so far, {self.consecutive} in a row)."
@@ -166,8 +154,7 @@ class SkippedSteps:
                 "intact); lower --learning_rate, prefer bf16 to fp16, or check the data"
             )
 
-    def check_something_trained(self, global_step):
-        """A run whose every optimizer step was skipped trained nothing: it must not end as a success."""
+    def check_something_trained(self, global_step):  # a run that trained nothing must not end as a success
         if self.total and not self.succeeded:
             raise TrainingStopped(
                 f"no optimizer step of this run had a finite loss and gradient ({self.total} skipped, up to step "
@@ -188,8 +175,7 @@ class StepMetrics:
         self.micro_batches += 1
 
     def reduce(self, accelerator, stop_requested=False):
-        """The step's metric means, and whether any process was asked to stop: the flag rides in the same
-        all-reduce, so every process learns it at the same step without another collective."""
+        """The step's metric means, and whether any process was asked to stop (in the same all-reduce)."""
         names = list(self.sums)
         means = torch.stack([self.sums[n] for n in names]) / self.micro_batches
         means = torch.cat([means, means.new_tensor([float(bool(stop_requested))])])
@@ -199,9 +185,8 @@ class StepMetrics:
 
 
 class TrainingRun:
-    """One run's training state around the script's loop (see the module docstring). `model` is the trained
-    denoiser as accelerate prepared it; `global_step` counts optimizer steps, resumed ones included; `history` holds
-    each step's logged metrics and `evaluations` the held-out ones."""
+    """One run's state around the script's loop: `model` as accelerate prepared it, `global_step` (optimizer steps,
+    resumed ones included), `history` (each step's logs) and `evaluations` (held-out metrics)."""
 
     def __init__(self, args, session, family, model, reference, noise, data):
         self.args, self.accelerator, self.family = args, session.accelerator, family
@@ -253,21 +238,16 @@ class TrainingRun:
             desc="Steps",
             disable=not accelerator.is_local_main_process,
         )
-        self.postfix, self.history, self.evaluations = {}, [], []
-        self.skipped_steps, self.step_metrics, self.reference_errors = (
-            SkippedSteps(args.max_consecutive_skipped_steps),
-            StepMetrics(),
-            None,
-        )
-        self.finite = True
+        self.postfix, self.history, self.evaluations, self.reference_errors, self.finite = {}, [], [], None, True
+        self.skipped_steps, self.step_metrics = SkippedSteps(args.max_consecutive_skipped_steps), StepMetrics()
         if self.global_step == 0:
             self.evaluate()  # the starting point: implicit accuracy 0.5, loss ln 2
         stop_signals.phase = "training"  # from here a first signal stops after the current step, with a checkpoint
         self.model.train()
 
     def batches(self):
-        """(batch, generator) for every micro-batch still to train on: a resumed run skips the batches its
-        checkpoint trained on; each batch's noise comes from a generator seeded by (seed, process, epoch, batch)."""
+        """(batch, generator) for every micro-batch still to train on (a resume skips those already trained on); the
+        generator is seeded by (seed, process, epoch, batch), so noise needs no RNG state to resume."""
         accelerator, args = self.accelerator, self.args
         first_epoch = self.global_step // self.updates_per_epoch
         for epoch in range(first_epoch, self.num_epochs):
@@ -298,8 +278,7 @@ class TrainingRun:
         self.step_metrics.add({"loss": loss.detach(), **metrics})
 
     def end_step(self):
-        """After the last micro-batch of an optimizer step: logs, progress, checkpoint, a requested stop, held-out
-        evaluation and validation images, each when due."""
+        """After an optimizer step: logs, checkpoint, a requested stop, held-out metrics and images, each when due."""
         accelerator, args = self.accelerator, self.args
         if not accelerator.sync_gradients:
             return
@@ -331,15 +310,9 @@ class TrainingRun:
         """Held-out metrics (nothing without held-out pairs), logged as eval/... and kept in `evaluations`."""
         if self.data.held_out_pairs is None:
             return
-        metrics, self.reference_errors = evaluate_held_out(
-            self.accelerator,
-            self.model,
-            self.reference,
-            self.family,
-            self.noise,
-            self.data.held_out_pairs,
-            self.args,
-            self.reference_errors,  # the reference's errors never change: computed once
+        model, held_out, reference_errors = self.model, self.data.held_out_pairs, self.reference_errors
+        metrics, self.reference_errors = evaluate_held_out(  # the reference's errors never change: computed once
+            self.accelerator, model, self.reference, self.family, self.noise, held_out, self.args, reference_errors
         )
         self.evaluations.append({"step": self.global_step, **metrics})
         self.accelerator.log(metrics, step=self.global_step)
@@ -349,14 +322,11 @@ class TrainingRun:
         self.show(eval_acc=f"{metrics.get('eval/implicit_acc', metrics.get('eval/policy_acc')):.3f}")
 
     def render(self):
-        args, accelerator = self.args, self.accelerator
-        render_validation(
-            args, accelerator, self.family, self.model, self.reference, self.weight_dtype, self.global_step
-        )
+        model, reference, step = self.model, self.reference, self.global_step
+        render_validation(self.args, self.accelerator, self.family, model, reference, self.weight_dtype, step)
 
     def stop(self):
-        """Ends a run that was asked to stop: checkpoints this step (unless its scheduled checkpoint was just
-        written) and raises TrainingStopped. Every process calls it at the same step."""
+        """Checkpoints this step (unless just done) and raises TrainingStopped; every process calls it at one step."""
         args, step = self.args, self.global_step
         self.progress.close()  # the one-line message that follows gets a line of its own
         if step % args.checkpointing_steps != 0:
@@ -369,8 +339,7 @@ class TrainingRun:
         )
 
     def finish(self):
-        """After the last step: the final held-out evaluation and validation images, the result saved with its
-        model card (and pushed). Returns {'global_step', 'history', 'evaluations'}."""
+        """The final evaluation, images and save; returns {'global_step', 'history', 'evaluations'}."""
         self.stop_signals.phase = "final save"
         self.progress.close()
         self.skipped_steps.check_something_trained(self.global_step)
@@ -406,8 +375,7 @@ class TrainingRun:
         logger.info(f"Saved the trained {'LoRA' if args.train_mode == 'lora' else 'pipeline'} to {args.output_dir}")
 
     def save(self):
-        """The result (the LoRA in diffusers format, or a complete pipeline folder) and its model card, written by
-        the main process once every process holds the same, finite weights."""
+        """The result and its model card, written by the main process once the weights are known to be finite."""
         args, accelerator, step = self.args, self.accelerator, self.global_step
         accelerator.wait_for_everyone()
         if accelerator.num_processes > 1:
@@ -426,10 +394,7 @@ class TrainingRun:
 def check_weights_identical(accelerator, params):
     """Only the main process saves: makes sure it holds what every process trained (warns if not)."""
     with torch.no_grad():
-        checksum = [
-            sum(p.double().sum().item() for p in params),
-            sum(p.double().square().sum().item() for p in params),
-        ]
+        checksum = [sum(p.double().pow(k).sum().item() for p in params) for k in (1, 2)]
     checksums = gather_object([checksum])
     if all(c == checksums[0] for c in checksums):
         logger.info(f"Trained weights identical on all {accelerator.num_processes} processes.")
