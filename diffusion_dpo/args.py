@@ -75,7 +75,10 @@ def shared_parser(description, model, resolution, beta_dpo, output_dir, validati
     data("--no_hflip", help="No horizontal flips: halves precompute time and cache size.", action="store_true")
     data("--proportion_empty_prompts", 0.0, "Pairs trained with the unconditional input (CFG dropout).", type=float)
 
-    cache("--precompute_cache_dir", help="Cache of latents and text embeddings (<datasets cache>/diffusion_dpo).")
+    cache(
+        "--precompute_cache_dir",
+        help="Latent and text-embedding cache (<--cache_dir or datasets cache>/diffusion_dpo).",
+    )
     cache("--vae_encode_batch_size", 8, "Images per VAE forward while precomputing.", type=int)
     cache("--precompute_commit_seconds", 60, "Save precompute progress this often.", type=float)
 
