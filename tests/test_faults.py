@@ -86,8 +86,9 @@ def kill_when(process, condition, timeout=300):
     return False
 
 
-@pytest.mark.every_script
 def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(dpo, cli_args, tmp_path):
+    """Shared crash recovery (cache commits, atomic checkpoints, resume), once: every script's exact resume and SIGTERM
+    are tested in test_checkpoints.py and test_run_safety.py."""
     # precompute: one pair per VAE batch, progress committed after every batch
     common = dict(
         max_train_steps=7,
