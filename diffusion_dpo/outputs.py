@@ -40,9 +40,17 @@ def save_lora(model, family, directory, kohya=False):
 
 def save_kohya_lora(directory, family, denoiser_config):
     """Writes KOHYA_WEIGHT_NAME beside the diffusers-format LoRA in `directory` (an output folder or a checkpoint);
-    examples/convert_lora_to_kohya.py calls it for a run made without --output_kohya_format."""
+    examples/convert_lora_to_kohya.py calls it for a run made without --output_kohya_format. Written under a
+    temporary name, then renamed: a conversion or write that fails leaves the file that was there."""
     kohya = family.kohya_lora(load_file(os.path.join(directory, LORA_WEIGHT_NAME)), denoiser_config)
-    save_file(kohya, os.path.join(directory, KOHYA_WEIGHT_NAME), metadata={"format": "pt"})
+    path = os.path.join(directory, KOHYA_WEIGHT_NAME)
+    partial = f"{path}.partial-{os.getpid()}"
+    try:
+        save_file(kohya, partial, metadata={"format": "pt"})
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def load_lora_into(model, family, directory):

@@ -3,17 +3,23 @@ LoRA files where a script offers them (SD 1.x/2.x, SDXL: --output_kohya_format a
 and their refusal where it does not (SD3), and label smoothing in a real run. The formulas themselves are checked in
 test_dpo_loss.py."""
 
+import errno
+from pathlib import Path
+
 import convert_lora_to_kohya
 import pytest
 import tiny_assets
 import torch
-from diffusers import ModelMixin
+from diffusers import ModelMixin, UNet2DConditionModel
 from diffusers.loaders.peft import PeftAdapterMixin
+from peft import LoraConfig
 from safetensors.torch import load_file
 from testing_utils import ROOT, denoiser, denoiser_output, parse_error, pipeline_class, run_trainer
 
+import diffusion_dpo.outputs
+import train_diffusion_dpo
 import train_diffusion_dpo_sdxl
-from diffusion_dpo.outputs import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
+from diffusion_dpo.outputs import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, save_lora
 
 
 REFERENCE_METRICS = ("eval/implicit_acc", "eval/reward_margin", "eval/ref_mse_w", "eval/ref_mse_l")
@@ -196,3 +202,53 @@ def test_each_new_loss_moves_the_demo_model_toward_the_preferred_images(
     assert end > 0.5 and end > start
     # DPO's reference passes switch the adapter off, and the counter sees them: MaPO's zero is no blind spot
     assert (adapter_switches == []) == mapo
+
+
+def converter_error(argv):
+    """The one line convert_lora_to_kohya.py exits with."""
+    with pytest.raises(SystemExit) as exit_info:
+        convert_lora_to_kohya.main(argv)
+    message = str(exit_info.value)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_the_kohya_converter_refuses_a_lora_of_another_model_or_a_damaged_file_and_keeps_the_good_file(
+    tiny_model, tiny_sdxl_model, tmp_path, monkeypatch
+):
+    """An SD 1.5 LoRA given an SDXL base (or a truncated file, or a model card's relative base path read from another
+    folder) is one line; the kohya file already there is never replaced by a failed conversion or write."""
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=train_diffusion_dpo.LORA_TARGET_MODULES))
+    run = tmp_path / "run"
+    run.mkdir()
+    save_lora(unet, train_diffusion_dpo.FAMILY, run)
+    convert_lora_to_kohya.main([str(run), "--pretrained_model_name_or_path", tiny_model])
+    good = (run / KOHYA_WEIGHT_NAME).read_bytes()
+
+    message = converter_error([str(run), "--pretrained_model_name_or_path", tiny_sdxl_model])
+    assert f"{run / LORA_WEIGHT_NAME} is not a LoRA of {tiny_sdxl_model} (Stable Diffusion XL)" in message
+
+    def failing_write(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(diffusion_dpo.outputs, "save_file", failing_write)
+        with pytest.raises(OSError, match="No space left"):
+            convert_lora_to_kohya.convert(str(run), tiny_model)
+    assert sorted(path.name for path in run.iterdir()) == [LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME]
+
+    # the base model as the model card names it, relative to the folder training ran in, read from another one
+    (run / "README.md").write_text(f"---\nbase_model: {Path(tiny_model).name}\n---\n")
+    monkeypatch.chdir(Path(tiny_model).parent)
+    convert_lora_to_kohya.main([str(run)])
+    monkeypatch.chdir(tmp_path)
+    message = converter_error([str(run)])
+    assert f"{run / 'README.md'} names the base model {Path(tiny_model).name}, which cannot be read" in message
+
+    lora = run / LORA_WEIGHT_NAME
+    lora.write_bytes(lora.read_bytes()[: lora.stat().st_size * 3 // 4])
+    message = converter_error([str(run), "--pretrained_model_name_or_path", tiny_model])
+    assert f"{lora} is damaged or truncated" in message
+    assert (run / KOHYA_WEIGHT_NAME).read_bytes() == good
