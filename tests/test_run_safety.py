@@ -45,6 +45,8 @@ from diffusion_dpo.training import StepMetrics
         ({"beta_dpo": "inf"}, "--beta_dpo must be a finite number above 0, got inf"),
         ({"max_grad_norm": -1}, "--max_grad_norm must be a finite number at least 0, got -1.0"),
         ({"max_grad_norm": "nan"}, "--max_grad_norm must be a finite number at least 0, got nan"),
+        ({"adam_epsilon": -1}, "--adam_epsilon must be a finite number above 0, got -1.0"),
+        ({"adam_weight_decay": "nan"}, "--adam_weight_decay must be a finite number at least 0, got nan"),
     ],
     ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None,
 )
