@@ -25,7 +25,7 @@ from diffusers.optimization import get_scheduler
 from huggingface_hub import create_repo
 from tqdm.auto import tqdm
 
-from diffusion_dpo import TrainingStopped
+from diffusion_dpo import InputError, TrainingStopped
 from diffusion_dpo.cache import precompute_pairs, steps_per_epoch, training_dataloader
 from diffusion_dpo.checkpoints import (
     check_output_dir,
@@ -83,9 +83,13 @@ def training_session(args, family):
         check_output_dir(args, family.denoiser)
         check_resume_flags(args, accelerator.num_processes, family.resume_flags)
         repo_id = None
-        if args.push_to_hub and accelerator.is_main_process:
-            repo_name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-            repo_id = create_repo(repo_id=repo_name, exist_ok=True, token=args.hub_token).repo_id
+        with stop_together():  # created by the main process; its failure stops every process with its one line
+            if args.push_to_hub and accelerator.is_main_process:
+                repo_name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+                try:
+                    repo_id = create_repo(repo_id=repo_name, exist_ok=True, token=args.hub_token).repo_id
+                except Exception as error:  # offline, a bad token, no rights: huggingface_hub raises many types
+                    raise InputError(f"--push_to_hub: cannot create {repo_name} on the Hub: {first_line(error)}")
         yield Session(accelerator, stop_signals, repo_id)
 
 
@@ -371,7 +375,12 @@ class TrainingRun:
         write_into_output_dir(args, write, saved_bytes * (2 if args.output_kohya_format else 1), step)
         save_model_card(args, family, self.repo_id or os.path.abspath(args.output_dir), step)
         if args.push_to_hub:
-            push_to_hub(args, self.repo_id)
+            try:
+                push_to_hub(args, self.repo_id)
+            except Exception as error:  # under stop_together, as one line: the other processes wait for the main one
+                raise TrainingStopped(
+                    f"saved {args.output_dir}, but its upload to {self.repo_id} failed: {first_line(error)}"
+                ) from None
         logger.info(f"Saved the trained {'LoRA' if args.train_mode == 'lora' else 'pipeline'} to {args.output_dir}")
 
     def save(self):

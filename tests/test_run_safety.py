@@ -19,11 +19,13 @@ from testing_utils import (
     launch,
     lora_weights,
     parse_error,
+    run_cli,
     run_trainer,
 )
 
 import diffusion_dpo.outputs
-from diffusion_dpo import InputError
+import diffusion_dpo.training
+from diffusion_dpo import InputError, TrainingStopped
 from diffusion_dpo.checkpoints import complete_checkpoints, holds_earlier_run
 from diffusion_dpo.outputs import LORA_WEIGHT_NAME, push_to_hub
 from diffusion_dpo.run import OUTPUT_DIR_LOCK_NAME
@@ -281,3 +283,39 @@ def test_a_signal_to_one_process_stops_all_of_them_at_the_same_step(dpo, cli_arg
     assert step < 9 and told.group(2) == str(out / f"checkpoint-{step}")
     assert "error: stopped by SIGTERM" not in text  # rank 1 stops quietly: its line would repeat rank 0's
     assert complete_checkpoints(str(out))[-1] == str(out / f"checkpoint-{step}")
+
+
+def test_a_failure_of_the_main_process_alone_stops_both_with_its_one_line_and_no_traceback(dpo, cli_args, tmp_path):
+    """Only the main process creates the --push_to_hub repository; offline it cannot. Every process stops: the main
+    one says the one line, the other nothing (neither prints a traceback; the launcher's own report remains)."""
+    result = run_cli(
+        dpo,
+        cli_args(push_to_hub=True, max_train_steps=1),
+        launcher=accelerate_launch(2, "--main_process_port", "29547"),
+        env={"ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    errors = [line for line in log.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: --push_to_hub: cannot create out on the Hub"), log[-3000:]
+    assert not re.search(r'File ".*(diffusion_dpo|train_diffusion_dpo)', log), log[-3000:]  # no trainer's traceback
+    assert "[RANK 1] Distributed environment" in log  # both processes ran (and the other stopped too)
+    assert not (tmp_path / "out" / LORA_WEIGHT_NAME).exists()
+
+
+def test_a_failed_hub_upload_is_one_line_and_keeps_the_saved_result(dpo, cli_args, tmp_path, monkeypatch):
+    """The upload runs on the main process alone, inside the save's stop_together: one line for every process."""
+
+    class Repo:
+        repo_id = "someone/my-dpo-lora"
+
+    def upload_folder(**kwargs):
+        raise OSError("Connection reset by peer")
+
+    monkeypatch.setattr(diffusion_dpo.training, "create_repo", lambda **kwargs: Repo)
+    monkeypatch.setattr(diffusion_dpo.outputs, "upload_folder", upload_folder)
+    with pytest.raises(TrainingStopped) as stopped:
+        run_trainer(dpo, cli_args(push_to_hub=True, max_train_steps=1))
+    out = tmp_path / "out"
+    assert str(stopped.value) == f"saved {out}, but its upload to someone/my-dpo-lora failed: Connection reset by peer"
+    assert (out / LORA_WEIGHT_NAME).exists()
