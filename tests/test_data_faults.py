@@ -4,6 +4,7 @@ skip, a one-line message, or a refusal, never a silent wrong result. The data an
 (diffusion_dpo.data, diffusion_dpo.cache): tested once, on the SD 1.5 script; refusing a model of another family is
 each script's own, tested on every script."""
 
+import io
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import diffusers
 import numpy as np
@@ -21,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import tiny_assets
 import transformers
+from PIL import Image
 from testing_utils import cache_folders, run_trainer
 
 import diffusion_dpo.cache
@@ -142,6 +145,25 @@ def test_a_damaged_cache_file_is_named_in_one_line_before_anything_is_encoded(dp
             assert f"the cache file {file} is damaged" in message, (name, damage)
             assert f"delete the folder {cache} and run again" in message and "\n" not in message
             shutil.copyfile(pristine / file.name, file)
+
+
+def test_garbage_under_an_intact_npy_header_is_named_by_the_checksums(dpo, cli_args, tmp_path):
+    """The arrays load and have their shapes; only the checksums see the bytes are wrong (else NaN latents would end
+    the run as non-finite steps, blamed on the learning rate)."""
+    run_trainer(dpo, cli_args(output_dir=tmp_path / "a", max_train_steps=1))
+    (cache,) = cache_folders(tmp_path / "cache")
+    caption_arrays = json.loads((cache / "cache_info.json").read_text())["caption_arrays"]
+    for name in ("pair_latents", *caption_arrays):
+        file = cache / f"{name}.npy"
+        intact, header_bytes = file.read_bytes(), np.load(file, mmap_mode="r").offset
+        file.write_bytes(intact[:header_bytes] + b"\xff" * (len(intact) - header_bytes))  # NaN in every float
+        with pytest.raises(InputError) as error:
+            run_trainer(dpo, cli_args(output_dir=tmp_path / f"{name}-garbage", max_train_steps=1))
+        assert re.fullmatch(
+            f"the cache file {re.escape(str(file))} is damaged \\((row|pair) \\d+ differs from its checksum\\).*",
+            str(error.value),
+        ), str(error.value)
+        file.write_bytes(intact)
 
 
 def test_arrays_that_disagree_in_shape_are_named(dpo, cli_args, tmp_path):
@@ -292,6 +314,53 @@ def test_a_dataset_without_a_decodable_pair_stops_in_one_line(dpo, cli_args, tmp
     assert str(error.value) == f"no pair of dataset '{data}' has two decodable images"
 
 
+def test_a_truncated_webdataset_shard_keeps_its_intact_samples_and_is_named(dpo, cli_args, tmp_path, caplog):
+    data = tiny_assets.build_webdataset_dataset(str(tmp_path / "data"), n_pairs=8, n_shards=2)
+    damaged = tmp_path / "data" / "train-00001.tar"
+    with tarfile.open(damaged) as tar:
+        third_loser = tar.getmembers()[7]  # 3 files a sample: the cut falls inside the shard's third sample
+    damaged.write_bytes(damaged.read_bytes()[: third_loser.offset_data + third_loser.size // 2])
+    caplog.set_level(logging.WARNING)
+    result = run_trainer(dpo, cli_args(dataset_name=data, max_train_steps=1))
+    assert result["global_step"] == 1
+    (cache,) = cache_folders(tmp_path / "cache")
+    assert json.loads((cache / "cache_info.json").read_text())["pairs"] == 4 + 2  # shard 0's and the intact two
+    assert not np.load(cache / "undecodable.npy").any()
+    assert f"Skipping what follows row 2 of source file {damaged}: unreadable (ReadError" in caplog.text
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"], ids=["empty", "blank lines"])
+def test_an_image_folder_whose_metadata_names_no_pairs_is_one_line(dpo, cli_args, tmp_path, content):
+    data = tiny_assets.build_image_folder_dataset(str(tmp_path / "data"), n_pairs=2)
+    (tmp_path / "data" / "metadata.jsonl").write_text(content)
+    with pytest.raises(InputError) as error:
+        run_trainer(dpo, cli_args(dataset_name=data))
+    assert str(error.value) == f"image folder '{data}': metadata.jsonl names no image pairs"  # not Pick-a-Pic's note
+
+
+def test_pairs_with_the_same_image_on_both_sides_are_counted_and_skipped(dpo, cli_args, tmp_path, caplog):
+    """Nothing to prefer: such a pair's loss would be ln 2 with no gradient. The same pixels re-encoded too."""
+    rng = random.Random(0)
+    pairs = [jpeg_pair(rng) for _ in range(6)]
+    same_pixels = io.BytesIO()
+    Image.open(io.BytesIO(pairs[4][0])).save(same_pixels, format="PNG")
+    pairs[1] = (pairs[1][0], pairs[1][0])
+    pairs[4] = (pairs[4][0], same_pixels.getvalue())
+    (tmp_path / "data").mkdir()
+    table = {
+        "caption": [f"caption {i}" for i in range(6)],
+        "jpg_0": pa.array([pair[0] for pair in pairs], pa.binary()),
+        "jpg_1": pa.array([pair[1] for pair in pairs], pa.binary()),
+        "label_0": [1.0] * 6,
+    }
+    pq.write_table(pa.table(table), tmp_path / "data" / "train-00000-of-00001.parquet")
+    caplog.set_level(logging.INFO)
+    run_trainer(dpo, cli_args(dataset_name=str(tmp_path / "data"), max_train_steps=1))
+    (cache,) = cache_folders(tmp_path / "cache")
+    assert np.load(cache / "undecodable.npy").tolist() == [False, True, False, False, True, False]
+    assert "skipping 2 of 6 pairs with an undecodable image or the same image on both sides" in caplog.text
+
+
 # ---- a model the trainer cannot condition --------------------------------------------------------------------------
 
 # each script given the tiny model of another family, and the script its message must point to
@@ -299,6 +368,7 @@ OTHER_FAMILY = {
     "train_diffusion_dpo": ("tiny_sdxl_model", "train_diffusion_dpo_sdxl.py"),
     "train_diffusion_dpo_sdxl": ("tiny_model", "train_diffusion_dpo.py"),
     "train_diffusion_dpo_sd3": ("tiny_model", "train_diffusion_dpo.py"),
+    "train_diffusion_dpo_flux": ("tiny_sd3_model", "train_diffusion_dpo_sd3.py"),
 }
 
 
