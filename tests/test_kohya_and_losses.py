@@ -4,6 +4,7 @@ and their refusal where it does not (SD3), and label smoothing in a real run. Th
 test_dpo_loss.py."""
 
 import errno
+import logging
 from pathlib import Path
 
 import convert_lora_to_kohya
@@ -118,8 +119,9 @@ def test_mapo_lora_never_switches_the_adapter_off_and_its_kohya_file_loads_like_
 
 @pytest.mark.every_script
 def test_mapo_full_fine_tuning_loads_no_frozen_copy_and_changes_the_model(
-    dpo, cli_args, tiny_pipeline, tmp_path, denoiser_loads
+    dpo, cli_args, tiny_pipeline, tmp_path, denoiser_loads, caplog
 ):
+    caplog.set_level(logging.INFO)
     result = run_trainer(
         dpo,
         cli_args(
@@ -136,6 +138,8 @@ def test_mapo_full_fine_tuning_loads_no_frozen_copy_and_changes_the_model(
         ),
     )
     assert len(denoiser_loads) == 1  # the trained model only, even with held-out pairs to evaluate
+    (summary,) = [line for line in caplog.text.splitlines() if "learning rate = " in line]
+    assert summary.endswith(", beta_mapo = 0.1") and "beta =" not in summary  # --beta_dpo plays no part in MaPO
     assert result["global_step"] == 2 and "eval/policy_acc" in result["evaluations"][-1]
     # no untuned-model grid: there is no reference to render it with
     assert sorted(p.name for p in (tmp_path / "out" / "validation").iterdir()) == ["step-000002.png"]
