@@ -27,7 +27,7 @@ def held_out_errors(model, family, noise, cached, indices, args, batch_size):
             batch = torch.utils.data.default_collate([cached[(index, 0, False)] for index in chunk])
         pair_latents = batch["pair_latents"].to(model.device, torch.float32)
         latents = torch.cat([pair_latents[:, 0], pair_latents[:, 1]])
-        conditioning = family.conditioning(batch, model.device)
+        conditioning = {**family.conditioning(batch, model.device), **family.fixed_inputs(args)}
         total = torch.zeros(len(latents), device=model.device)
         for k in range(args.validation_timesteps):
             generators = [torch.Generator().manual_seed(step_seed(args.seed, index, k)) for index in chunk]

@@ -75,6 +75,7 @@ class ModelFamily(NamedTuple):
     predict: Callable = unet_prediction  # (model, noisy_latents, timesteps, conditioning) -> eps, v or velocity
     lora_state_dict: Callable = diffusers_lora_layers  # (model) -> the LoRA weights as the pipelines save them
     kohya_lora: Callable | None = None  # (diffusers-format LoRA, denoiser config) -> kohya format; None: refused
+    fixed_inputs: Callable = no_options  # (args) -> conditioning the same for every sample (Flux's guidance scale)
     validation_kwargs: Callable = no_options  # (args) -> more options of the pipeline call for validation images
     resume_flags: tuple = ()  # the script's flags that change what is trained on: a resume must keep them
 

@@ -109,7 +109,7 @@ def compute_loss(batch, model, reference, noise, family, args, generator):
     # One noise and one noise level per pair, shared by its two images: DPO compares their errors on one corruption.
     pair_noise = torch.randn(winners.shape, generator=generator, device=device)
     levels = noise.draw(len(winners), generator, device)
-    conditioning = family.conditioning(batch, device, stacked=not args.sft)
+    conditioning = {**family.conditioning(batch, device, stacked=not args.sft), **family.fixed_inputs(args)}
     if args.sft:
         noisy_latents, target = noise.corrupt(winners, pair_noise, levels)
         model_err = denoising_errors(model, family, noisy_latents, levels, conditioning, target)

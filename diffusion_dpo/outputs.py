@@ -70,10 +70,12 @@ def load_lora_into(model, family, directory):
 
 
 @torch.no_grad()
-def decode_outside_autocast(pipeline, latents):
-    """PIL images from a pipeline's latents, decoded with autocast off: under fp16 autocast a force_upcast VAE
-    (SDXL's) would overflow into black images."""
+def decode_outside_autocast(pipeline, latents, size):
+    """PIL images (size x size) from a pipeline's latents, decoded with autocast off: under fp16 autocast a
+    force_upcast VAE (SDXL's) would overflow into black images."""
     vae, config = pipeline.vae, pipeline.vae.config
+    if latents.ndim == 3:  # Flux's: packed 2 x 2 into tokens
+        latents = pipeline._unpack_latents(latents, size, size, pipeline.vae_scale_factor)
     latents = latents.to(vae.dtype)
     if config.get("latents_mean") is not None and config.get("latents_std") is not None:
         mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
@@ -115,7 +117,9 @@ def render_validation(args, accelerator, family, model, reference, weight_dtype,
                     output_type="pil" if fp16_safe_vae else "latent",
                     **family.validation_kwargs(args),
                 ).images
-            images.append(output[0] if fp16_safe_vae else decode_outside_autocast(pipeline, output)[0])
+            if not fp16_safe_vae:
+                output = decode_outside_autocast(pipeline, output, args.resolution)
+            images.append(output[0])
         return images
 
     out_dir = Path(args.output_dir, "validation")

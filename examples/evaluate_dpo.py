@@ -37,6 +37,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import train_diffusion_dpo
+import train_diffusion_dpo_flux
 import train_diffusion_dpo_sd3
 import train_diffusion_dpo_sdxl
 from diffusion_dpo import InputError
@@ -48,7 +49,8 @@ from diffusion_dpo.family import build_models
 from diffusion_dpo.outputs import LORA_WEIGHT_NAME, load_lora_into
 
 
-TRAINERS = (train_diffusion_dpo, train_diffusion_dpo_sdxl, train_diffusion_dpo_sd3)  # one per model family
+# one per model family
+TRAINERS = (train_diffusion_dpo, train_diffusion_dpo_sdxl, train_diffusion_dpo_sd3, train_diffusion_dpo_flux)
 Z_95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
 GRID_CELL = 384  # side of one image in the wins/losses grids, in pixels
 

@@ -21,6 +21,8 @@ from diffusers import (
     DDPMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -517,6 +519,99 @@ def build_tiny_sd3_pipeline(output_dir, *, seed=0, preset="tiny"):
         tokenizer_2=tokenizers[1],
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
+    ).save_pretrained(output_dir)
+    return output_dir
+
+
+# FLUX.1 sizes: "tiny" for tests (one double-stream and one single-stream block; FLUX.1 [dev]'s guidance embedding).
+FLUX_PRESETS = {
+    "tiny": {
+        "transformer": dict(
+            num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=4, axes_dims_rope=(2, 2, 4)
+        ),
+        "vae": dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32),
+        "text": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2),
+        "t5": dict(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2),
+    },
+}
+
+
+def build_tiny_flux_pipeline(output_dir, *, seed=0, preset="tiny", schnell=False):
+    """Save a random-weight FLUX.1 [dev]-style pipeline (a Flux transformer with a guidance input on 2x2-packed
+    latents, a 16-channel VAE with FLUX.1's shift and scale, CLIP-L's pooled output and T5, a scheduler shifting by
+    the image's token count) of the given FLUX_PRESETS size to `output_dir`, loadable with
+    FluxPipeline.from_pretrained. `schnell`: FLUX.1 [schnell]'s transformer (no guidance input) and scheduler (a
+    static shift of 1)."""
+    sizes = FLUX_PRESETS[preset]
+    tokenizer_dir = os.path.join(output_dir, "tokenizer")
+    _write_bpe_files(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **sizes["text"],
+        )
+    )
+    tokenizer_2 = build_t5_tokenizer(os.path.join(output_dir, "tokenizer_2"))
+    torch.manual_seed(seed)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+            decoder_start_token_id=tokenizer_2.pad_token_id,
+            feed_forward_proj="gated-gelu",
+            **sizes["t5"],
+        )
+    )
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16 * 4,  # the VAE's 16 channels, packed 2 x 2 into each token
+        joint_attention_dim=sizes["t5"]["d_model"],
+        pooled_projection_dim=sizes["text"]["hidden_size"],  # CLIP's pooled output, without projection
+        guidance_embeds=not schnell,
+        **sizes["transformer"],
+    )
+    n_blocks = len(sizes["vae"]["block_out_channels"])
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
+        latent_channels=16,
+        norm_num_groups=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        # FLUX.1's VAE values: latents = (mean - shift_factor) * scaling_factor
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        **sizes["vae"],
+    )
+    # FLUX.1 [dev]'s scheduler shifts its sigmas at run time by the image's sequence length, [schnell]'s does not
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0 if schnell else 3.0,
+        use_dynamic_shifting=not schnell,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
     ).save_pretrained(output_dir)
     return output_dir
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from accelerate import Accelerator
-from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+from evaluate_dpo import denoiser_class
 from testing_utils import ACCELERATE_LAUNCH, cache_folders, lora_weights, run_cli, run_trainer
 
 from diffusion_dpo.cache import CachedPreferencePairs, PairSampler
@@ -19,7 +19,7 @@ LN2 = math.log(2)
 
 def trained_and_reference(dpo, args):
     """The script's trained denoiser and its reference (None for LoRA), built as its main builds them, on the CPU."""
-    model_class = UNet2DConditionModel if dpo.FAMILY.denoiser == "unet" else SD3Transformer2DModel
+    model_class = denoiser_class(dpo.FAMILY)
     return build_models(args, dpo.FAMILY, model_class, dpo.LORA_TARGET_MODULES, Accelerator(cpu=True))
 
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_diffusion_dpo
+import train_diffusion_dpo_flux
 import train_diffusion_dpo_sd3
 import train_diffusion_dpo_sdxl
 from diffusion_dpo.outputs import LORA_WEIGHT_NAME
@@ -18,8 +19,13 @@ from diffusion_dpo.outputs import LORA_WEIGHT_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 # The trainer scripts: end-to-end behaviour is tested on each of them (the `every_script` marker, conftest.py).
-TRAINERS = {"sd15": train_diffusion_dpo, "sdxl": train_diffusion_dpo_sdxl, "sd3": train_diffusion_dpo_sd3}
-SD3_SEQUENCE_LENGTH = 16  # T5 tokens per caption in the tiny SD3 runs: the tiny captions need a few
+TRAINERS = {
+    "sd15": train_diffusion_dpo,
+    "sdxl": train_diffusion_dpo_sdxl,
+    "sd3": train_diffusion_dpo_sd3,
+    "flux": train_diffusion_dpo_flux,
+}
+SD3_SEQUENCE_LENGTH = 16  # T5 tokens per caption in the tiny SD3 and Flux runs: the tiny captions need a few
 
 N_PAIRS = 8  # decided pairs in the default dataset; it also holds 2 ties and 1 pair with a corrupt image
 RESOLUTION = 32
@@ -81,10 +87,18 @@ def denoiser(pipeline):
 
 
 def denoiser_output(model):
-    """A UNet's or an SD3 transformer's prediction on fixed random inputs (with SDXL's added conditioning when the
-    UNet has one)."""
+    """A UNet's or an SD3 or Flux transformer's prediction on fixed random inputs (with SDXL's added conditioning
+    when the UNet has one)."""
     generator = torch.Generator().manual_seed(0)
     config = model.config
+    if "guidance_embeds" in config:  # Flux: 8 x 8 tokens of packed latents
+        sample = torch.randn(1, 64, config.in_channels, generator=generator)
+        text = torch.randn(1, 8, config.joint_attention_dim, generator=generator)
+        pooled = torch.randn(1, config.pooled_projection_dim, generator=generator)
+        positions = {"img_ids": torch.randn(64, 3, generator=generator), "txt_ids": torch.zeros(8, 3)}
+        guidance = torch.tensor([3.5]) if config.guidance_embeds else None
+        with torch.no_grad():
+            return model(sample, text, pooled, torch.tensor([0.5]), guidance=guidance, **positions).sample
     if "joint_attention_dim" in config:  # SD3's MMDiT
         sample = torch.randn(1, config.in_channels, 16, 16, generator=generator)
         text = torch.randn(1, 8, config.joint_attention_dim, generator=generator)
