@@ -26,7 +26,7 @@ from diffusers import BitsAndBytesConfig, FlowMatchEulerDiscreteScheduler, FluxP
 from peft.utils import get_peft_model_state_dict
 
 from diffusion_dpo import InputError
-from diffusion_dpo.args import add_flow_options, check_args, finite_number, shared_parser
+from diffusion_dpo.args import add_flow_options, check_args, finite_number, lora_target_modules, shared_parser
 from diffusion_dpo.cache import image_latent_shape
 from diffusion_dpo.family import (
     ModelFamily,
@@ -38,6 +38,8 @@ from diffusion_dpo.family import (
     load_text_encoders,
     model_vae_config,
     tokens,
+    transformer_text_conditioning,
+    vae_dtype_from_config,
 )
 from diffusion_dpo.losses import compute_loss
 from diffusion_dpo.noise import FlowMatchNoise
@@ -136,10 +138,6 @@ def check_quantization(args):
         raise InputError(f"--quantize_base nf4: {str(error).splitlines()[0]}") from None
 
 
-def lora_target_modules(args):
-    return [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Captions and images, as FluxPipeline encodes them (into the cache, once)
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,11 +163,6 @@ def load_text_encoder(args, device, dtype):
 def caption_bytes(args):
     config = transformer_config(args)
     return 2 * (args.max_sequence_length * config["joint_attention_dim"] + config["pooled_projection_dim"])
-
-
-def vae_dtype(args, weight_dtype):
-    """The VAE encodes in fp32 unless its config says it is safe in half precision (force_upcast false)."""
-    return torch.float32 if model_vae_config(args).get("force_upcast", True) else weight_dtype
 
 
 def cache_key(args, weight_dtype):
@@ -199,15 +192,6 @@ def load_noise(args):
     scheduler = from_model(args, FlowMatchEulerDiscreteScheduler.from_pretrained, "scheduler")
     weighting = (args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
     return FlowMatchNoise(scheduler, *weighting, image_seq_len=image_tokens(args))
-
-
-def conditioning(batch, device, stacked=True):
-    """The transformer's text inputs, for the stacked (winners; losers) batch or the winners alone."""
-    prompt_embeds = batch["prompt_embeds"].to(device, torch.float32, non_blocking=True)
-    pooled_prompt_embeds = batch["pooled_prompt_embeds"].to(device, torch.float32, non_blocking=True)
-    if stacked:
-        prompt_embeds, pooled_prompt_embeds = prompt_embeds.repeat(2, 1, 1), pooled_prompt_embeds.repeat(2, 1)
-    return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds}
 
 
 def predict(transformer, noisy_latents, timesteps, conditioning):
@@ -280,10 +264,10 @@ FAMILY = ModelFamily(
     cache_key=cache_key,
     load_text_encoder=load_text_encoder,
     caption_bytes=caption_bytes,
-    conditioning=conditioning,
+    conditioning=transformer_text_conditioning,
     load_pipeline=load_pipeline,
     card_details=card_details,
-    vae_dtype=vae_dtype,
+    vae_dtype=vae_dtype_from_config,
     predict=predict,
     # PEFT's names under `transformer.`, as diffusers' Flux LoRA trainer saves them; ComfyUI maps them to its Flux
     # weights (comfy/lora.py's "diffusers flux lora format"), so no kohya file is needed

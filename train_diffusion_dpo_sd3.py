@@ -25,7 +25,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, St
 from peft.utils import get_peft_model_state_dict
 
 from diffusion_dpo import InputError
-from diffusion_dpo.args import add_flow_options, check_args, shared_parser
+from diffusion_dpo.args import add_flow_options, check_args, lora_target_modules, shared_parser
 from diffusion_dpo.family import (
     ModelFamily,
     build_models,
@@ -33,9 +33,10 @@ from diffusion_dpo.family import (
     check_model_folder,
     folder_identity,
     load_text_encoders,
-    model_vae_config,
     text_encoder_config,
     tokens,
+    transformer_text_conditioning,
+    vae_dtype_from_config,
 )
 from diffusion_dpo.losses import compute_loss
 from diffusion_dpo.noise import FlowMatchNoise
@@ -105,10 +106,6 @@ def check_flags(args):
     check_args(args, FAMILY, resolution_multiple=16)  # the VAE's 8 x the transformer's 2 x 2 patches
 
 
-def lora_target_modules(args):
-    return [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Captions and images, as the SD3 pipeline encodes them (into the cache, once)
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,11 +149,6 @@ def caption_bytes(args):
     return 2 * (length * joint_attention_dim(args) + first.projection_dim + second.projection_dim)
 
 
-def vae_dtype(args, weight_dtype):
-    """The VAE encodes in fp32 unless its config says it is safe in half precision (force_upcast false)."""
-    return torch.float32 if model_vae_config(args).get("force_upcast", True) else weight_dtype
-
-
 def cache_key(args, weight_dtype):
     """What the cached encodings depend on besides the data and image settings: the encoders' files and T5's use."""
     encoders = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2") + (() if args.no_t5 else T5_PARTS)
@@ -179,15 +171,6 @@ def load_noise(args):
         args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
     )
     return FlowMatchNoise(scheduler, args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
-
-
-def conditioning(batch, device, stacked=True):
-    """The transformer's text inputs, for the stacked (winners; losers) batch or the winners alone."""
-    prompt_embeds = batch["prompt_embeds"].to(device, torch.float32, non_blocking=True)
-    pooled_prompt_embeds = batch["pooled_prompt_embeds"].to(device, torch.float32, non_blocking=True)
-    if stacked:
-        prompt_embeds, pooled_prompt_embeds = prompt_embeds.repeat(2, 1, 1), pooled_prompt_embeds.repeat(2, 1)
-    return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds}
 
 
 def predict(transformer, noisy_latents, timesteps, conditioning):
@@ -234,10 +217,10 @@ FAMILY = ModelFamily(
     cache_key=cache_key,
     load_text_encoder=load_text_encoder,
     caption_bytes=caption_bytes,
-    conditioning=conditioning,
+    conditioning=transformer_text_conditioning,
     load_pipeline=load_pipeline,
     card_details=card_details,
-    vae_dtype=vae_dtype,
+    vae_dtype=vae_dtype_from_config,
     predict=predict,
     # PEFT's names, as diffusers' SD3 scripts save them (diffusers' older naming covers only the to_* projections)
     lora_state_dict=get_peft_model_state_dict,

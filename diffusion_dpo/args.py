@@ -171,6 +171,11 @@ def add_flow_options(groups):
     flow("--mode_scale", type=float, default=1.29, help="Scale of the mode scheme.")
 
 
+def lora_target_modules(args):
+    """--lora_target_modules (the transformer scripts' flag) as a list of module names."""
+    return [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
+
+
 def finite_number(args, name, low=None, open_low=False):
     """Refuses a NaN or infinite value, and one below `low` (or at it, with `open_low`)."""
     value = getattr(args, name)

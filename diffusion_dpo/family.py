@@ -40,6 +40,21 @@ def weight_dtype_vae(args, weight_dtype):
     return weight_dtype
 
 
+def vae_dtype_from_config(args, weight_dtype):
+    """fp32 unless the VAE's config says it is safe in half precision (force_upcast false): SD3's and Flux's VAEs."""
+    return torch.float32 if model_vae_config(args).get("force_upcast", True) else weight_dtype
+
+
+def transformer_text_conditioning(batch, device, stacked=True):
+    """An MMDiT's text inputs (SD3, Flux) from the cached caption arrays, for the stacked (winners; losers) batch or
+    the winners alone."""
+    prompt_embeds = batch["prompt_embeds"].to(device, torch.float32, non_blocking=True)
+    pooled_prompt_embeds = batch["pooled_prompt_embeds"].to(device, torch.float32, non_blocking=True)
+    if stacked:
+        prompt_embeds, pooled_prompt_embeds = prompt_embeds.repeat(2, 1, 1), pooled_prompt_embeds.repeat(2, 1)
+    return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds}
+
+
 def unet_prediction(unet, noisy_latents, timesteps, conditioning):
     return unet(noisy_latents, timesteps, **conditioning, return_dict=False)[0]
 
