@@ -85,6 +85,8 @@ def shared_parser(description, model, resolution, beta_dpo, output_dir, validati
     held_out("--validation_split_name", help="A split of held-out pairs (e.g. Pick-a-Pic's validation).")
     held_out("--num_validation_pairs", 0, "Hold out this many pairs (or use this many of the split).", type=int)
     held_out("--validation_timesteps", 10, "Fixed noise draws per held-out pair.", type=int)
+    held_out("--collapse_threshold", 1.5, "Warn when held-out winner error / reference's passes this.", type=float)
+    held_out("--stop_on_collapse", help="Then checkpoint and stop (exit 0), saving no result.", action="store_true")
 
     loss("--beta_dpo", beta_dpo, f"Diffusion-DPO's beta ({beta_dpo:g}; docs/loss-and-learning-rates.md).", type=float)
     loss("--loss_type", "sigmoid", "sigmoid is the paper's; mapo: MaPO.", choices=["sigmoid", "hinge", "ipo", "mapo"])
@@ -209,6 +211,13 @@ def check_args(args, family, resolution_multiple=8):
         finite_number(args, name)
     if args.learning_rate is not None:
         finite_number(args, "learning_rate", 0, open_low=True)
+    finite_number(args, "collapse_threshold", 1, open_low=True)  # 1: the model equals its reference
+    held_out = args.num_validation_pairs or args.validation_split_name
+    if args.stop_on_collapse and (args.loss_type == "mapo" or not held_out):
+        raise InputError(
+            "--stop_on_collapse compares held-out errors with the reference's: it needs --num_validation_pairs or "
+            "--validation_split_name, and a reference (not --loss_type mapo)"
+        )
     if hasattr(args, "weighting_scheme"):
         finite_number(args, "logit_mean")
         finite_number(args, "logit_std", 0, open_low=True)

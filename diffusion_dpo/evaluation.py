@@ -1,13 +1,14 @@
 """Held-out preference metrics during training: the loss, implicit accuracy and reward margin (MaPO: the policy's own
 margin and accuracy) on pairs the run does not train on, each pair's errors averaged over fixed (noise level, noise)
-draws so that the same weights always give the same numbers."""
+draws so that the same weights always give the same numbers; and run health: the policy/reference error ratios and
+the accuracy per noise-level bucket."""
 
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 
 from diffusion_dpo.family import reference_model
-from diffusion_dpo.losses import denoising_errors, dpo_loss, mapo_loss, step_seed
+from diffusion_dpo.losses import accuracy_by_noise_level, denoising_errors, dpo_loss, mapo_loss, step_seed
 from diffusion_dpo.noise import NoiseLevels
 
 
@@ -16,9 +17,10 @@ logger = get_logger(__name__)
 
 @torch.no_grad()
 def held_out_errors(model, family, noise, cached, indices, args, batch_size):
-    """Errors of `model` on the winners and losers of the given held-out pairs (indices into `cached`), each averaged
-    over --validation_timesteps (timestep, noise) draws fixed by (seed, pair, k): the same weights give the same
-    numbers. Returns a (2, pairs) tensor: winners' errors, losers' errors."""
+    """Errors of `model` on the winners and losers of the given held-out pairs (indices into `cached`) at each of
+    --validation_timesteps (timestep, noise) draws fixed by (seed, pair, k): the same weights give the same numbers.
+    Returns a (3, pairs, draws) tensor: winners' errors, losers' errors, and the draws' noise levels in [0, 1]
+    (timestep / num_train_timesteps: DDPM's t / T, rectified flow's sigma)."""
     errors = []
     for start in range(0, len(indices), batch_size):
         chunk = [int(i) for i in indices[start : start + batch_size]]
@@ -28,21 +30,24 @@ def held_out_errors(model, family, noise, cached, indices, args, batch_size):
         pair_latents = batch["pair_latents"].to(model.device, torch.float32)
         latents = torch.cat([pair_latents[:, 0], pair_latents[:, 1]])
         conditioning = {**family.conditioning(batch, model.device), **family.fixed_inputs(args)}
-        total = torch.zeros(len(latents), device=model.device)
+        draws = []
         for k in range(args.validation_timesteps):
             generators = [torch.Generator().manual_seed(step_seed(args.seed, index, k)) for index in chunk]
             pair_noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
             levels = NoiseLevels.cat([noise.draw(1, g, "cpu") for g in generators]).to(model.device).twice()
             noisy_latents, target = noise.corrupt(latents, pair_noise.to(model.device).repeat(2, 1, 1, 1), levels)
-            total += denoising_errors(model, family, noisy_latents, levels, conditioning, target)
-        errors.append((total / args.validation_timesteps).view(2, -1))
-    return torch.cat(errors, dim=1) if errors else torch.empty(2, 0, device=model.device)  # a rank may get no pairs
+            pair_errors = denoising_errors(model, family, noisy_latents, levels, conditioning, target).view(2, -1)
+            draws.append(torch.cat([pair_errors, levels.timesteps[None, : len(chunk)] / noise.num_train_timesteps]))
+        errors.append(torch.stack(draws, dim=-1))
+    # a rank may get no pairs
+    return torch.cat(errors, dim=1) if errors else torch.empty(3, 0, args.validation_timesteps, device=model.device)
 
 
 def gathered_errors(errors):
-    """Every process's (k, pairs) errors, gathered in rank order (a few floats per pair): (k, all pairs) on each."""
-    rows = [row for rank_rows in gather_object([errors.T.tolist()]) for row in rank_rows]
-    return torch.tensor(rows).reshape(-1, len(errors)).T
+    """Every process's (k, pairs, draws) errors, gathered in rank order (a few floats per pair): (k, all pairs, draws)
+    on each."""
+    rows = [row for rank_rows in gather_object([errors.transpose(0, 1).tolist()]) for row in rank_rows]
+    return torch.tensor(rows).reshape(-1, len(errors), errors.shape[-1]).transpose(0, 1)
 
 
 def evaluate_held_out(accelerator, model, reference, family, noise, held_out_pairs, args, reference_errors=None):
@@ -57,14 +62,16 @@ def evaluate_held_out(accelerator, model, reference, family, noise, held_out_pai
     model = accelerator.unwrap_model(model)
     model_errors = held_out_errors(model, family, noise, held_out_pairs, indices, args, batch_size)
     if args.loss_type == "mapo":
-        model_err_w, model_err_l = gathered_errors(model_errors)
+        model_err_w, model_err_l = gathered_errors(model_errors)[:2].mean(dim=-1)
         loss, metrics = mapo_loss(model_err_w, model_err_l, args.beta_mapo, noise.num_train_timesteps)
         return {f"eval/{name}": value.item() for name, value in {"loss": loss, **metrics}.items()}, None
     if reference_errors is None:
         with reference_model(model, reference) as ref:
             reference_errors = held_out_errors(ref, family, noise, held_out_pairs, indices, args, batch_size)
-    model_err_w, model_err_l, ref_err_w, ref_err_l = gathered_errors(torch.cat([model_errors, reference_errors]))
+    model_err_w, model_err_l, levels, *ref_errors = gathered_errors(torch.cat([model_errors, reference_errors[:2]]))
     loss, metrics = dpo_loss(
-        model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type, args.label_smoothing
+        *(errors.mean(dim=-1) for errors in (model_err_w, model_err_l, *ref_errors)),
+        *(args.beta_dpo, args.loss_type, args.label_smoothing),
     )
+    metrics.update(accuracy_by_noise_level(model_err_w, model_err_l, *ref_errors, args.beta_dpo, levels))
     return {f"eval/{name}": value.item() for name, value in {"loss": loss, **metrics}.items()}, reference_errors

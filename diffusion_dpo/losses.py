@@ -31,6 +31,15 @@ def implicit_accuracy(inside):
     return ((inside > 0).float() + 0.5 * (inside == 0).float()).mean()
 
 
+def accuracy_by_noise_level(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, levels, buckets=4):
+    """Implicit accuracy of single (noise level, noise) draws per bucket of noise levels in [0, 1] (quarters): where
+    on the denoising path the preference is learnt, or lost. {"implicit_acc_noise_0_25": ..., ...}, filled buckets."""
+    inside = implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)
+    bucket = (levels * buckets).long().clamp(max=buckets - 1)
+    names = {b: f"implicit_acc_noise_{100 * b // buckets}_{100 * (b + 1) // buckets}" for b in range(buckets)}
+    return {names[b]: implicit_accuracy(inside[bucket == b]) for b in bucket.unique().tolist()}
+
+
 def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, loss_type="sigmoid", label_smoothing=0.0):
     """Diffusion-DPO loss from four per-sample denoising errors (MSE averaged over latent dims): sigmoid (the paper's)
     -logsigmoid(inside), hinge relu(1 - inside), ipo (inside / beta - 1 / (2 beta))^2. label_smoothing eps (sigmoid
@@ -48,6 +57,11 @@ def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, loss_type="si
     metrics = {
         "implicit_acc": implicit_accuracy(inside),
         "reward_margin": inside.mean(),
+        "negative_margin_share": (inside < 0).float().mean(),
+        # run health: above 1 the model denoises worse than the reference; DPO's loss also falls in a collapse that
+        # makes winners worse, as long as losers get worse faster (docs/held-out-evaluation.md)
+        "winner_ratio": model_err_w.mean() / ref_err_w.mean(),
+        "loser_ratio": model_err_l.mean() / ref_err_l.mean(),
         "model_mse_w": model_err_w.mean(),
         "model_mse_l": model_err_l.mean(),
         "ref_mse_w": ref_err_w.mean(),

@@ -30,6 +30,7 @@ from diffusion_dpo.cache import precompute_pairs, steps_per_epoch, training_data
 from diffusion_dpo.checkpoints import (
     check_output_dir,
     check_resume_flags,
+    complete_checkpoints,
     last_checkpoint_note,
     register_checkpoint_hooks,
     resume,
@@ -243,6 +244,7 @@ class TrainingRun:
             disable=not accelerator.is_local_main_process,
         )
         self.postfix, self.history, self.evaluations, self.reference_errors, self.finite = {}, [], [], None, True
+        self.collapse, self.last_healthy_step = None, None  # (step, held-out winner ratio) of the first collapse
         self.skipped_steps, self.step_metrics = SkippedSteps(args.max_consecutive_skipped_steps), StepMetrics()
         if self.global_step == 0:
             self.evaluate()  # the starting point: implicit accuracy 0.5, loss ln 2
@@ -260,7 +262,7 @@ class TrainingRun:
             epoch_batches = accelerator.skip_first_batches(self.dataloader, skip) if skip else self.dataloader
             epoch_batches.set_epoch(epoch)  # accelerate's loaders pass their own epoch counter to the sampler
             for batch_index, batch in enumerate(epoch_batches, start=skip):
-                if self.global_step >= args.max_train_steps:
+                if self.global_step >= args.max_train_steps or (self.collapse and args.stop_on_collapse):
                     return
                 seed = step_seed(args.seed, accelerator.process_index, epoch, batch_index)
                 yield batch, torch.Generator(accelerator.device).manual_seed(seed)
@@ -324,6 +326,35 @@ class TrainingRun:
             f"Held-out pairs at step {self.global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         )
         self.show(eval_acc=f"{metrics.get('eval/implicit_acc', metrics.get('eval/policy_acc')):.3f}")
+        if "eval/winner_ratio" in metrics:  # MaPO has no reference to compare with: no health check
+            self.show(winner_ratio=f"{metrics['eval/winner_ratio']:.3f}")
+            self.check_health(metrics["eval/winner_ratio"])
+
+    def check_health(self, winner_ratio):
+        """Warns once when the held-out winner ratio passes --collapse_threshold; with --stop_on_collapse, checkpoints
+        this step, and batches() ends the loop and finish() writes no result."""
+        args, step = self.args, self.global_step
+        if winner_ratio <= args.collapse_threshold:
+            self.last_healthy_step = step
+            return
+        if self.collapse is not None:
+            return
+        self.collapse = (step, winner_ratio)
+        logger.warning(
+            f"Step {step}: collapse: the held-out error on winners is {winner_ratio:.3f}x the reference's (above "
+            f"--collapse_threshold {args.collapse_threshold:g}); lower --learning_rate ({args.learning_rate:g}) or "
+            f"raise --beta_dpo ({args.beta_dpo:g}); {self.healthy_checkpoint_note()}"
+            + ("" if args.stop_on_collapse else "; --stop_on_collapse stops such a run")
+        )
+        if args.stop_on_collapse and step % args.checkpointing_steps != 0:
+            save_checkpoint(self.accelerator, args, step)
+
+    def healthy_checkpoint_note(self):
+        last = self.last_healthy_step
+        healthy = [c for c in complete_checkpoints(self.args.output_dir) if int(c.rsplit("-", 1)[1]) <= (last or -1)]
+        if healthy:
+            return f"the last healthy checkpoint is {healthy[-1]} (held-out pairs healthy at step {last})"
+        return "no checkpoint was written while the held-out pairs were healthy"
 
     def render(self):
         model, reference, step = self.model, self.reference, self.global_step
@@ -343,19 +374,30 @@ class TrainingRun:
         )
 
     def finish(self):
-        """The final evaluation, images and save; returns {'global_step', 'history', 'evaluations'}."""
+        """The final evaluation, images and save (no save after --stop_on_collapse stopped a collapse); returns
+        {'global_step', 'history', 'evaluations', 'collapse': (step, held-out winner ratio) of the first or None}."""
+        args = self.args
         self.stop_signals.phase = "final save"
         self.progress.close()
         self.skipped_steps.check_something_trained(self.global_step)
-        if self.global_step % self.args.validation_steps != 0:
+        if self.global_step % args.validation_steps != 0:
             self.evaluate()
-        self.save()
+        if self.collapse and args.stop_on_collapse:  # the last line; exit code 0, so that a sweep moves on
+            step, ratio = self.collapse
+            logger.warning(
+                f"Stopped at step {step} of {args.max_train_steps} on collapse (held-out winner ratio {ratio:.3f} > "
+                f"{args.collapse_threshold:g}): saved {args.output_dir}/checkpoint-{step} and no final result (the "
+                f"collapsed weights are no finished model); {self.healthy_checkpoint_note()}"
+            )
+        else:
+            self.save()
         self.accelerator.end_training()
         if self.accelerator.num_processes > 1:
             # gloo's worker thread frees the last collectives' tensors, which needs the GIL; if the process group
             # is torn down (the DDP model freed) before it has, the exit deadlocks. Seen on CPU; a second avoids it.
             time.sleep(1)
-        return {"global_step": self.global_step, "history": self.history, "evaluations": self.evaluations}
+        result = {"global_step": self.global_step, "history": self.history, "evaluations": self.evaluations}
+        return {**result, "collapse": self.collapse}
 
     def write_result(self):
         """On the main process: the last validation images, the result, its model card, the Hub upload."""

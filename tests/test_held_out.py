@@ -119,7 +119,7 @@ def test_a_process_with_no_held_out_pairs_contributes_nothing(dpo, cli_args, tmp
     unet, _ = build_models(args, dpo.FAMILY, UNet2DConditionModel, dpo.LORA_TARGET_MODULES, accelerator)
     noise = dpo.load_noise(args)
     errors = held_out_errors(unet, dpo.FAMILY, noise, CachedPreferencePairs(cache), [], args, batch_size=4)
-    assert errors.shape == (2, 0)
+    assert errors.shape == (3, 0, args.validation_timesteps)  # winners, losers, noise levels; per draw
 
 
 @pytest.mark.every_script
