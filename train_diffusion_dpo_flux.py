@@ -71,8 +71,7 @@ def parse_args(input_args=None):
         "Diffusion-DPO (Flow-DPO) fine-tuning of FLUX.1 [dev] / [schnell] models.",
         model="black-forest-labs/FLUX.1-dev",
         resolution=1024,
-        # velocity errors are (1 - sigma)^-2 times epsilon errors: SDXL's 5000 x E[(1 - sigma)^2] (0.11 at 1024 px,
-        # 0.18 at 512 with Flux's shift) ~ 500 (docs/flux.md)
+        # eps error = (1 - sigma)^2 x velocity error: SDXL's 5000 x E[(1 - sigma)^2] (0.107 at 1024 px) ~ 500
         beta_dpo=500.0,
         output_dir="diffusion-dpo-flux",
         validation_steps=28,
