@@ -8,7 +8,7 @@ Top to bottom as the data flows: flags -> how captions and images are encoded (o
 every model family shares (data, cache, loss, checkpoints, outputs) is in diffusion_dpo/, one module per concern.
 
     accelerate launch train_diffusion_dpo_sd3.py \\
-        --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium --beta_dpo 5000
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium --beta_dpo 500
 
 SD3's own: three text encoders (CLIP-L and CLIP-G penultimate states side by side, zero-padded to T5-XXL's width and
 followed by T5's states along the sequence; the pooled input is both CLIP projections), T5 optional (--no_t5: zeros
@@ -32,7 +32,9 @@ from diffusion_dpo.family import (
     check_denoiser_config,
     check_model_folder,
     folder_identity,
+    from_model,
     load_text_encoders,
+    model_vae_config,
     text_encoder_config,
     tokens,
     transformer_text_conditioning,
@@ -64,8 +66,9 @@ def parse_args(input_args=None):
         "Diffusion-DPO (Flow-DPO) fine-tuning of Stable Diffusion 3 / 3.5 models.",
         model="stabilityai/stable-diffusion-3.5-medium",
         resolution=1024,
-        # Diffusion-DPO's SDXL value, carried over: no published SD3 image value; sweep 1000-10000 (docs/sd3.md)
-        beta_dpo=5000.0,
+        # SDXL's 5000 on epsilon errors is ~500 on velocity errors: eps error = (1 - sigma)^2 x velocity error, and
+        # E[(1 - sigma)^2] = 0.11 under SD3's sigmas; sweep 200-2000 (docs/loss-and-learning-rates.md)
+        beta_dpo=500.0,
         output_dir="diffusion-dpo-sd3",
         validation_steps=28,
         guidance_scale=5.0,
@@ -166,11 +169,14 @@ def cache_key(args, weight_dtype):
 
 def load_noise(args):
     """Rectified flow at the scheduler's (shifted) sigmas, drawn and weighted by --weighting_scheme. Also what
-    examples/evaluate_dpo.py evaluates with."""
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
-    )
-    return FlowMatchNoise(scheduler, args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
+    examples/evaluate_dpo.py evaluates with. A scheduler with use_dynamic_shifting (none of Stability's SD3 / 3.5
+    configs: they shift by 3.0) gets the shift the pipeline computes from the image's patches, (1024 / 16)^2 at
+    1024 px: (resolution / (the VAE's factor x the transformer's patch size))^2."""
+    scheduler = from_model(args, FlowMatchEulerDiscreteScheduler.from_pretrained, "scheduler")
+    vae_factor = 2 ** (len(model_vae_config(args)["block_out_channels"]) - 1)
+    patch_size = from_model(args, SD3Transformer2DModel.load_config, "transformer")["patch_size"]
+    options = (args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
+    return FlowMatchNoise(scheduler, *options, image_seq_len=(args.resolution // (vae_factor * patch_size)) ** 2)
 
 
 def predict(transformer, noisy_latents, timesteps, conditioning):

@@ -166,7 +166,8 @@ def add_flow_options(groups):
         default="logit_normal",
         choices=["logit_normal", "mode", "sigma_sqrt", "cosmap", "none"],
         help="How sigma is drawn (logit_normal, mode; others uniformly) and how errors are weighted (sigma_sqrt, "
-        "cosmap; others not): diffusers' compute_density_for_timestep_sampling and compute_loss_weighting_for_sd3.",
+        "cosmap, --sft only; others not): diffusers' compute_density_for_timestep_sampling and "
+        "compute_loss_weighting_for_sd3.",
     )
     flow("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal scheme.")
     flow("--logit_std", type=float, default=1.0, help="Standard deviation of the logit_normal scheme.")
@@ -219,6 +220,11 @@ def check_args(args, family, resolution_multiple=8):
             "--validation_split_name, and a reference (not --loss_type mapo)"
         )
     if hasattr(args, "weighting_scheme"):
+        if args.weighting_scheme in ("sigma_sqrt", "cosmap") and not args.sft:  # sigma_sqrt: up to 1e5 at small sigma
+            raise InputError(
+                f"--weighting_scheme {args.weighting_scheme} weights both errors of a pair by its sigma, so beta "
+                "would depend on the noise level; DPO and MaPO take logit_normal, mode or none (they draw sigma)"
+            )
         finite_number(args, "logit_mean")
         finite_number(args, "logit_std", 0, open_low=True)
         finite_number(args, "mode_scale")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
 from testing_utils import (
     SD3_SEQUENCE_LENGTH,
@@ -62,6 +63,33 @@ def test_rectified_flow_draws_shifted_noise_levels_and_corrupts_along_the_straig
     torch.testing.assert_close(noisy[1], pure_noise[1])  # sigma 1: pure noise
     torch.testing.assert_close(noisy[2], 0.75 * latents[2] + 0.25 * pure_noise[2])
     torch.testing.assert_close(target, pure_noise - latents)  # the velocity
+
+
+def test_a_scheduler_that_shifts_dynamically_gets_the_pipelines_shift_for_the_resolution(
+    dpo, cli_args, tiny_sd3_model, tmp_path
+):
+    """SD3's pipeline shifts such a scheduler by mu from the image's patch count: training draws from those sigmas,
+    never the unshifted ones the scheduler holds until a pipeline shifts them."""
+    model = tmp_path / "dynamic-shift"
+    model.mkdir()
+    for part in os.listdir(tiny_sd3_model):
+        if part != "scheduler":
+            os.symlink(os.path.join(tiny_sd3_model, part), model / part)
+    config = FlowMatchEulerDiscreteScheduler.load_config(tiny_sd3_model, subfolder="scheduler")
+    FlowMatchEulerDiscreteScheduler.from_config({**config, "use_dynamic_shifting": True}).save_pretrained(
+        model / "scheduler"
+    )
+    pipeline = StableDiffusion3Pipeline.from_pretrained(model)
+    for resolution in (32, 64):
+        args = dpo_sd3.parse_args(cli_args(pretrained_model_name_or_path=model, resolution=resolution))
+        noise = dpo_sd3.load_noise(args)
+        # the sigmas the pipeline samples with at this size (its __call__'s mu), on the 1000-step training grid
+        patches = (resolution // pipeline.vae_scale_factor // pipeline.transformer.config.patch_size) ** 2
+        shift_range = ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")
+        mu = calculate_shift(patches, *(pipeline.scheduler.config[name] for name in shift_range))
+        pipeline.scheduler.set_timesteps(1000, mu=mu)
+        torch.testing.assert_close(noise.sigmas, pipeline.scheduler.sigmas[:-1])
+        assert (noise.sigmas[1:-1] != FlowMatchEulerDiscreteScheduler.from_config(config).sigmas[1:-1]).all()
 
 
 def test_a_pairs_two_images_share_their_noise_level_and_noise(dpo, cli_args, monkeypatch):
@@ -166,11 +194,20 @@ def test_a_model_folder_without_t5_trains_validates_and_its_card_loads_it_withou
         ({"weighting_scheme": "uniform"}, "invalid choice: 'uniform'"),
         ({"logit_std": 0}, "--logit_std must be a finite number above 0"),
         ({"lora_target_modules": ","}, "--lora_target_modules names no module"),
+        ({"weighting_scheme": "sigma_sqrt"}, "--weighting_scheme sigma_sqrt weights both errors of a pair"),
+        ({"weighting_scheme": "cosmap", "loss_type": "mapo"}, "so beta would depend on the noise level; DPO and MaPO"),
     ],
-    ids=["resolution", "sequence-length", "weighting", "logit-std", "lora-targets"],
+    ids=["resolution", "sequence-length", "weighting", "logit-std", "lora-targets", "sigma-sqrt-dpo", "cosmap-mapo"],
 )
 def test_sd3_flag_errors_stop_in_one_line_before_anything_loads(dpo, cli_args, capsys, flags, message):
     assert message in parse_error(dpo_sd3, cli_args(**flags), capsys)
+
+
+def test_error_weighting_schemes_are_for_sft_alone(dpo, cli_args):
+    """sigma_sqrt's weight 1/sigma^2 reaches ~1e5 at small sigma: both errors of a pair scaled so, DPO's beta would
+    be scaled with them; the plain flow-matching loss (--sft) may take it."""
+    for scheme in ("sigma_sqrt", "cosmap"):
+        assert dpo_sd3.parse_args(cli_args(weighting_scheme=scheme, sft=True)).weighting_scheme == scheme
 
 
 def test_other_models_and_a_missing_t5_are_named_in_one_line(dpo, cli_args, tiny_sdxl_model, sd3_without_t5, capsys):
