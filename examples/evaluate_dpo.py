@@ -127,7 +127,7 @@ def parse_args(input_args=None):
         "--beta_dpo",
         type=float,
         default=None,
-        help="Only changes the reported loss and margin (default: the trainer's, 2000 / 5000 SDXL and SD3).",
+        help="Only changes the reported loss and margin (default: the trainer's: 2000, SDXL 5000, SD3 and Flux 500).",
     )
     pairs.add_argument("--precompute_cache_dir", default=None, help="Where the trainer caches latents of the pairs.")
 
