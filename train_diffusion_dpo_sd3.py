@@ -51,8 +51,8 @@ T5_PARTS = ("text_encoder_3", "tokenizer_3")
 # the joint attention's projections of the image stream (to_*) and of the text stream (add_* and to_add_out)
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 OTHER_MODELS_HINT = (
-    "this script trains Stable Diffusion 3 / 3.5 models; train SD 1.x/2.x models with train_diffusion_dpo.py and "
-    "SDXL models with train_diffusion_dpo_sdxl.py"
+    "this script trains Stable Diffusion 3 / 3.5 models; train SD 1.x/2.x models with train_diffusion_dpo.py, "
+    "SDXL models with train_diffusion_dpo_sdxl.py and FLUX.1 models with train_diffusion_dpo_flux.py"
 )
 
 
