@@ -184,9 +184,10 @@ def sample_statistics(images):
 
 
 def plot_curves(scalars, path):
-    """Training loss (per step, and its running mean) and held-out implicit accuracy and loss against steps."""
-    figure = Figure(figsize=(10, 3.6), layout="constrained")
-    loss_axes, accuracy_axes, heldout_loss_axes = figure.subplots(1, 3)
+    """Training loss (per step, and its running mean), held-out implicit accuracy and loss, and the held-out error
+    ratios policy/reference on winners and losers (run health) against steps."""
+    figure = Figure(figsize=(13, 3.6), layout="constrained")
+    loss_axes, accuracy_axes, heldout_loss_axes, ratio_axes = figure.subplots(1, 4)
     steps, losses = zip(*scalars["loss"])
     window = 10
     running = [
@@ -211,7 +212,18 @@ def plot_curves(scalars, path):
     heldout_loss_axes.axhline(0.6931, color="tab:gray", linestyle=":", label="ln 2 (untrained)")
     heldout_loss_axes.set(title="held-out DPO loss", xlabel="optimizer step", ylabel="loss")
     heldout_loss_axes.legend()
-    for axes in (loss_axes, accuracy_axes, heldout_loss_axes):
+
+    # healthy: losers' error rises (the preference), winners' stays near the reference's; collapse: both rise
+    for tag, label, color in (("winner", "winners", "tab:green"), ("loser", "losers", "tab:red")):
+        eval_steps, ratio = zip(*scalars[f"eval/{tag}_ratio"])
+        ratio_axes.plot(eval_steps, ratio, marker="o", color=color, label=label)
+    ratio_axes.axhline(
+        TARGETS["winner_error_ratio"], color="tab:green", linestyle="--", label="collapse threshold (winners)"
+    )
+    ratio_axes.axhline(1.0, color="tab:gray", linestyle=":", label="reference (1)")
+    ratio_axes.set(title="held-out error, policy / reference", xlabel="optimizer step", ylabel="ratio")
+    ratio_axes.legend(fontsize="small")
+    for axes in (loss_axes, accuracy_axes, heldout_loss_axes, ratio_axes):
         axes.grid(alpha=0.3)
     figure.savefig(path, dpi=100)
 
@@ -250,7 +262,7 @@ def run_seed(args, data_dir, seed):
         "heldout_loss": [before["eval/loss"], after["eval/loss"]],
         "warm_fraction": [base["warm"], dpo["warm"]],
         "plausible_fraction": [base["plausible"], dpo["plausible"]],
-        "winner_error_ratio": after["eval/model_mse_w"] / after["eval/ref_mse_w"],
+        "winner_error_ratio": after["eval/winner_ratio"],  # what the trainer's --collapse_threshold watches
     }
     result["passed"] = {
         "heldout_acc": result["heldout_acc"][1] >= TARGETS["heldout_acc"],
