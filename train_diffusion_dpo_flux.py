@@ -273,6 +273,7 @@ FAMILY = ModelFamily(
     lora_state_dict=get_peft_model_state_dict,
     fixed_inputs=lambda args: {"guidance_scale": args.guidance_scale},
     validation_kwargs=lambda args: {"max_sequence_length": args.max_sequence_length},
+    epsilon_beta_factor=9.0,  # velocity errors: 1 / E[(1 - sigma)^2] (docs/loss-and-learning-rates.md)
     resume_flags=(
         *("max_sequence_length", "guidance_scale", "quantize_base"),
         *("weighting_scheme", "logit_mean", "logit_std", "mode_scale"),

@@ -231,6 +231,7 @@ FAMILY = ModelFamily(
     # PEFT's names, as diffusers' SD3 scripts save them (diffusers' older naming covers only the to_* projections)
     lora_state_dict=get_peft_model_state_dict,
     validation_kwargs=lambda args: {"max_sequence_length": args.max_sequence_length},
+    epsilon_beta_factor=9.0,  # velocity errors: 1 / E[(1 - sigma)^2] (docs/loss-and-learning-rates.md)
     resume_flags=("no_t5", "max_sequence_length", "weighting_scheme", "logit_mean", "logit_std", "mode_scale"),
 )
 

@@ -92,6 +92,9 @@ class ModelFamily(NamedTuple):
     kohya_lora: Callable | None = None  # (diffusers-format LoRA, denoiser config) -> kohya format; None: refused
     fixed_inputs: Callable = no_options  # (args) -> conditioning the same for every sample (Flux's guidance scale)
     validation_kwargs: Callable = no_options  # (args) -> more options of the pipeline call for validation images
+    # beta x this = the epsilon-error beta of the same strength, for full fine-tuning's learning-rate rule (rectified
+    # flow: an epsilon error is (1 - sigma)^2 x the velocity error; 1 / E[(1 - sigma)^2] ~ 9)
+    epsilon_beta_factor: float = 1.0
     resume_flags: tuple = ()  # the script's flags that change what is trained on: a resume must keep them
 
 

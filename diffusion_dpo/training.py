@@ -109,11 +109,12 @@ def mixed_precision_dtype(accelerator):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def learning_rate(args, pairs_per_step):
+def learning_rate(args, pairs_per_step, epsilon_beta_factor=1.0):
     """--learning_rate, scaled with --scale_lr; without it, the default of --train_mode: 1e-5 for LoRA, the paper's
-    1e-8 * (2000 / beta) * pairs per step for full fine-tuning."""
+    1e-8 * (2000 / beta) * pairs per step for full fine-tuning, beta taken on epsilon errors."""
     if args.learning_rate is None:
-        return 1e-5 if args.train_mode == "lora" else 1e-8 * (2000.0 / args.beta_dpo) * pairs_per_step
+        epsilon_beta = args.beta_dpo * epsilon_beta_factor
+        return 1e-5 if args.train_mode == "lora" else 1e-8 * (2000.0 / epsilon_beta) * pairs_per_step
     return args.learning_rate * pairs_per_step if args.scale_lr else args.learning_rate
 
 
@@ -202,7 +203,7 @@ class TrainingRun:
 
         n_processes = accelerator.num_processes
         pairs_per_step = args.train_batch_size * args.gradient_accumulation_steps * n_processes
-        args.learning_rate = learning_rate(args, pairs_per_step)
+        args.learning_rate = learning_rate(args, pairs_per_step, family.epsilon_beta_factor)
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(args, self.params, accelerator.device)
         if args.max_train_steps is None:

@@ -113,3 +113,18 @@ def test_accelerate_launch_runs_the_script(dpo, cli_args, tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert (tmp_path / "out" / LORA_WEIGHT_NAME).exists()
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents*"))
+
+
+def test_full_fine_tuning_default_learning_rate_is_on_the_epsilon_scale_of_beta():
+    """Full fine-tuning's default rate follows 1e-8 * (2000 / beta) per pair with beta on epsilon errors: the flow
+    families' default beta on velocity errors (500) gets about SDXL's rate at its beta 5000, not ten times it."""
+    import train_diffusion_dpo_sd3
+    import train_diffusion_dpo_sdxl
+    from diffusion_dpo.training import learning_rate
+
+    rates = {}
+    for script in (train_diffusion_dpo_sdxl, train_diffusion_dpo_sd3):
+        args = script.parse_args(["--train_mode", "full"])
+        rates[script] = learning_rate(args, 2048, script.FAMILY.epsilon_beta_factor)
+    assert rates[train_diffusion_dpo_sdxl] == pytest.approx(1e-8 * 2000 / 5000 * 2048)
+    assert rates[train_diffusion_dpo_sd3] == pytest.approx(rates[train_diffusion_dpo_sdxl], rel=0.15)
