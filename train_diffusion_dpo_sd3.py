@@ -99,6 +99,9 @@ def check_flags(args):
     model = args.pretrained_model_name_or_path
     if os.path.isdir(os.path.join(model, "unet")):
         raise InputError(f"model folder '{model}' holds a UNet, not an SD3 transformer: {OTHER_MODELS_HINT}")
+    # first: a Flux or PixArt folder has the same layout, and lacking text_encoder_3 would be sent to --no_t5
+    expected = {"_class_name": "SD3Transformer2DModel"}
+    check_denoiser_config(args, SD3Transformer2DModel, "transformer", expected, OTHER_MODELS_HINT)
     missing_t5 = not args.no_t5 and os.path.isdir(model) and not all(os.path.isdir(f"{model}/{p}") for p in T5_PARTS)
     parts = MODEL_PARTS + (() if args.no_t5 else T5_PARTS)
     check_model_folder(args, parts, "; pass --no_t5 to train without T5" if missing_t5 else "")
@@ -245,8 +248,6 @@ def main(args):
     """Trains and saves; returns {'global_step', 'history': [per-step metrics], 'evaluations': [held-out metrics]}."""
     with training_session(args, FAMILY) as session:
         accelerator = session.accelerator
-        expected = {"_class_name": "SD3Transformer2DModel"}  # a Flux or PixArt folder has the same layout
-        check_denoiser_config(args, SD3Transformer2DModel, "transformer", expected, OTHER_MODELS_HINT)
 
         # Data: the pairs, then their latents and caption embeddings, encoded once into the cache.
         data = cached_pairs(args, accelerator, FAMILY)

@@ -97,7 +97,7 @@ def convert(folder, base_model=None):
     if family.kohya_lora is None:
         raise InputError(
             f"{lora_file} is a {family.name} LoRA, which has no kohya format (diffusers' conversion gives keys that "
-            f"ComfyUI and diffusers do not load); ComfyUI loads {LORA_WEIGHT_NAME} as it is (docs/sd3.md)"
+            f"ComfyUI and diffusers do not load); ComfyUI loads {LORA_WEIGHT_NAME} as it is (docs/outputs.md)"
         )
     check_lora_fits(read_lora(lora_file), lora_file, family, config, base_model)
     save_kohya_lora(folder, family, config)

@@ -395,6 +395,14 @@ def test_a_model_of_another_family_is_refused_in_one_line_naming_its_script(dpo,
     assert not (tmp_path / "cache").exists()  # before any data is read
 
 
+def test_the_sd3_script_sends_a_flux_model_to_the_flux_script(cli_args, tiny_flux_model, capsys):
+    """A FLUX.1 folder lacks SD3's third text encoder: the line names the Flux script, not --no_t5."""
+    import train_diffusion_dpo_sd3
+
+    line = refusal(train_diffusion_dpo_sd3, cli_args(pretrained_model_name_or_path=tiny_flux_model), capsys)
+    assert "train_diffusion_dpo_flux.py" in line and "--no_t5" not in line
+
+
 def test_a_unet_with_a_class_embedding_is_refused(dpo, cli_args, tiny_pipeline, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_pipeline, model)
