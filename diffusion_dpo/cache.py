@@ -1,21 +1,6 @@
-"""The cache: every caption encoded once with the family's text encoders, every image the run reads encoded once with
-its VAE, kept on disk and shared by the processes of a run and by later runs. Training then reads only the cache.
+"""The latent and caption-embedding cache (docs/cache.md): each caption and image the run reads, encoded once."""
 
-A cache folder holds, for one set of source pairs (docs/cache.md):
-  caption_index.npy        (pairs,) int32: each pair's row of the caption arrays; row 0 is the unconditional input
-  <caption array>.npy      (unique captions + 1, ...) float16, as the family's text encoder returns them
-  pair_latents.npy         (pairs, orientations, 2 = winner/loser, C, h, w) float16, shifted and scaled as the
-                           family's pipeline decodes them; sparse on disk until encoded
-  crops.npy                (pairs, orientations, 2, 6) int32: each image's original height and width, the crop's top,
-                           left, height and width: SDXL's micro-conditioning (its time ids)
-  checksums.npy            (pairs, orientations) uint32: CRC-32 of each (pair, orientation)'s latents and crops
-  encoded.npy              (pairs, orientations) bool: which latents are there
-  undecodable.npy          (pairs,) bool: pairs with an image that could not be decoded (skipped)
-  encoded.part-<k>.npy ... what process k of a machine encoded, until folded in
-  cache_info.json          the key fields the folder's name is hashed from, the caption arrays' names, and the
-                           CRC-32 of some of their rows
-"""
-
+import dataclasses
 import errno
 import hashlib
 import json
@@ -36,16 +21,7 @@ from diffusers.training_utils import free_memory
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from diffusion_dpo import InputError
-from diffusion_dpo.data import (
-    PreferencePairs,
-    cache_root,
-    decode_image,
-    resize_and_crop,
-    shard_batches,
-    source_file,
-    stream_split,
-)
+from diffusion_dpo import InputError, data
 from diffusion_dpo.run import first_line, format_bytes, removed_on_failure, save_atomically, stop_together
 
 
@@ -53,45 +29,29 @@ logger = get_logger(__name__)
 
 CACHE_FORMAT_VERSION = 4
 LATENT_ARRAYS = ("pair_latents", "crops", "checksums")  # written as images are encoded, (pair, orientation) each
-CHECKED_ROWS = 16  # rows of each array whose checksums a run verifies before it trusts a cache
 MASK_ARRAYS = ("encoded", "undecodable")
-CAPTION_BATCH = 64  # captions per text-encoder forward
+CHECKED_ROWS = 16  # rows of each array whose checksums a run verifies before it trusts a cache
 
 
 class CacheRequest(NamedTuple):
-    """A request for the cache of some source pairs, holding the latents that `epochs` training epochs read; epochs
-    None: a held-out set, each pair read as stored."""
+    """Source pairs to cache with the latents `epochs` training epochs read (None: held out, read as stored)."""
 
-    source_pairs: PreferencePairs
+    source_pairs: data.PreferencePairs
     epochs: int | None = None
 
 
 class PlannedCache(NamedTuple):
-    """A cache request resolved: the source pairs, their cache folder, the fields its name is hashed from, and the
-    latents the run reads ((pairs, orientations) bool, see latents_read)."""
+    """A resolved CacheRequest: its folder, the fields the folder's name hashes, the (pairs, orientations) read."""
 
-    source_pairs: PreferencePairs
+    source_pairs: data.PreferencePairs
     path: Path
     key_fields: dict
     needed: np.ndarray
 
 
 def drawn_orientations(n_pairs, n_orientations, seed, epoch):
-    """The orientation (0: as stored, 1: mirrored) each pair is read in during `epoch`, a function of (seed, epoch)
-    alone. The sampler reads it and the precompute encodes exactly these latents, so a one-epoch run encodes every
-    image once even with flipping on."""
+    """Each pair's orientation in `epoch` (1: mirrored), from (seed, epoch) alone: precompute encodes what is read."""
     return np.random.default_rng([seed, epoch, 1]).integers(0, n_orientations, n_pairs)
-
-
-def latents_read(n_pairs, args, epochs=None):
-    """(pairs, orientations) bool: the latents a run reads in `epochs` training epochs; None: a held-out set (read
-    as stored, orientation 0)."""
-    needed = np.zeros((n_pairs, 1 if args.no_hflip else 2), dtype=bool)
-    if epochs is None:
-        needed[:, 0] = True
-    for epoch in range(epochs or 0):
-        needed[np.arange(n_pairs), drawn_orientations(n_pairs, needed.shape[1], args.seed, epoch)] = True
-    return needed
 
 
 def plan_cache(args, family, request, weight_dtype):
@@ -107,41 +67,39 @@ def plan_cache(args, family, request, weight_dtype):
         "layout": request.source_pairs.layout.cache_fields,
     }
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
-    needed = latents_read(len(request.source_pairs), args, request.epochs)
-    return PlannedCache(request.source_pairs, cache_root(args) / key, key_fields, needed)
+    n_pairs = len(request.source_pairs)
+    needed = np.zeros((n_pairs, 1 if args.no_hflip else 2), dtype=bool)
+    needed[:, 0] = request.epochs is None  # a held-out set is read as stored
+    for epoch in range(request.epochs or 0):
+        needed[np.arange(n_pairs), drawn_orientations(n_pairs, needed.shape[1], args.seed, epoch)] = True
+    return PlannedCache(request.source_pairs, data.cache_root(args) / key, key_fields, needed)
 
 
 class PairsToDecode(NamedTuple):
     """Source pairs for PairPixels to decode: those at `positions` (None: all)."""
 
-    source_pairs: PreferencePairs
+    source_pairs: data.PreferencePairs
     positions: np.ndarray | None = None
 
 
 class PairPixels(torch.utils.data.IterableDataset):
-    """Streams the source shards that hold pending pairs (each DataLoader worker its own shards) and yields those
-    pairs decoded and cropped, winner first, plus their mirrored copies, with each image's crop. `to_decode`: a list
-    of PairsToDecode; items carry the number of theirs in it ("group") and the pair's position in it ("index")."""
+    """Decodes the pairs of `to_decode` (PairsToDecode each), streaming the shards that hold them (its own in each
+    process `part` and loader worker): winner first, in every orientation, with each image's crop."""
 
     def __init__(self, args, to_decode, part=0, parts=1):
         self.args = args
-        self.resolution = args.resolution
-        self.random_crop = args.random_crop
-        self.seed = args.seed
+        self.to_decode = to_decode
         self.image_processor = VaeImageProcessor(do_resize=False)
         self.num_orientations = 1 if args.no_hflip else 2
-        self.to_decode = to_decode
-        self.tasks = {}  # (split, shard) -> {row in the split: [(group, position), ...]}
-        self.splits = {}  # per split: its source pairs (identity, shard starts)
+        self.splits = {source_pairs.identity["split"]: source_pairs for source_pairs, _ in to_decode}
+        tasks = {}  # (split, shard) -> {row in the split: [(group, position), ...]}
         for group, (source_pairs, positions) in enumerate(to_decode):
-            split = source_pairs.identity["split"]
-            self.splits[split] = source_pairs
             positions = np.arange(len(source_pairs)) if positions is None else positions
             shards = np.searchsorted(source_pairs.shard_starts, source_pairs.rows[positions], side="right") - 1
             for position, shard in zip(positions.tolist(), shards.tolist()):
-                rows = self.tasks.setdefault((split, shard), {})
+                rows = tasks.setdefault((source_pairs.identity["split"], shard), {})
                 rows.setdefault(int(source_pairs.rows[position]), []).append((group, position))
-        self.tasks = {task: self.tasks[task] for task in sorted(self.tasks)[part::parts]}  # this process's shards
+        self.tasks = {task: tasks[task] for task in sorted(tasks)[part::parts]}  # this process's shards
         self.num_pairs = sum(len(found) for rows in self.tasks.values() for found in rows.values())
 
     def __iter__(self):
@@ -152,28 +110,28 @@ class PairPixels(torch.utils.data.IterableDataset):
             source_pairs = self.splits[split]
             columns = source_pairs.layout.image_columns
             if split not in streams:
-                streams[split] = stream_split(self.args, split, columns)[0]
-            stream, wanted = streams[split], self.tasks[(split, shard)]
-            row, unseen = int(source_pairs.shard_starts[shard]), {found for rows in wanted.values() for found in rows}
+                streams[split] = data.stream_split(self.args, split, columns)[0]
+            wanted, row = self.tasks[(split, shard)], int(source_pairs.shard_starts[shard])
             # .iter() (in shard_batches), not a for loop over the stream: inside a DataLoader worker the latter
             # splits the (one) shard among the workers again, and all but one would see nothing
-            for batch in shard_batches(stream, shard, 64, source_file(source_pairs.identity, shard)):
+            for batch in data.shard_batches(streams[split], shard, 64, data.source_file(source_pairs.identity, shard)):
                 for offset in range(len(batch[columns[0]])):
                     for group, position in wanted.get(row + offset, ()):
-                        unseen.discard((group, position))
                         yield self.decode(group, position, {column: batch[column][offset] for column in columns})
                 row += len(batch[columns[0]])
-            yield from (self.skipped(group, position) for group, position in sorted(unseen))  # unreadable rows
+            # the rows past those read: the rest of a file that could not be read
+            yield from (self.skipped(*found) for at, pairs in wanted.items() if at >= row for found in pairs)
 
     def skipped(self, group, position):
-        pixels = torch.zeros(self.num_orientations, 2, 3, self.resolution, self.resolution)
+        pixels = torch.zeros(self.num_orientations, 2, 3, self.args.resolution, self.args.resolution)
         crops = torch.zeros(self.num_orientations, 2, 6, dtype=torch.int32)
         return {"group": group, "index": position, "ok": False, "pixels": pixels, "crops": crops}
 
     def decode(self, group, position, example):
         item = self.skipped(group, position)
+        source_pairs, resolution = self.to_decode[group].source_pairs, self.args.resolution
         try:
-            images = [decode_image(value) for value in self.to_decode[group].source_pairs.layout.images(example)]
+            images = [data.decode_image(value) for value in source_pairs.layout.images(example)]
         except Exception as error:  # PIL raises OSError, ValueError, SyntaxError... for broken files
             logger.warning(
                 f"Skipping pair {position}: undecodable image ({type(error).__name__}: {error})",
@@ -183,24 +141,20 @@ class PairPixels(torch.utils.data.IterableDataset):
         if images[0].size == images[1].size and images[0].tobytes() == images[1].tobytes():
             logger.warning(f"Skipping pair {position}: the same image on both sides", main_process_only=False)
             return item  # nothing to prefer: its DPO loss would be ln 2 with no gradient, whatever the model
-        if self.to_decode[group].source_pairs.second_is_winner[position]:
+        if source_pairs.second_is_winner[position]:
             images.reverse()
-        crop_rng = np.random.default_rng([self.seed, position]) if self.random_crop else None
-        pictures, crops, mirrored_crops, size = [], [], [], [self.resolution, self.resolution]
-        for image in images:
-            picture, (top, left, resized_width) = resize_and_crop(image, self.resolution, crop_rng)
+        crop_rng = np.random.default_rng([self.args.seed, position]) if self.args.random_crop else None
+        pictures, crops = [], np.zeros((2, 2, 6), dtype=np.int32)  # (orientation, image, crop)
+        for side, image in enumerate(images):
+            picture, (top, left, resized_width) = data.resize_and_crop(image, resolution, crop_rng)
             pictures.append(picture)
-            crops.append([image.height, image.width, top, left, *size])
             # the mirrored image was cropped at the mirrored offset
-            mirrored_crops.append([image.height, image.width, top, resized_width - left - self.resolution, *size])
+            for orientation, crop_left in enumerate((left, resized_width - left - resolution)):
+                crops[orientation, side] = [image.height, image.width, top, crop_left, resolution, resolution]
         pixels = self.image_processor.preprocess(pictures)
-        orientations = [(pixels, crops), (pixels.flip(-1), mirrored_crops)][: self.num_orientations]
-        return {
-            **item,
-            "ok": True,
-            "pixels": torch.stack([p for p, _ in orientations]),
-            "crops": torch.tensor([c for _, c in orientations], dtype=torch.int32),
-        }
+        n = self.num_orientations
+        item.update(ok=True, pixels=torch.stack([pixels, pixels.flip(-1)][:n]), crops=torch.from_numpy(crops[:n]))
+        return item
 
 
 def image_latent_shape(args, family):
@@ -210,35 +164,24 @@ def image_latent_shape(args, family):
     return (vae_config["latent_channels"], latent_size, latent_size)
 
 
-def precompute_bytes(args, family, planned_caches):
-    """Bytes the precompute will write for `planned_caches`: a new cache's caption arrays, caption index and masks,
-    and the latents still to encode. Latent files are sparse: each latent written takes whole disk blocks, all of
-    them no more than the file's full size."""
+def check_free_space(args, family, planned_caches):
+    """Stops in one line, before any encoder loads, when the cache's disk cannot hold what the precompute writes."""
 
-    def on_disk(n_bytes, block=4096):
-        return -(-n_bytes // block) * block
+    def on_disk(n_bytes):  # in whole 4 KiB disk blocks
+        return -(-n_bytes // 4096) * 4096
 
     chunks = [2 * 2 * math.prod(image_latent_shape(args, family)), 2 * 6 * 4, 4]  # a (pair, orientation) of each
-    total = 0
+    needed = 0
     for planned in planned_caches:
-        (n_pairs, n_orientations), todo = planned.needed.shape, planned.needed
-        if planned.path.exists():
-            todo = todo & ~np.load(planned.path / "encoded.npy") & ~np.load(planned.path / "undecodable.npy")[:, None]
-        else:
-            n_captions = len({str(caption) for caption in planned.source_pairs.captions} | {""})
-            total += on_disk(n_captions * family.caption_bytes(args))
-            total += 3 * on_disk(n_pairs * (4 + n_orientations + 1))  # caption index, masks and their copies
-        if todo.any():
-            for chunk in chunks:
-                total += min(on_disk(n_pairs * n_orientations * chunk), int(todo.sum()) * on_disk(chunk + 4096))
-    return total
-
-
-def check_free_space(args, family, planned_caches):
-    """Stops in one line, before any encoder is loaded, when the cache folder's disk cannot hold what the precompute
-    writes."""
-    root = cache_root(args)
-    needed, free = precompute_bytes(args, family, planned_caches), shutil.disk_usage(root).free
+        n_pairs, n_orientations = planned.needed.shape
+        todo = LatentCache(planned.path, planned.needed).todo if planned.path.exists() else planned.needed
+        if not planned.path.exists():  # a new cache's caption arrays, and its caption index and masks (and copies)
+            n_captions = len(set(planned.source_pairs.captions) | {""})
+            needed += on_disk(n_captions * family.caption_bytes(args)) + 3 * on_disk(n_pairs * (n_orientations + 5))
+        for chunk in chunks:  # sparse files: each latent takes whole disk blocks, all no more than the file's size
+            needed += min(on_disk(n_pairs * n_orientations * chunk), int(todo.sum()) * on_disk(chunk + 4096))
+    root = data.cache_root(args)
+    free = shutil.disk_usage(root).free
     if needed > free:
         raise InputError(
             f"not enough disk space for the precompute cache in {root}: it needs {format_bytes(needed)}, "
@@ -246,72 +189,52 @@ def check_free_space(args, family, planned_caches):
         )
 
 
-@torch.inference_mode()
-def encode_text(encode, captions):
-    """{array name: (len(captions), ...) float16 array} from the family's encode, CAPTION_BATCH captions at a time."""
-    batches = [encode(captions[start : start + CAPTION_BATCH]) for start in range(0, len(captions), CAPTION_BATCH)]
-    return {name: torch.cat([batch[name].cpu() for batch in batches]).to(torch.float16).numpy() for name in batches[0]}
-
-
-def create_cache(args, planned, encode, latent_shape):
-    """The new cache folder of a PlannedCache: its caption arrays, empty latent storage and masks, written under a
-    temporary name and renamed when complete (an interrupted run never leaves a folder that looks valid)."""
-    with removed_on_failure(planned.path.with_name(f".{planned.path.name}.partial-{uuid.uuid4().hex[:8]}")) as partial:
-        partial.mkdir(parents=True)
-        captions = [str(caption) for caption in planned.source_pairs.captions]
+def create_missing_caches(args, family, planned_caches, device, weight_dtype):
+    """Creates the caches not there yet (only then do text encoders load), renamed when complete, never half valid."""
+    new_caches = [planned for planned in planned_caches if not planned.path.exists()]
+    if not new_caches:
+        return
+    encode = family.load_text_encoder(args, device, weight_dtype)
+    for planned in new_caches:
+        captions = planned.source_pairs.captions
         # Row 0 is the pipeline's unconditional input, which prompt dropout trains: the empty caption's encoding, or
         # zeros where the pipeline forces them (SDXL); then an empty caption in the data gets a row of its own.
         zeros = planned.key_fields.get("unconditional") == "zeros"
         captioned = sorted(set(captions) - (set() if zeros else {""}))
-        row_of = {"": 0, **{caption: row for row, caption in enumerate(captioned, start=1)}}
-        np.save(partial / "caption_index.npy", np.array([row_of[c] for c in captions], dtype=np.int32))
-        arrays = encode_text(encode, ["", *captioned])
-        for name, array in arrays.items():
-            if zeros:
-                array[0] = 0
-            np.save(partial / f"{name}.npy", array)
-        checked_rows = np.unique(np.linspace(0, len(captioned), CHECKED_ROWS).astype(int)).tolist()
-        checksums = {name: [zlib.crc32(array[row]) for row in checked_rows] for name, array in arrays.items()}
-        logger.info(
-            f"Encoded {len(captioned)} unique captions for {len(captions)} pairs ({captions.count('')} empty)."
-        )
-        n_pairs, n_orientations = planned.needed.shape
-        latent_arrays = (np.float16, (2, *latent_shape)), (np.int32, (2, 6)), (np.uint32, ())
-        for name, (dtype, shape) in zip(LATENT_ARRAYS, latent_arrays):
-            # allocated, not written: the file stays sparse on disk until latents are encoded into it
-            np.lib.format.open_memmap(partial / f"{name}.npy", "w+", dtype, (n_pairs, n_orientations, *shape))
-        np.save(partial / "encoded.npy", np.zeros((n_pairs, n_orientations), dtype=bool))
-        np.save(partial / "undecodable.npy", np.zeros(n_pairs, dtype=bool))
-        info = {
-            **planned.key_fields,
-            "pairs": n_pairs,
-            "caption_arrays": list(arrays),
-            "caption_checksums": checksums,
-            "checked_rows": checked_rows,
-            "unique_captions": len(captioned),
-        }
-        (partial / "cache_info.json").write_text(json.dumps(info, indent=2))
-        os.replace(partial, planned.path)
-
-
-def create_missing_caches(args, family, planned_caches, device, weight_dtype):
-    """Creates the caches of `planned_caches` that do not exist yet; the text encoders load only if one is missing."""
-    new_caches = [planned for planned in planned_caches if not planned.path.exists()]
-    if new_caches:
-        encode = family.load_text_encoder(args, device, weight_dtype)
-        for planned in new_caches:
-            logger.info(f"Creating the latent and text-embedding cache {planned.path}")
-            create_cache(args, planned, encode, image_latent_shape(args, family))
-        del encode
-        free_memory()
+        logger.info(f"Creating the latent and text-embedding cache {planned.path} ({len(captioned)} unique captions)")
+        partial = planned.path.with_name(f".{planned.path.name}.partial-{uuid.uuid4().hex[:8]}")
+        with removed_on_failure(partial):
+            partial.mkdir(parents=True)
+            row_of = {"": 0, **{caption: row for row, caption in enumerate(captioned, start=1)}}
+            np.save(partial / "caption_index.npy", np.array([row_of[c] for c in captions], dtype=np.int32))
+            texts = ["", *captioned]
+            with torch.inference_mode():
+                batches = [encode(texts[start : start + 64]) for start in range(0, len(texts), 64)]
+                arrays = {name: torch.cat([b[name].cpu() for b in batches]).half().numpy() for name in batches[0]}
+            for name, array in arrays.items():
+                if zeros:
+                    array[0] = 0
+                np.save(partial / f"{name}.npy", array)
+            n_pairs, n_orientations = planned.needed.shape
+            latent_shapes = (np.float16, (2, *image_latent_shape(args, family))), (np.int32, (2, 6)), (np.uint32, ())
+            for name, (dtype, shape) in zip(LATENT_ARRAYS, latent_shapes):
+                # allocated, not written: the file stays sparse on disk until latents are encoded into it
+                np.lib.format.open_memmap(partial / f"{name}.npy", "w+", dtype, (n_pairs, n_orientations, *shape))
+            np.save(partial / "encoded.npy", np.zeros((n_pairs, n_orientations), dtype=bool))
+            np.save(partial / "undecodable.npy", np.zeros(n_pairs, dtype=bool))
+            checked_rows = np.unique(np.linspace(0, len(captioned), CHECKED_ROWS).astype(int)).tolist()
+            checksums = {name: [zlib.crc32(array[row]) for row in checked_rows] for name, array in arrays.items()}
+            info = dict(planned.key_fields, pairs=n_pairs, caption_arrays=list(arrays), caption_checksums=checksums)
+            info.update(checked_rows=checked_rows, unique_captions=len(captioned))
+            (partial / "cache_info.json").write_text(json.dumps(info, indent=2))
+            os.replace(partial, planned.path)
+    del encode
+    free_memory()
 
 
 class LatentCache:
-    """The latent storage of one cache, open for encoding: its masks, the latents this process encodes into it
-    (`todo`, (pairs, orientations) bool), and once `open`, the files written. Latents are written with pwrite, not
-    through a memory map: a disk that fills up fails the write with ENOSPC, which is reported in one line, where a
-    memory-mapped write would kill the process with SIGBUS. Masks are saved as encoded<suffix>.npy (see fold_parts).
-    """
+    """A cache open for encoding its `todo` latents with pwrite, not a memory map: a full disk then fails the write
+    with ENOSPC (one line), not the process with SIGBUS. Masks are saved as encoded<suffix>.npy (see fold_parts)."""
 
     def __init__(self, path, needed, suffix=""):
         self.path = path
@@ -327,32 +250,29 @@ class LatentCache:
             chunk = array.dtype.itemsize * math.prod(array.shape[2:])
             self.files[name] = (os.open(self.path / f"{name}.npy", os.O_WRONLY), array.offset, chunk, array.dtype)
 
-    def store(self, index, orientation, **values):
-        n_orientations = self.encoded.shape[1]
-        for name, value in values.items():
+    def store(self, index, orientation, latent, crop):
+        checksum = zlib.crc32(crop.tobytes(), zlib.crc32(latent.tobytes()))
+        for name, value in zip(LATENT_ARRAYS, (latent, crop, checksum)):
             fd, offset, chunk, dtype = self.files[name]
-            data = np.ascontiguousarray(value, dtype=dtype).tobytes()
-            if os.pwrite(fd, data, offset + (index * n_orientations + orientation) * chunk) != len(data):
+            written = np.ascontiguousarray(value, dtype=dtype).tobytes()
+            if os.pwrite(fd, written, offset + (index * self.encoded.shape[1] + orientation) * chunk) != len(written):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a short write: the disk filled up
         self.encoded[index, orientation] = True
 
     def commit(self):
-        """Latents reach the disk before the masks that say they are there."""
-        for fd, *_ in self.files.values():
+        for fd, *_ in self.files.values():  # the latents reach the disk before the masks that say they are there
             os.fsync(fd)
         save_atomically(self.path / f"encoded{self.suffix}.npy", self.encoded)
         save_atomically(self.path / f"undecodable{self.suffix}.npy", self.undecodable)
 
     def close(self):
+        self.commit()
         for fd, *_ in self.files.values():
             os.close(fd)
-        self.files = {}
 
 
 class VaeEncoder:
-    """VAE latents (distribution means), shifted and scaled as the pipeline decodes them, `batch_size` images per
-    forward (--vae_encode_batch_size). On CUDA out-of-memory the batch halves (logged once) and the failed batch is
-    encoded again, down to one image; the smaller size is kept for the rest of the precompute."""
+    """VAE latents as the pipeline decodes them; on CUDA out-of-memory the batch halves, and stays halved."""
 
     def __init__(self, vae, batch_size, device, dtype, memory_format):
         self.vae, self.batch_size = vae, batch_size
@@ -365,8 +285,8 @@ class VaeEncoder:
         while start < len(images):
             chunk = images[start : start + self.batch_size]
             try:
-                pixels = chunk.to(self.device, self.dtype, memory_format=self.memory_format)
-                latents.append(self.vae.encode(pixels).latent_dist.mean)
+                encoded = self.vae.encode(chunk.to(self.device, self.dtype, memory_format=self.memory_format))
+                latents.append(encoded.latent_dist.mean)
                 start += len(chunk)
                 continue
             except torch.cuda.OutOfMemoryError:
@@ -387,40 +307,33 @@ class VaeEncoder:
 
 
 def encode_latents(args, family, planned_caches, device, weight_dtype, part=0, parts=1):
-    """Encodes the latents the PlannedCaches need and lack. With `parts` > 1 the processes of a machine share the
-    work: each streams its own source shards and saves its masks as encoded.part-<part>.npy (see fold_parts).
-    Latents are committed every --precompute_commit_seconds (written out first, then the masks replaced
-    atomically), so an interrupted precompute loses at most that much work and the next run resumes it."""
+    """Encodes the latents the caches lack (this process its `part`), committed every --precompute_commit_seconds."""
     # channels-last convolutions encode 1.4x faster on CPU (measured); on GPUs only with --channels_last
     channels_last = getattr(args, "channels_last", False) or device.type == "cpu"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     caches = [LatentCache(p.path, p.needed, f".part-{part}" if parts > 1 else "") for p in planned_caches]
-    if part == 0:
-        for cache in caches:
-            logger.info(
-                f"Cache {cache.path.name}: {int(cache.encoded.sum())} pair latents present, {int(cache.todo.sum())} "
-                f"to encode{f' by {parts} processes' if parts > 1 else ''}"
-            )
-    # The source is streamed shard by shard, reading only shards with pending pairs; decoding and resizing run in
-    # loader workers (each its own shards), overlapping the VAE.
-    to_decode = [
+    for cache in caches:  # logged by the main process
+        logger.info(
+            f"Cache {cache.path.name}: {int(cache.encoded.sum())} pair latents present, {int(cache.todo.sum())} "
+            f"to encode{f' by {parts} processes' if parts > 1 else ''}"
+        )
+    pending = [
         PairsToDecode(p.source_pairs, np.flatnonzero(c.todo.any(axis=1))) for p, c in zip(planned_caches, caches)
     ]
-    pixels = PairPixels(args, to_decode, part, parts)
+    pixels = PairPixels(args, pending, part, parts)
     if pixels.num_pairs == 0:
         return
     vae_dtype = family.vae_dtype(args, weight_dtype)
     vae = family.load_vae(args, vae_dtype).to(device).eval().requires_grad_(False).to(memory_format=memory_format)
     encoder = VaeEncoder(vae, args.vae_encode_batch_size, device, vae_dtype, memory_format)
-    # without --dataloader_num_workers: up to 4 decoders per process, sharing the machine's cores
-    decoders = args.dataloader_num_workers or max(1, min(4, (os.cpu_count() or 1) // parts))
+    decoders = args.dataloader_num_workers or max(1, min(4, (os.cpu_count() or 1) // parts))  # overlap the VAE
     loader = torch.utils.data.DataLoader(
         pixels, batch_size=max(1, args.vae_encode_batch_size // 2), num_workers=min(len(pixels.tasks), decoders)
     )
     started = last_commit = time.monotonic()
     n_images = 0
-    progress = tqdm(total=pixels.num_pairs, desc="Encoding images", disable=not (part == 0))
-    try:
+    progress = tqdm(total=pixels.num_pairs, desc="Encoding images", disable=part != 0)
+    try:  # interrupted (Ctrl-C, SIGTERM) or failed: what was encoded is kept, and the next run goes on from there
         for cache in caches:
             cache.open()
         for batch in loader:
@@ -428,18 +341,15 @@ def encode_latents(args, family, planned_caches, device, weight_dtype, part=0, p
             group, index, ok = batch["group"].numpy(), batch["index"].numpy(), batch["ok"].numpy()
             for g, i in zip(group[~ok], index[~ok]):
                 caches[g].undecodable[i] = True
-            if not ok.any():
-                continue
-            group, index = group[ok], index[ok]
-            wanted = torch.from_numpy(np.stack([caches[g].todo[i] for g, i in zip(group, index)]))
-            images = batch["pixels"][torch.from_numpy(ok)][wanted]  # (n, 2, 3, H, W): the (pair, orientation)s wanted
-            crops = batch["crops"][torch.from_numpy(ok)][wanted].numpy()
-            latents = encoder(images.flatten(0, 1))
-            latents = latents.view(*images.shape[:2], *latents.shape[1:]).cpu().to(torch.float16).numpy()
-            n_images += 2 * len(latents)
-            for latent, crop, (row, orientation) in zip(latents, crops, zip(*np.nonzero(wanted.numpy()))):
-                checksum = zlib.crc32(crop.tobytes(), zlib.crc32(latent.tobytes()))
-                caches[group[row]].store(index[row], orientation, pair_latents=latent, crops=crop, checksums=checksum)
+            wanted = np.stack([caches[g].todo[i] for g, i in zip(group, index)]) & ok[:, None]
+            if wanted.any():
+                images = batch["pixels"][torch.from_numpy(wanted)]  # (n, 2, 3, H, W): the (pair, orientation)s wanted
+                latents = encoder(images.flatten(0, 1))
+                latents = latents.view(*images.shape[:2], *latents.shape[1:]).cpu().to(torch.float16).numpy()
+                n_images += 2 * len(latents)
+                crops = batch["crops"][torch.from_numpy(wanted)].numpy()
+                for latent, crop, (row, orientation) in zip(latents, crops, np.argwhere(wanted)):
+                    caches[group[row]].store(index[row], orientation, latent, crop)
             if time.monotonic() - last_commit > args.precompute_commit_seconds:
                 for cache in caches:
                     cache.commit()
@@ -447,21 +357,20 @@ def encode_latents(args, family, planned_caches, device, weight_dtype, part=0, p
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
+        free = format_bytes(shutil.disk_usage(data.cache_root(args)).free)
         raise InputError(
-            f"the disk of {cache_root(args)} is full ({format_bytes(shutil.disk_usage(cache_root(args)).free)} free) "
-            "while encoding latents; what was encoded is kept: free some space and run again, or choose another "
-            "folder with --precompute_cache_dir"
+            f"the disk of {data.cache_root(args)} is full ({free} free) while encoding latents; what was encoded is "
+            "kept: free some space and run again, or choose another folder with --precompute_cache_dir"
         ) from None
-    finally:  # interrupted (Ctrl-C, SIGTERM) or failed: what was encoded is kept, and the next run goes on from there
+    finally:
         progress.close()
         for cache in caches:
-            cache.commit()
             cache.close()
     seconds = time.monotonic() - started
+    backed_off = f"; VAE batch {encoder.batch_size} after out-of-memory" if encoder.backed_off else ""
     logger.info(
         f"Process {part} encoded {n_images} images of {len(pixels.tasks)} source shards in {seconds:.1f} s "
-        f"({n_images / seconds:.1f} images/s)"
-        + (f"; VAE batch {encoder.batch_size} after out-of-memory" if encoder.backed_off else ""),
+        f"({n_images / seconds:.1f} images/s){backed_off}",
         main_process_only=False,
     )
     del vae, encoder
@@ -469,15 +378,12 @@ def encode_latents(args, family, planned_caches, device, weight_dtype, part=0, p
 
 
 def fold_parts(cache_path):
-    """Folds the masks that the processes of a machine saved for their parts into encoded.npy / undecodable.npy.
-    A part is saved only after its latents reached the disk, so parts left by a killed run are folded in as well."""
+    """Folds the processes' masks into encoded.npy / undecodable.npy: saved after their latents, a killed run's too."""
     for name in MASK_ARRAYS:
         parts = sorted(cache_path.glob(f"{name}.part-*.npy"))
         if parts:
-            save_atomically(
-                cache_path / f"{name}.npy",
-                np.logical_or.reduce([np.load(cache_path / f"{name}.npy"), *map(np.load, parts)]),
-            )
+            masks = [np.load(cache_path / f"{name}.npy"), *map(np.load, parts)]
+            save_atomically(cache_path / f"{name}.npy", np.logical_or.reduce(masks))
             for part in parts:
                 part.unlink()
 
@@ -489,8 +395,7 @@ def damaged_cache_file(file, reason):
 
 
 def check_cache_files(cache_path):
-    """Opens every array of an existing cache folder and checks that their shapes agree, so that a damaged file (a
-    truncated copy, a disk that filled up) stops the run here, before any encoding or training, in one line."""
+    """Checks every array's shape and some rows' checksums: a damaged file stops the run in one line, early."""
     try:
         info = json.loads((cache_path / "cache_info.json").read_text())
         caption_arrays = info["caption_arrays"]
@@ -506,31 +411,17 @@ def check_cache_files(cache_path):
             raise damaged_cache_file(cache_path / f"{name}.npy", f"{type(error).__name__}: {first_line(error)}")
     if arrays["encoded"].ndim != 2:
         raise damaged_cache_file(cache_path / "encoded.npy", f"shape {arrays['encoded'].shape}")
-    n_pairs, n_orientations = arrays["encoded"].shape
-    n_captions = len(arrays[caption_arrays[0]])
-    leading_dims = {  # what each array's shape must start with
-        "encoded": (n_pairs, n_orientations),
-        "undecodable": (n_pairs,),
-        "caption_index": (n_pairs,),
-        "pair_latents": (n_pairs, n_orientations, 2),
-        "crops": (n_pairs, n_orientations, 2, 6),
-        "checksums": (n_pairs, n_orientations),
-        **{name: (n_captions,) for name in caption_arrays},
-    }
-    for name, array in arrays.items():
+    pair, n_captions = arrays["encoded"].shape, len(arrays[caption_arrays[0]])  # (pairs, orientations)
+    leading_dims = {"encoded": pair, "checksums": pair, "undecodable": pair[:1], "caption_index": pair[:1]}
+    leading_dims.update(pair_latents=(*pair, 2), crops=(*pair, 2, 6), **dict.fromkeys(caption_arrays, (n_captions,)))
+    for name, array in arrays.items():  # each array's shape starts with these
         expected = leading_dims[name.split(".")[0]]
         if array.shape[: len(expected)] != expected:
             raise damaged_cache_file(cache_path / f"{name}.npy", f"shape {array.shape}, expected {expected} first")
     caption_index = np.asarray(arrays["caption_index"])
-    if n_pairs and not 0 <= caption_index.min() <= caption_index.max() < n_captions:
+    if pair[0] and not 0 <= caption_index.min() <= caption_index.max() < n_captions:
         raise damaged_cache_file(cache_path / "caption_index.npy", f"rows outside the {n_captions} embeddings")
-    check_contents(cache_path, arrays, info)
-
-
-def check_contents(cache_path, arrays, info):
-    """Checks the contents of some rows of every array against the checksums written with them: a file overwritten
-    under an intact header (a bad copy, a disk fault) is named here, not blamed on the learning rate later."""
-    for name in info["caption_arrays"]:
+    for name in caption_arrays:
         for row, expected in zip(info["checked_rows"], info["caption_checksums"][name]):
             if zlib.crc32(np.ascontiguousarray(arrays[name][row])) != expected:
                 raise damaged_cache_file(cache_path / f"{name}.npy", f"row {row} differs from its checksum")
@@ -542,48 +433,34 @@ def check_contents(cache_path, arrays, info):
             raise damaged_cache_file(cache_path / "pair_latents.npy", f"pair {index} differs from its checksum")
 
 
-def remove_leftover_partials(args, planned_caches):
-    """Removes what killed runs left under temporary names: cache folders and their mask files are written only
-    under the precompute lock, which this process holds."""
-    leftovers = [p for p in cache_root(args).glob(".*.partial-*") if p.is_dir()]
-    for planned in planned_caches:
-        leftovers += planned.path.glob(".*.partial-*") if planned.path.is_dir() else []
-    for leftover in leftovers:
-        logger.info(f"Removing {leftover}, left by an interrupted run")
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
-
-
 def load_or_precompute(args, family, requests, accelerator, weight_dtype):
-    """The CachedPreferencePairs of each CacheRequest in `requests`, precomputing what their caches lack.
-
-    The local main process of each machine creates missing caches (text embeddings); then every process of the
-    machine encodes its share of the missing latents (its own source shards, on its own GPU). A file lock makes runs
-    that share a cache folder (other machines on a shared disk, other jobs) take turns instead of encoding twice;
-    inside it only the machine's own processes synchronise, so machines never wait for each other under it.
-    """
+    """The CachedPreferencePairs of each CacheRequest, precomputed under a file lock: runs sharing a cache take turns
+    (under it only a machine's own processes synchronise, so machines never wait for each other under it)."""
     planned_caches = [plan_cache(args, family, request, weight_dtype) for request in requests]
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    machine = None
-    if accelerator.num_processes > 1:  # a process group of this machine's processes (every process takes part)
-        machine, _ = torch.distributed.new_subgroups(group_size=per_machine)
-    lock = FileLock(cache_root(args) / ".precompute.lock")
+    # a process group of this machine's processes (every process takes part in creating it)
+    machine = torch.distributed.new_subgroups(per_machine)[0] if accelerator.num_processes > 1 else None
+    root = data.cache_root(args)
+    lock = FileLock(root / ".precompute.lock")
     try:
         with stop_together(machine):  # the machine's processes only: other machines may wait for the lock
             if accelerator.is_local_main_process:
-                cache_root(args).mkdir(parents=True, exist_ok=True)
+                root.mkdir(parents=True, exist_ok=True)
                 try:
                     lock.acquire(timeout=0)
                 except Timeout:  # another run holds it: say why nothing happens, then take turns as always
                     logger.info(
-                        f"Waiting for the cache lock {lock.lock_file}: another run is precomputing into "
-                        f"{cache_root(args)}",
+                        f"Waiting for the cache lock {lock.lock_file}: another run is precomputing into {root}",
                         main_process_only=False,
                     )
                     lock.acquire()
-                remove_leftover_partials(args, planned_caches)
+                # what killed runs left: caches and their masks are written only under the lock this process holds
+                for leftover in [*root.glob(".*.partial-*/"), *root.glob("*/.*.partial-*")]:
+                    logger.info(f"Removing {leftover}, left by an interrupted run")
+                    if leftover.is_dir():
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    else:
+                        leftover.unlink(missing_ok=True)
                 for planned in planned_caches:
                     if planned.path.exists():
                         check_cache_files(planned.path)
@@ -612,8 +489,7 @@ def load_or_precompute(args, family, requests, accelerator, weight_dtype):
 
 
 class CachedPreferencePairs(torch.utils.data.Dataset):
-    """Reads precomputed pairs from the memory-mapped cache; keys are (pair index, orientation, drop caption). The
-    pairs are those with every latent in `needed` encoded (None: any) and both images decodable."""
+    """Pairs (with every latent in `needed` encoded; None: any) read by (pair index, orientation, drop caption)."""
 
     def __init__(self, cache_path, needed=None):
         self.cache_path = Path(cache_path)
@@ -622,35 +498,32 @@ class CachedPreferencePairs(torch.utils.data.Dataset):
         usable = ~np.load(self.cache_path / "undecodable.npy")
         usable &= self.encoded.any(axis=1) if needed is None else (self.encoded | ~needed).all(axis=1)
         self.valid_indices = np.flatnonzero(usable)
-        self.num_pairs, self.num_orientations = self.encoded.shape
-        self._arrays = None  # opened lazily, once per DataLoader worker
+        self.arrays = None  # opened lazily, once per DataLoader worker
 
     def __len__(self):
         return len(self.valid_indices)
 
     def __getitem__(self, key):
-        if self._arrays is None:
+        if self.arrays is None:
             names = ["caption_index", *LATENT_ARRAYS, *self.caption_arrays]
-            self._arrays = {name: np.load(self.cache_path / f"{name}.npy", mmap_mode="r") for name in names}
+            self.arrays = {name: np.load(self.cache_path / f"{name}.npy", mmap_mode="r") for name in names}
         index, orientation, drop_caption = key
         if not self.encoded[index, orientation]:  # never read the zeros of a latent that was not encoded
             raise RuntimeError(f"pair {index} orientation {orientation} is not in the cache {self.cache_path}")
-        caption_row = 0 if drop_caption else int(self._arrays["caption_index"][index])
-        item = {name: np.array(self._arrays[name][index, orientation]) for name in ("pair_latents", "crops")}
-        item.update({name: np.array(self._arrays[name][caption_row]) for name in self.caption_arrays})
+        caption_row = 0 if drop_caption else int(self.arrays["caption_index"][index])
+        item = {name: np.array(self.arrays[name][index, orientation]) for name in ("pair_latents", "crops")}
+        item.update({name: np.array(self.arrays[name][caption_row]) for name in self.caption_arrays})
         return {name: torch.from_numpy(value) for name, value in item.items()}
 
 
+@dataclasses.dataclass
 class PairSampler(torch.utils.data.Sampler):
-    """Shuffles the pairs every epoch and draws each pair's flip and caption dropout from (seed, epoch) alone: with
-    every data-side random choice here (not in workers or global RNG state), a resumed run reads the data in the
-    same order as an uninterrupted one."""
+    """Order, flips and caption dropout from (seed, epoch) alone: a resumed run reads as an uninterrupted one would."""
 
-    def __init__(self, cached, seed, proportion_empty_prompts):
-        self.cached = cached
-        self.seed = seed
-        self.proportion_empty_prompts = proportion_empty_prompts
-        self.epoch = 0
+    cached: "CachedPreferencePairs"
+    seed: int
+    proportion_empty_prompts: float
+    epoch: int = 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -662,10 +535,9 @@ class PairSampler(torch.utils.data.Sampler):
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.cached))
         drop_caption = rng.random(len(order)) < self.proportion_empty_prompts
-        orientations = drawn_orientations(self.cached.num_pairs, self.cached.num_orientations, self.seed, self.epoch)
-        for position, pair in enumerate(order):
-            index = int(self.cached.valid_indices[pair])
-            yield index, int(orientations[index]), bool(drop_caption[position])
+        orientations = drawn_orientations(*self.cached.encoded.shape, self.seed, self.epoch)
+        for pair, drop in zip(self.cached.valid_indices[order].tolist(), drop_caption.tolist()):
+            yield pair, int(orientations[pair]), drop
 
 
 def steps_per_epoch(args, n_pairs, num_processes):
@@ -681,25 +553,21 @@ def planned_epochs(args, n_pairs, num_processes):
 
 
 def precompute_pairs(args, family, accelerator, train_source, held_out_source, weight_dtype):
-    """The cached training pairs and held-out pairs (None without held-out source pairs), precomputed as needed.
-    Pairs with an undecodable image are skipped, which shortens the epochs; when the usable pairs then need more
-    epochs than were planned for, the latents of the extra epochs are encoded too."""
+    """The cached training and held-out pairs; when skipped pairs shorten the epochs, the extra epochs are encoded."""
     held_out_requests = [CacheRequest(held_out_source)] if held_out_source is not None else []
-    epochs = planned_epochs(args, len(train_source), accelerator.num_processes)
-    while True:
+    n_processes, n_pairs, epochs = accelerator.num_processes, len(train_source), 0
+    while planned_epochs(args, n_pairs, n_processes) > epochs:  # at least once
+        epochs = planned_epochs(args, n_pairs, n_processes)
         requests = [CacheRequest(train_source, epochs), *held_out_requests]
         train_pairs, *held_out = load_or_precompute(args, family, requests, accelerator, weight_dtype)
         if len(train_pairs) == 0:
             raise InputError(f"no pair of dataset '{args.dataset_name}' has two decodable images")
-        if planned_epochs(args, len(train_pairs), accelerator.num_processes) <= epochs:
-            break
-        epochs = planned_epochs(args, len(train_pairs), accelerator.num_processes)
-    if len(train_pairs) < args.train_batch_size * accelerator.num_processes:
+        n_pairs = len(train_pairs)
+    if n_pairs < args.train_batch_size * n_processes:
+        processes = f" on {n_processes} processes" if n_processes > 1 else ""
         raise InputError(
-            f"--train_batch_size {args.train_batch_size} needs at least "
-            f"{args.train_batch_size * accelerator.num_processes} usable pairs"
-            f"{f' on {accelerator.num_processes} processes' if accelerator.num_processes > 1 else ''}; "
-            f"the data has {len(train_pairs)}"
+            f"--train_batch_size {args.train_batch_size} needs at least {args.train_batch_size * n_processes} usable "
+            f"pairs{processes}; the data has {n_pairs}"
         )
     return train_pairs, held_out[0] if held_out else None
 

@@ -1,17 +1,12 @@
-"""Preference pairs: the dataset layouts the trainers read, streamed (never downloaded or copied), labels and captions
-read once and kept, images decoded as a viewer shows them; ties, invalid labels and broken images are counted skips.
-
-Names used throughout: source pairs (`PreferencePairs`: rows, captions, which image won) are `source_pairs`,
-`train_source`, `held_out_source`; the pairs read back from their cache (`cache.CachedPreferencePairs`) are
-`train_pairs`, `held_out_pairs`.
-"""
+"""Preference pairs (docs/data.md): the dataset layouts the trainers read, streamed, never copied; labels and captions
+read once and kept; images decoded as a viewer shows them. Ties, invalid labels and broken images are counted skips."""
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import itertools
 import json
-import math
 import os
 import tempfile
 import uuid
@@ -41,12 +36,8 @@ DATASET_ALTERNATIVES = (
     "folder or .parquet file in Pick-a-Pic format (yuvalkirstain/pickapic_v2_no_images holds metadata only and "
     "cannot be trained on)"
 )
-# Precompute streams the source shard by shard, spread over processes and loader workers: a split with fewer files
-# than this is split into its parquet row groups instead (a split of many files is not: that costs a read per file).
-MIN_SOURCE_SHARDS = 64
-# The row layouts the trainer reads: each role's column names, the first one a dataset has wins (--<role>_column
-# names others). Every layout reduces a row to a label (1: the first image won, 0: the second, 0.5: a tie, NaN:
-# invalid) and a caption, so the rest of the trainer never sees the layout.
+MIN_SOURCE_SHARDS = 64  # fewer files, spread over processes and loader workers: their parquet row groups are shards
+# Each role's column names, the first a dataset has wins; a row becomes a label (1: the first image won) and a caption.
 CAPTION, PROMPT = ("caption", "prompt", "txt"), ("prompt", "caption", "txt")
 DATA_LAYOUTS = {
     "pickapic": {"image_0": ("jpg_0",), "image_1": ("jpg_1",), "label": ("label_0",), "caption": CAPTION},
@@ -60,8 +51,7 @@ DATA_LAYOUTS = {
     },
 }
 ROLES = ("image_0", "image_1", "label", "vote_0", "vote_1", "caption")  # each read from --<role>_column if given
-# an image folder: a local folder whose metadata file's rows name image files relative to it
-IMAGE_FOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
+IMAGE_FOLDER_METADATA = ("metadata.jsonl", "metadata.csv")  # its rows name image files relative to the folder
 INVALID_ROWS = {  # what a NaN label means, per layout
     "pickapic": "pairs with labels outside {0, 0.5, 1}",
     "chosen_rejected": "invalid pairs",
@@ -70,9 +60,7 @@ INVALID_ROWS = {  # what a NaN label means, per layout
 
 
 class DataLayout(NamedTuple):
-    """How the rows of a dataset hold a pair: the layout's name, the column each role reads as (column, field), field
-    None for a column itself or a field of a struct column (a webdataset sample's .json file), and for an image folder
-    the folder its image paths are relative to."""
+    """How rows hold a pair: each role's (column, field) (None: the column itself; else a struct's, e.g. a .json's)."""
 
     name: str
     columns: dict
@@ -84,37 +72,26 @@ class DataLayout(NamedTuple):
         return [self.columns["image_0"][0], self.columns["image_1"][0]]
 
     @property
-    def source_columns(self):
-        """The columns the labels and captions pass streams: all but the images."""
-        return sorted({column for role, (column, _) in self.columns.items() if not role.startswith("image")})
-
-    @property
     def cache_fields(self):
         """The layout as the cache keys hold it: two layouts of the same files never share a cache."""
         fields = {"layout": self.name, "columns": {role: list(column) for role, column in self.columns.items()}}
         return {**fields, "min_vote_margin": self.min_vote_margin} if self.name == "votes" else fields
 
     def images(self, row):
-        """The first and second image of a row (a dict of its image columns) as decode_image reads them: an image
-        folder's paths become {"path": file} (ValueError for a path that is missing or leaves the folder)."""
+        """A row's two images for decode_image; an image folder's path missing or leaving it is a ValueError (skip)."""
         values = [row[column] for column in self.image_columns]
-        return values if self.image_folder is None else [image_in_folder(self.image_folder, v) for v in values]
-
-
-def image_in_folder(folder, path):
-    """An image folder's image as a datasets Image dict. Paths are relative to the folder: an absolute path or one
-    with `..` is refused (its pair is skipped), so that a metadata file never reads outside its folder."""
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"no image path ({path!r})")
-    if os.path.isabs(path) or ".." in Path(path.replace("\\", "/")).parts:
-        raise ValueError(f"image path '{path}' leaves the dataset folder")
-    return {"path": os.path.join(folder, path), "bytes": None}
+        if self.image_folder is None:
+            return values
+        for path in values:
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"no image path ({path!r})")
+            if os.path.isabs(path) or ".." in Path(path.replace("\\", "/")).parts:
+                raise ValueError(f"image path '{path}' leaves the dataset folder")
+        return [{"path": os.path.join(self.image_folder, path), "bytes": None} for path in values]
 
 
 def image_folder_metadata(name):
     """The metadata file of an image folder dataset, or None when `name` is not one."""
-    if not os.path.isdir(name):
-        return None
     found = [file for file in IMAGE_FOLDER_METADATA if os.path.isfile(os.path.join(name, file))]
     if len(found) > 1:
         raise InputError(f"image folder '{name}' holds both {' and '.join(found)}; keep one")
@@ -122,28 +99,22 @@ def image_folder_metadata(name):
 
 
 def image_folder_fingerprint(folder):
-    """[files, hash of their names, sizes and modification times] of an image folder: its images are not in the
-    data files that identify other datasets, and a replaced image must not reuse a cached latent."""
+    """[files, hash of their names, sizes and modification times]: a replaced image must not reuse a cached latent."""
     digest, n_files = hashlib.sha256(), 0
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         for file in sorted(files):
             with contextlib.suppress(OSError):  # vanished or unreadable: its pair is skipped when read
-                stat = os.stat(os.path.join(root, file))
-                digest.update(f"{os.path.relpath(os.path.join(root, file), folder)}\0{stat.st_size}\0".encode())
-                digest.update(f"{stat.st_mtime_ns}\n".encode())
+                path = os.path.join(root, file)
+                stat = os.stat(path)
+                digest.update(f"{os.path.relpath(path, folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
                 n_files += 1
     return [n_files, digest.hexdigest()[:16]]
 
 
 def readable_columns(stream):
-    """Every name a layout's role can read in `stream`, {name: (column, field)}: a column answers to its name, and
-    without its extension (a webdataset names columns after its sample files' extensions: 000001.jpg_0.jpg is
-    column "jpg_0.jpg", read as jpg_0); a field of a struct column (a webdataset sample's .json) to its name and to
-    "column.field"."""
-    features = stream.features
-    if features is None:  # csv and other sources that do not state their features: the first row's values
-        features = {name: value for name, value in next(iter(stream), {}).items()}
+    """({name a role can read: (column, field)}, columns): webdataset names without extension and struct fields too."""
+    features = stream.features or dict(next(iter(stream), {}))  # not stated (csv...): the first row's values
     names = {column: (column, None) for column in features}
     for column, feature in features.items():
         if isinstance(feature, dict) and set(feature) != {"bytes", "path"}:  # a struct, not an image
@@ -155,37 +126,23 @@ def readable_columns(stream):
     return names, list(features)
 
 
-def layout_summary():
-    return "; ".join(
-        f"{name} ({', '.join(' or '.join(names) for names in roles.values())})" for name, roles in DATA_LAYOUTS.items()
-    )
-
-
 def data_layout(args, stream):
-    """The layout of `stream`'s rows: --data_layout's, or (auto) the one layout whose columns the dataset has.
-    Stops in one line naming the dataset's columns when no layout, or more than one, fits."""
+    """The layout of `stream`'s rows: --data_layout's, or (auto) the one layout whose columns the dataset has."""
     readable, present = readable_columns(stream)
     named = {role: getattr(args, f"{role}_column") for role in ROLES if getattr(args, f"{role}_column") is not None}
-    candidates = list(DATA_LAYOUTS) if args.data_layout == "auto" else [args.data_layout]
     fits, partial = {}, {}
-    for name in candidates:
-        roles = DATA_LAYOUTS[name]
-        unread = [f"--{role}_column" for role in named if role not in roles]
+    for name in DATA_LAYOUTS if args.data_layout == "auto" else [args.data_layout]:
+        unread = [f"--{role}_column" for role in named if role not in DATA_LAYOUTS[name]]
         if unread and args.data_layout != "auto":
             raise InputError(f"the {name} layout does not read {' and '.join(unread)}")
         if unread:  # a column flag this layout has no use for: the user means another layout
             continue
-        columns, lacking = {}, []
-        for role, defaults in roles.items():
-            wanted = [named[role]] if role in named else defaults
-            found = next((readable[column] for column in wanted if column in readable), None)
-            if found is None:
-                lacking.append(" or ".join(wanted))
-            else:
-                columns[role] = found
+        wanted = {role: [named[role]] if role in named else names for role, names in DATA_LAYOUTS[name].items()}
+        columns = {role: next((readable[c] for c in names if c in readable), None) for role, names in wanted.items()}
+        lacking = [" or ".join(wanted[role]) for role, column in columns.items() if column is None]
         if not lacking:
             fits[name] = columns
-        elif "image_0" in columns or "image_1" in columns or args.data_layout != "auto":
+        elif columns["image_0"] or columns["image_1"] or args.data_layout != "auto":
             partial[name] = lacking
     flags = "/".join(f"--{role}_column" for role in ROLES)
     if not fits and partial:
@@ -195,9 +152,12 @@ def data_layout(args, stream):
             f"yours with {flags}"
         )
     if not fits:
+        accepted = "; ".join(
+            f"{name} ({', '.join(map(' or '.join, roles.values()))})" for name, roles in DATA_LAYOUTS.items()
+        )
         raise InputError(
-            f"dataset '{args.dataset_name}' fits no layout (it has columns {present}); layouts accepted: "
-            f"{layout_summary()}; name your columns with {flags}, or choose a layout with --data_layout"
+            f"dataset '{args.dataset_name}' fits no layout (it has columns {present}); layouts accepted: {accepted}; "
+            f"name your columns with {flags}, or choose a layout with --data_layout"
         )
     if len(fits) > 1:
         raise InputError(
@@ -207,15 +167,12 @@ def data_layout(args, stream):
     ((name, columns),) = fits.items()
     if any(columns[role][1] is not None for role in ("image_0", "image_1")):
         raise InputError(f"dataset '{args.dataset_name}': the images must be columns, not fields of {columns}")
-    metadata = image_folder_metadata(args.dataset_name)
-    folder = os.path.abspath(args.dataset_name) if metadata else None
+    folder = os.path.abspath(args.dataset_name) if image_folder_metadata(args.dataset_name) else None
     return DataLayout(name, columns, folder, args.min_vote_margin)
 
 
 def stream_split(args, split, columns=None):
-    """`split` of --dataset_name as a datasets stream (nothing is downloaded up front; rows are read as they are
-    iterated), and what identifies its data. With `columns`, parquet sources (Pick-a-Pic's among them) read only
-    those columns' bytes: the captions and labels of 851k pairs without a JPEG."""
+    """`split` as a datasets stream and what identifies its data; with `columns`, parquet reads only their bytes."""
     name = args.dataset_name
     metadata = image_folder_metadata(name)
     if (os.path.isfile(name) or metadata) and split != args.dataset_split_name:
@@ -224,9 +181,8 @@ def stream_split(args, split, columns=None):
             "pairs out of it with --num_validation_pairs instead"
         )
     if metadata:  # an image folder: its metadata file is the split; images are read from their paths
-        if len(Path(metadata).read_text(errors="replace").strip().splitlines()) < (
-            2 if metadata.endswith("csv") else 1
-        ):
+        lines = Path(metadata).read_text(errors="replace").strip().splitlines()
+        if len(lines) < (2 if metadata.endswith("csv") else 1):
             raise InputError(f"image folder '{name}': {Path(metadata).name} names no image pairs")
         location = dict(path="json" if metadata.endswith(".jsonl") else "csv", data_files={split: metadata})
     elif os.path.isfile(name):
@@ -246,19 +202,12 @@ def stream_split(args, split, columns=None):
         raise InputError(
             f"cannot load dataset '{name}' split '{split}': {first_line(error).rstrip('.')}{note}"
         ) from None
+    identity = {"dataset": os.path.abspath(name) if os.path.exists(name) else name, "config": builder.config.name}
+    identity.update(split=split, shards=stream.num_shards)
     data_files = (getattr(builder.config, "data_files", None) or {}).get(split)
-    identity = {
-        "dataset": os.path.abspath(name) if os.path.exists(name) else name,
-        "config": builder.config.name,
-        "split": split,
-        "shards": stream.num_shards,
-    }
     if data_files is not None:  # Hub files are pinned to a commit, local ones carry their modification time
-        identity.update(
-            files=list(data_files),
-            origin=[list(origin) for origin in data_files.origin_metadata],
-            contents=[local_file_fingerprint(file) for file in data_files],
-        )
+        identity.update(files=list(data_files), origin=[list(origin) for origin in data_files.origin_metadata])
+        identity.update(contents=[local_file_fingerprint(file) for file in data_files])
     if columns is not None:
         stream = stream.select_columns(columns)
         for column in columns:  # images as raw bytes even in an Image column, so a broken file is a counted skip
@@ -268,16 +217,11 @@ def stream_split(args, split, columns=None):
 
 
 def local_file_fingerprint(file, tail_bytes=65536):
-    """[size, hash of the last bytes] of a local file (None for a remote one): a file rewritten with other rows keeps
-    its modification time when it is restored by a copy or sync, or rewritten within the clock's resolution, but
-    not its footer (a parquet file's footer holds its row groups' offsets and statistics). Cheap for any size."""
-    if not os.path.isfile(file):
-        return None
-    with contextlib.suppress(OSError), open(file, "rb") as handle:  # an unreadable file is skipped when read
+    """[size, hash of the tail] of a local file: a rewritten one may keep its modification time, not its footer."""
+    with contextlib.suppress(OSError), open(file, "rb") as handle:  # None: remote, or unreadable (skipped when read)
         size = handle.seek(0, os.SEEK_END)
         handle.seek(max(0, size - tail_bytes))
         return [size, hashlib.sha256(handle.read()).hexdigest()[:16]]
-    return None
 
 
 def source_file(identity, shard):
@@ -286,38 +230,21 @@ def source_file(identity, shard):
 
 
 def cache_root(args):
-    return Path(
-        args.precompute_cache_dir or os.path.join(args.cache_dir or datasets.config.HF_DATASETS_CACHE, "diffusion_dpo")
-    )
-
-
-def check_cache_root_writable(args):
-    """Stops in one line when the cache folder cannot be created or written to (a path under a file, a read-only
-    mount, no permission), before any data is read or model loaded."""
-    root = cache_root(args)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=root):
-            pass
-    except OSError as error:
-        raise InputError(
-            f"cannot write to the cache folder {root} ({error.strerror or error}); choose a writable one with "
-            "--precompute_cache_dir"
-        ) from None
+    default = os.path.join(args.cache_dir or datasets.config.HF_DATASETS_CACHE, "diffusion_dpo")
+    return Path(args.precompute_cache_dir or default)
 
 
 def parse_label(value):
     try:
         return float(value)
     except (TypeError, ValueError):
-        return math.nan  # an invalid label: counted and dropped
+        return np.nan  # an invalid label: counted and dropped
 
 
 def layout_column(batch, column):
     """The values of a layout's (column, field) in an arrow batch."""
     name, field = column
-    values = batch.column(name)
-    return values if field is None else pc.struct_field(values, field)
+    return batch.column(name) if field is None else pc.struct_field(batch.column(name), field)
 
 
 def numbers(values):
@@ -328,26 +255,17 @@ def numbers(values):
         return pa.array([parse_label(value) for value in values.to_pylist()], pa.float64())
 
 
-def vote_labels(votes_0, votes_1, min_margin):
-    """Labels from vote counts: 1 or 0 for the image with at least `min_margin` more votes, 0.5 (a tie) for closer
-    pairs, NaN (invalid) where a count is missing, not a number, infinite or negative."""
-    votes_0, votes_1 = (votes.to_numpy(zero_copy_only=False).astype(np.float64) for votes in (votes_0, votes_1))
-    margin = votes_0 - votes_1
-    labels = np.where(margin >= min_margin, 1.0, np.where(margin <= -min_margin, 0.0, 0.5))
-    valid = np.isfinite(votes_0) & np.isfinite(votes_1) & (votes_0 >= 0) & (votes_1 >= 0)
-    return pa.array(np.where(valid, labels, np.nan), pa.float64())
-
-
 def parse_labels_and_captions(batch, layout):
-    """A batch's labels as float64 and captions as strings, row by row, as `layout` reads them (see DATA_LAYOUTS): a
-    label that is not a number (e.g. "left") becomes NaN, an invalid label; a missing caption (null, or a float NaN
-    as pandas writes one) becomes null, which is trained as the empty caption."""
+    """A batch's labels and captions (null, or a float NaN as pandas writes one: no caption) as `layout` reads them."""
     captions = layout_column(batch, layout.columns["caption"])
     if layout.name == "pickapic":
         labels = numbers(layout_column(batch, layout.columns["label"]))
-    elif layout.name == "votes":
-        votes = [numbers(layout_column(batch, layout.columns[role])) for role in ("vote_0", "vote_1")]
-        labels = vote_labels(*votes, layout.min_vote_margin)
+    elif layout.name == "votes":  # 1 or 0 for at least --min_vote_margin more votes, closer a tie, bad counts NaN
+        votes_0, votes_1 = (np.asarray(numbers(layout_column(batch, layout.columns[r]))) for r in ("vote_0", "vote_1"))
+        margin, min_margin = votes_0 - votes_1, layout.min_vote_margin
+        labels = np.where(margin >= min_margin, 1.0, np.where(margin <= -min_margin, 0.0, 0.5))
+        valid = np.isfinite(votes_0) & np.isfinite(votes_1) & (votes_0 >= 0) & (votes_1 >= 0)
+        labels = pa.array(np.where(valid, labels, np.nan), pa.float64())
     else:  # chosen_rejected: the first image, the chosen one, won
         labels = pa.array(np.ones(len(batch)), pa.float64())
     if pa.types.is_floating(captions.type):  # not "nan"
@@ -355,27 +273,8 @@ def parse_labels_and_captions(batch, layout):
     return pa.table({"label": labels, "caption": captions.cast(pa.string())})
 
 
-def read_labels_and_captions(path):
-    """The labels and captions cache at `path`, or None when there is none or it is damaged (a truncated copy, a full
-    disk): it is then read from the data again, and replaced."""
-    if not path.exists():
-        return None
-    try:
-        table = pq.read_table(path)
-        json.loads(table.schema.metadata[b"shard_starts"])
-        return table
-    except Exception as error:  # pyarrow raises several types for a damaged file
-        logger.warning(
-            f"The labels and captions cache {path} is damaged ({type(error).__name__}); reading them again.",
-            main_process_only=False,
-        )
-        return None
-
-
 def shard_batches(stream, shard, batch_size, name):
-    """The batches of one source shard, `name`d in messages. A file broken partway (a truncated tar or parquet file)
-    keeps its intact rows: after a failed batch the shard is read again row by row, up to the first row that fails,
-    and what is lost is logged; a broken file costs its broken rows, not the run."""
+    """The batches of one source shard; a file broken partway (truncated) keeps its rows up to the first that fails."""
     shard_stream, read = stream.shard(stream.num_shards, shard, contiguous=True), 0
     try:
         for batch in shard_stream.iter(batch_size):
@@ -384,99 +283,45 @@ def shard_batches(stream, shard, batch_size, name):
         return
     except Exception as error:  # datasets and its readers raise many types; all mean "cannot read on"
         failure = error
-    rows = shard_stream.iter(1)
-    for row in itertools.count():
-        try:
-            batch = next(rows)
-        except StopIteration:
-            break
-        except Exception as error:
-            failure = error
-            break
-        if row >= read:
-            yield batch
+    row = 0
+    try:
+        for batch in shard_stream.iter(1):
+            if row >= read:
+                yield batch
+            row += 1
+    except Exception as error:
+        failure = error
     logger.warning(
         f"Skipping what follows row {row} of {name}: unreadable ({type(failure).__name__}: {first_line(failure)})",
         main_process_only=False,
     )
 
 
-def labels_and_captions(args, split, identity, num_shards, layout):
-    """Every row's label and caption, read shard by shard (so each shard's first row is known), and kept beside the
-    latent caches: a later run, or another process of this one, starts without reading the data again."""
-    key_fields = [identity, layout.cache_fields]
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
-    path = cache_root(args) / f"pairs-{key}.parquet"
-    table = read_labels_and_captions(path)
-    if table is None:
-        stream, _ = stream_split(args, split, layout.source_columns)
-        schema = pa.schema([("label", pa.float64()), ("caption", pa.string())])
-
-        def read_shard(shard):
-            batches = shard_batches(stream.with_format("arrow"), shard, 10_000, source_file(identity, shard))
-            return pa.concat_tables(
-                [schema.empty_table()] + [parse_labels_and_captions(b, layout).cast(schema) for b in batches]
-            )
-
-        with ThreadPoolExecutor(max_workers=8) as pool:  # the shards' reads overlap (remote files: round trips)
-            shards = list(
-                tqdm(
-                    pool.map(read_shard, range(num_shards)),
-                    total=num_shards,
-                    desc="Reading labels and captions",
-                    disable=num_shards < 2,
-                )
-            )
-        shard_starts = np.cumsum([0] + [len(shard) for shard in shards]).tolist()
-        table = pa.concat_tables([schema.empty_table()] + shards).replace_schema_metadata(
-            {"shard_starts": json.dumps(shard_starts)}
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with removed_on_failure(path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")) as partial:
-            pq.write_table(table, partial)
-            os.replace(partial, path)
-    shard_starts = np.asarray(json.loads(table.schema.metadata[b"shard_starts"]), dtype=np.int64)
-    return table.column("label").to_numpy(zero_copy_only=False), table.column("caption").to_pylist(), shard_starts
-
-
+@dataclasses.dataclass(eq=False)
 class PreferencePairs:
-    """The decided pairs of one split, or a subset of them: each pair's row in the split, caption and which image
-    won, from one pass over the label and caption columns. Images stay in the source until precompute streams them.
+    """The decided pairs of a split, or a subset: their rows, captions and winners (images stay in the source)."""
 
-    Names used throughout: these source pairs are `source_pairs` (`train_source`, `held_out_source`); the pairs
-    read back from their cache, CachedPreferencePairs, are `cached` (`train_pairs`, `held_out_pairs`).
-    """
-
-    def __init__(self, identity, rows, captions, second_is_winner, shard_starts, layout):
-        self.identity = identity  # what identifies the split's data (see stream_split)
-        self.rows = rows
-        self.captions = captions
-        self.second_is_winner = second_is_winner  # label 0: the second image won (pairs are stored winner first)
-        self.shard_starts = shard_starts  # the first row of each source shard (file), then the number of rows
-        self.layout = layout  # which columns hold the images (DataLayout)
+    identity: dict  # what identifies the split's data (see stream_split)
+    rows: np.ndarray
+    captions: list
+    second_is_winner: np.ndarray  # label 0: the second image won (pairs are stored winner first)
+    shard_starts: np.ndarray  # the first row of each source shard (file), then the number of rows
+    layout: DataLayout
 
     def __len__(self):
         return len(self.rows)
 
     def subset(self, positions):
         positions = np.asarray(positions, dtype=np.int64)
-        return PreferencePairs(
-            self.identity,
-            self.rows[positions],
-            [self.captions[i] for i in positions],
-            self.second_is_winner[positions],
-            self.shard_starts,
-            self.layout,
-        )
+        winners, captions = self.second_is_winner[positions], [self.captions[i] for i in positions]
+        return dataclasses.replace(self, rows=self.rows[positions], captions=captions, second_is_winner=winners)
 
     def sample(self, n, seed):
-        """Positions of n pairs drawn at random from as few source shards as hold them (shards in a seeded random
-        order): a subset of a large dataset then streams a fraction of its files, not all of them."""
+        """Positions of n random pairs from as few source shards as hold them: a subset streams a part of the files."""
         rng = np.random.default_rng(seed)
         shard_rank = np.argsort(rng.permutation(len(self.shard_starts) - 1))
         shard_of_pair = np.searchsorted(self.shard_starts, self.rows, side="right") - 1
-        order = np.lexsort((rng.random(len(self)), shard_rank[shard_of_pair]))
-        return np.sort(order[:n])
+        return np.sort(np.lexsort((rng.random(len(self)), shard_rank[shard_of_pair]))[:n])
 
     @property
     def fingerprint(self):
@@ -486,33 +331,57 @@ class PreferencePairs:
 
 
 def load_preference_pairs(args, split):
-    """The decided pairs of one split: ties and invalid labels dropped, images not read yet."""
+    """The decided pairs of one split, images not read yet: every row's label and caption is read once (shard by
+    shard, so each shard's first row is known) and kept, ties and invalid labels dropped and counted."""
     stream, identity = stream_split(args, split)
     layout = data_layout(args, stream)
     if layout.image_folder is not None:
         identity["images"] = image_folder_fingerprint(layout.image_folder)
-    labels, captions, shard_starts = labels_and_captions(args, split, identity, stream.num_shards, layout)
-    is_tie = labels == 0.5
-    is_decided = (labels == 0.0) | (labels == 1.0)
-    n_invalid = int((~is_tie & ~is_decided).sum())
-    logger.info(
-        f"Split '{split}' ({layout.name} layout): dropped {int(is_tie.sum())} tied pairs and {n_invalid} "
-        f"{INVALID_ROWS[layout.name]}."
-    )
-    rows = np.flatnonzero(is_decided)
+    key = hashlib.sha256(json.dumps([identity, layout.cache_fields], sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_root(args) / f"pairs-{key}.parquet"
+    shard_starts = None
+    if path.exists():
+        try:
+            table = pq.read_table(path)
+            shard_starts = json.loads(table.schema.metadata[b"shard_starts"])
+        except Exception as error:  # pyarrow raises several types for a damaged file (a truncated copy, a full disk)
+            logger.warning(
+                f"The labels and captions cache {path} is damaged ({type(error).__name__}); reading them again.",
+                main_process_only=False,
+            )
+    if shard_starts is None:
+        columns = sorted({column for role, (column, _) in layout.columns.items() if not role.startswith("image")})
+        labels_stream = stream_split(args, split, columns)[0].with_format("arrow")
+        schema = pa.schema([("label", pa.float64()), ("caption", pa.string())])
+        n_shards = stream.num_shards
+
+        def read_shard(shard):
+            batches = shard_batches(labels_stream, shard, 10_000, source_file(identity, shard))
+            return pa.concat_tables([schema.empty_table(), *(parse_labels_and_captions(b, layout) for b in batches)])
+
+        with ThreadPoolExecutor(max_workers=8) as pool:  # the shards' reads overlap (remote files: round trips)
+            shards = pool.map(read_shard, range(n_shards))
+            shards = list(tqdm(shards, "Reading labels and captions", n_shards, disable=n_shards < 2))
+        shard_starts = np.cumsum([0] + [len(shard) for shard in shards]).tolist()
+        table = pa.concat_tables([schema.empty_table(), *shards])
+        table = table.replace_schema_metadata({"shard_starts": json.dumps(shard_starts)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with removed_on_failure(path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")) as partial:
+            pq.write_table(table, partial)
+            os.replace(partial, path)
+    labels, captions = table.column("label").to_numpy(zero_copy_only=False), table.column("caption").to_pylist()
+    n_ties, rows = int((labels == 0.5).sum()), np.flatnonzero((labels == 0.0) | (labels == 1.0))
+    n_invalid = len(labels) - n_ties - len(rows)
+    dropped = f"{n_ties} tied pairs and {n_invalid} {INVALID_ROWS[layout.name]}"
+    logger.info(f"Split '{split}' ({layout.name} layout): dropped {dropped}.")
     if len(rows) == 0:
         raise InputError(
             f"dataset '{args.dataset_name}' split '{split}' has no preference pairs left after dropping "
-            f"{int(is_tie.sum())} ties and {n_invalid} invalid labels"
+            f"{n_ties} ties and {n_invalid} invalid labels"
         )
-    return PreferencePairs(
-        identity,
-        rows,
-        ["" if captions[r] is None else captions[r] for r in rows],
-        labels[rows] == 0.0,
-        shard_starts,
-        layout,
-    )
+    captions = ["" if captions[row] is None else captions[row] for row in rows]
+    shard_starts = np.asarray(shard_starts, dtype=np.int64)
+    return PreferencePairs(identity, rows, captions, labels[rows] == 0.0, shard_starts, layout)
 
 
 class PreferenceRow(NamedTuple):
@@ -526,89 +395,79 @@ class PreferenceRow(NamedTuple):
 
 
 def read_preference_rows(args, split=None):
-    """Every row of `split` (default --dataset_split_name) of --dataset_name as the trainer reads it, in any layout,
-    streamed in order and nothing written: PreferenceRow(row, caption, image_0, image_1, label). Images are raw
-    (encoded bytes, or a datasets Image dict {"bytes", "path"}, an image folder's files as {"path": file}): pass
-    them to decode_image. `args`: the trainer's parse_args(...) result, of which the data flags are read."""
+    """Every row of `split` as a trainer (`args`: its parse_args result) reads it, images raw, for decode_image."""
     split = split or args.dataset_split_name
     layout = data_layout(args, stream_split(args, split)[0])
     stream, _ = stream_split(args, split, sorted({column for column, _ in layout.columns.values()}))
-    row = 0
+    rows = itertools.count()
     for batch in stream.with_format("arrow").iter(64):
         parsed = parse_labels_and_captions(batch, layout)
         images = [batch.column(column).to_pylist() for column in layout.image_columns]
-        for caption, label, *pair in zip(
-            parsed.column("caption").to_pylist(), parsed.column("label").to_pylist(), *images
-        ):
+        for caption, label, *pair in zip(parsed["caption"].to_pylist(), parsed["label"].to_pylist(), *images):
             try:
                 pair = layout.images(dict(zip(layout.image_columns, pair)))
             except ValueError:  # an image folder's row whose path is missing or leaves the folder
                 pair = [None, None]
-            yield PreferenceRow(row, caption, *pair, label)
-            row += 1
+            yield PreferenceRow(next(rows), caption, *pair, label)
 
 
 def training_and_validation_pairs(args, accelerator):
-    """The training pairs and the held-out pairs (None without --validation_split_name or --num_validation_pairs),
-    from their own split or set aside from the training split. The machine's main process reads the labels and
-    captions first (and keeps them); its other processes then read what it kept."""
+    """The training and held-out source pairs (None: none), the labels and captions read first by the main process."""
+    root = cache_root(args)
+    try:  # a path under a file, a read-only mount, no permission: one line before any data is read or model loaded
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as error:
+        raise InputError(
+            f"cannot write to the cache folder {root} ({error.strerror or error}); choose a writable one with "
+            "--precompute_cache_dir"
+        ) from None
     with accelerator.local_main_process_first():
-        return split_pairs(args)
-
-
-def split_pairs(args):
-    check_cache_root_writable(args)
-    train_source = load_preference_pairs(args, args.dataset_split_name)
-    held_out_source = None
-    if args.validation_split_name is not None:
-        held_out_source = load_preference_pairs(args, args.validation_split_name)
-        if args.num_validation_pairs:
-            held_out_source = held_out_source.subset(held_out_source.sample(args.num_validation_pairs, args.seed))
-    elif args.num_validation_pairs:
-        if args.num_validation_pairs >= len(train_source):
-            raise InputError(
-                f"--num_validation_pairs {args.num_validation_pairs} leaves no training pairs "
-                f"(the split has {len(train_source)})"
-            )
-        held_out = train_source.sample(args.num_validation_pairs, args.seed)
-        held_out_source = train_source.subset(held_out)
-        train_source = train_source.subset(np.setdiff1d(np.arange(len(train_source)), held_out))
+        train_source = load_preference_pairs(args, args.dataset_split_name)
+        held_out_source = None
+        if args.validation_split_name is not None:
+            held_out_source = load_preference_pairs(args, args.validation_split_name)
+            if args.num_validation_pairs:
+                held_out_source = held_out_source.subset(held_out_source.sample(args.num_validation_pairs, args.seed))
+        elif args.num_validation_pairs:
+            if args.num_validation_pairs >= len(train_source):
+                raise InputError(
+                    f"--num_validation_pairs {args.num_validation_pairs} leaves no training pairs "
+                    f"(the split has {len(train_source)})"
+                )
+            held_out = train_source.sample(args.num_validation_pairs, args.seed)
+            held_out_source = train_source.subset(held_out)
+            train_source = train_source.subset(np.setdiff1d(np.arange(len(train_source)), held_out))
     if args.max_train_samples is not None:
         train_source = train_source.subset(train_source.sample(args.max_train_samples, args.seed))
-    logger.info(
-        f"Training on {len(train_source)} preference pairs"
-        + (f", validating on {len(held_out_source)} held-out pairs." if held_out_source is not None else ".")
-    )
+    held_out = f", validating on {len(held_out_source)} held-out pairs" if held_out_source is not None else ""
+    logger.info(f"Training on {len(train_source)} preference pairs{held_out}.")
     return train_source, held_out_source
 
 
 def decode_image(value):
-    """Raw bytes, a datasets Image dict, or a PIL image -> RGB PIL image as an image viewer shows it (raises on
-    undecodable data): turned as its EXIF orientation says, the first frame of an animation, 16-bit and float images
-    scaled to 8 bit (float images in [0, 1] taken as 0..1, others as 0..255), transparency composited on white."""
+    """Raw bytes, a datasets Image dict or a PIL image as an image viewer shows it, in RGB (raises if undecodable)."""
     if isinstance(value, dict):
         value = value["bytes"] if value.get("bytes") is not None else Path(value["path"]).read_bytes()
     image = value if isinstance(value, Image.Image) else Image.open(io.BytesIO(value))
-    image.seek(0)
+    image.seek(0)  # an animation's first frame
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # convert("RGB") would clip these, not scale them
+    # 16-bit and float images scaled to 8 bit (float ones in [0, 1] as 0..1), which convert("RGB") would clip
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
         if image.mode == "F":
             scale = 255.0 if pixels.max() <= 1.0 else 1.0
-        elif image.mode == "I" and pixels.max() <= 255:
-            scale = 1.0
         else:
-            scale = 255.0 / 65535.0
+            scale = 1.0 if image.mode == "I" and pixels.max() <= 255 else 255.0 / 65535.0
         image = Image.fromarray(np.clip(np.round(pixels * scale), 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:  # composited on white
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert("RGB")  # also forces the full decode, so truncated files fail here
 
 
 def resize_and_crop(image, resolution, crop_rng):
-    """Resizes the short side to `resolution` and crops a square (centred, or where crop_rng says). Returns the crop
-    and where it was taken, (top, left, width of the resized image), which SDXL is conditioned on."""
+    """A square crop (centred, or where crop_rng says) of the image resized, and (top, left, resized width)."""
     scale = resolution / min(image.size)
     width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
     image = image.resize((width, height), Image.BILINEAR)
