@@ -19,6 +19,7 @@ sweep_results.json with the same command is not run again.
 
 import argparse
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -70,6 +71,7 @@ def parse_args(input_args=None):
 
 def demo_flags(output_dir):
     """The trainer flags of examples/alignment_demo.py's runs, on its dataset (written under output_dir once)."""
+    import quiet_notices  # noqa: F401  (before tiny_assets' libraries: their notices mean nothing here)
     import tiny_assets
 
     data = Path(output_dir) / "pairs-512"
@@ -170,18 +172,25 @@ def main(args):
     for number, (beta, learning_rate) in enumerate(grid, start=1):
         name, command = run_command(args, beta, learning_rate, trainer_flags)
         reused = earlier.get(name, {}).get("command") == command
+        print(f"[{number}/{len(grid)}] beta {beta:g}, learning rate {learning_rate:g}: ", end="", flush=True)
+        if not reused:
+            print(f"training {args.max_train_steps} steps (output: {output_dir / name}.log)", flush=True)
         result = earlier[name] if reused else run_setting(args, beta, learning_rate, name, command)
         results.append(result)
-        results_path.write_text(json.dumps(results, indent=2))
+        earlier[name] = result
+        results_path.write_text(json.dumps(list(earlier.values()), indent=2))
+        took = "from an earlier sweep" if reused else f"{result['seconds']} s"
+        metrics = result["metrics"]
+        accuracy, ratio = metrics.get("eval/implicit_acc", math.nan), metrics.get("eval/winner_ratio", math.nan)
         print(
-            f"[{number}/{len(grid)}] beta {beta:g}, learning rate {learning_rate:g}: {result['health']} "
-            f"({'from an earlier sweep' if reused else str(result['seconds']) + ' s'}; {output_dir / name}.log)",
+            f"{'' if reused else '  '}{result['health']}; at step {result['steps']}: held-out accuracy "
+            f"{accuracy:.3f}, winner ratio {ratio:.3f} ({took})",
             flush=True,
         )
     print("\n" + table(results) + "\n")
     best = best_healthy(results)
     if best is None:
-        print("No healthy setting: every run collapsed or failed; try larger betas or smaller learning rates.")
+        print("No healthy setting: every run collapsed; try larger betas or smaller learning rates.")
     else:
         metrics = best["metrics"]
         print(
