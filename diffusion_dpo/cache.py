@@ -317,10 +317,8 @@ def encode_latents(args, family, planned_caches, device, weight_dtype, part=0, p
             f"Cache {cache.path.name}: {int(cache.encoded.sum())} pair latents present, {int(cache.todo.sum())} "
             f"to encode{f' by {parts} processes' if parts > 1 else ''}"
         )
-    pending = [
-        PairsToDecode(p.source_pairs, np.flatnonzero(c.todo.any(axis=1))) for p, c in zip(planned_caches, caches)
-    ]
-    pixels = PairPixels(args, pending, part, parts)
+    todo = [PairsToDecode(p.source_pairs, np.flatnonzero(c.todo.any(axis=1))) for p, c in zip(planned_caches, caches)]
+    pixels = PairPixels(args, todo, part, parts)
     if pixels.num_pairs == 0:
         return
     vae_dtype = family.vae_dtype(args, weight_dtype)
