@@ -9,7 +9,6 @@ shares (data, cache, loss, checkpoints, outputs) is in diffusion_dpo/, one modul
     accelerate launch train_diffusion_dpo.py --beta_dpo 2000
 """
 
-import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import (
     convert_all_state_dict_to_peft,
@@ -24,6 +23,7 @@ from diffusion_dpo.family import (
     check_model_folder,
     folder_identity,
     load_text_encoders,
+    prompt_conditioning,
     text_encoder_config,
 )
 from diffusion_dpo.losses import compute_loss
@@ -109,12 +109,6 @@ def load_noise(args):
     return DDPMNoise(scheduler)
 
 
-def conditioning(batch, device, stacked=True):
-    """The UNet's text input, for the stacked (winners; losers) batch or the winners alone: one caption a pair."""
-    prompt_embeds = batch["prompt_embeds"].to(device, torch.float32, non_blocking=True)
-    return {"encoder_hidden_states": prompt_embeds.repeat(2, 1, 1) if stacked else prompt_embeds}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Saving: the pipeline it loads in, the LoRA's formats, the model card
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,7 +147,7 @@ FAMILY = ModelFamily(
     cache_key=cache_key,
     load_text_encoder=load_text_encoder,
     caption_bytes=caption_bytes,
-    conditioning=conditioning,
+    conditioning=prompt_conditioning,
     load_pipeline=load_pipeline,
     card_details=card_details,
     kohya_lora=kohya_lora,

@@ -18,15 +18,22 @@ shifts them ([dev]'s use_dynamic_shifting); the transformer takes sigma as its t
 [dev], the guidance scale (--guidance_scale) as one more input.
 """
 
-import importlib.util
 import os
 
 import torch
-from diffusers import BitsAndBytesConfig, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from peft.utils import get_peft_model_state_dict
 
 from diffusion_dpo import InputError
-from diffusion_dpo.args import add_flow_options, check_args, finite_number, lora_target_modules, shared_parser
+from diffusion_dpo.args import (
+    add_flow_options,
+    add_quantize_base_option,
+    check_args,
+    check_quantize_base,
+    finite_number,
+    lora_target_modules,
+    shared_parser,
+)
 from diffusion_dpo.cache import image_latent_shape
 from diffusion_dpo.family import (
     ModelFamily,
@@ -44,7 +51,7 @@ from diffusion_dpo.family import (
 from diffusion_dpo.losses import compute_loss
 from diffusion_dpo.noise import FlowMatchNoise
 from diffusion_dpo.run import one_line_errors
-from diffusion_dpo.training import TrainingRun, cached_pairs, mixed_precision_dtype, training_session
+from diffusion_dpo.training import TrainingRun, cached_pairs, training_session
 
 
 MODEL_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -92,13 +99,7 @@ def parse_args(input_args=None):
         help="The guidance input of a guidance-distilled transformer ([dev]) while training, as diffusers' Flux LoRA "
         "trainer passes it (3.5, [dev]'s inference default); [schnell] has no such input and ignores it.",
     )
-    model(
-        "--quantize_base",
-        choices=["nf4"],
-        help="LoRA: hold the frozen transformer in 4 bits (bitsandbytes NF4, computed in the mixed-precision dtype), "
-        "as diffusers' flux_lora_quantization example does; the LoRA weights stay fp32 and the reference is the same "
-        "4-bit model with the adapter off. Needs a GPU and bitsandbytes.",
-    )
+    add_quantize_base_option(groups)
     groups["loss"].add_argument(
         "--lora_target_modules",
         default=",".join(LORA_TARGET_MODULES),
@@ -119,22 +120,8 @@ def check_flags(args):
     finite_number(args, "guidance_scale")
     if not lora_target_modules(args):
         raise InputError("--lora_target_modules names no module")
-    if args.quantize_base is not None:
-        check_quantization(args)
+    check_quantize_base(args)
     check_args(args, FAMILY, resolution_multiple=16)  # the VAE's 8 x the 2 x 2 packing
-
-
-def check_quantization(args):
-    if args.train_mode != "lora":
-        raise InputError("--quantize_base holds a frozen base in 4 bits under a LoRA: it needs --train_mode lora")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise InputError("--quantize_base nf4 needs `pip install bitsandbytes`")
-    from diffusers.quantizers.bitsandbytes import BnB4BitDiffusersQuantizer
-
-    try:  # diffusers' own check of the machine (a GPU) and of the versions it needs
-        BnB4BitDiffusersQuantizer(BitsAndBytesConfig(load_in_4bit=True)).validate_environment()
-    except (RuntimeError, ImportError) as error:
-        raise InputError(f"--quantize_base nf4: {str(error).splitlines()[0]}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,17 +203,6 @@ def predict(transformer, noisy_latents, timesteps, conditioning):
     return FluxPipeline._unpack_latents(velocity, height, width, vae_scale_factor=1)
 
 
-def quantized_base(args, accelerator):
-    """from_pretrained's options for --quantize_base: NF4 weights computed in the mixed-precision dtype, on this
-    process's device."""
-    if args.quantize_base is None:
-        return {}
-    config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=mixed_precision_dtype(accelerator)
-    )
-    return {"quantization_config": config, "device_map": {"": str(accelerator.device)}}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Saving: the pipeline it loads in, the LoRA, the model card
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,8 +276,8 @@ def main(args):
 
         # The transformer and its reference (LoRA: the same transformer, adapter off; --quantize_base: held in 4
         # bits), and the noise: rectified flow at the scheduler's sigmas shifted for this resolution.
-        targets, quantized = lora_target_modules(args), quantized_base(args, accelerator)
-        transformer, reference = build_models(args, FAMILY, FluxTransformer2DModel, targets, accelerator, **quantized)
+        targets = lora_target_modules(args)
+        transformer, reference = build_models(args, FAMILY, FluxTransformer2DModel, targets, accelerator)
         noise = load_noise(args)
 
         # Every step: the DPO loss on the velocity errors of winner and loser, corrupted alike.

@@ -174,6 +174,34 @@ def add_flow_options(groups):
     flow("--mode_scale", type=float, default=1.29, help="Scale of the mode scheme.")
 
 
+def add_quantize_base_option(groups):
+    """--quantize_base (the Flux scripts' flag): a LoRA on a frozen base transformer held in 4 bits."""
+    groups["model"].add_argument(
+        "--quantize_base",
+        choices=["nf4"],
+        help="LoRA: hold the frozen transformer in 4 bits (bitsandbytes NF4, computed in the mixed-precision dtype), "
+        "as diffusers' flux_lora_quantization example does; the LoRA weights stay fp32 and the reference is the same "
+        "4-bit model with the adapter off. Needs a GPU and bitsandbytes.",
+    )
+
+
+def check_quantize_base(args):
+    """--quantize_base needs LoRA, bitsandbytes, and what diffusers' 4-bit quantizer checks (a GPU)."""
+    if args.quantize_base is None:
+        return
+    if args.train_mode != "lora":
+        raise InputError("--quantize_base holds a frozen base in 4 bits under a LoRA: it needs --train_mode lora")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError("--quantize_base nf4 needs `pip install bitsandbytes`")
+    from diffusers import BitsAndBytesConfig
+    from diffusers.quantizers.bitsandbytes import BnB4BitDiffusersQuantizer
+
+    try:  # diffusers' own check of the machine (a GPU) and of the versions it needs
+        BnB4BitDiffusersQuantizer(BitsAndBytesConfig(load_in_4bit=True)).validate_environment()
+    except (RuntimeError, ImportError) as error:
+        raise InputError(f"--quantize_base nf4: {str(error).splitlines()[0]}") from None
+
+
 def lora_target_modules(args):
     """--lora_target_modules (the transformer scripts' flag) as a list of module names."""
     return [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]

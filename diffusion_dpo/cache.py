@@ -22,6 +22,7 @@ from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from diffusion_dpo import InputError, data
+from diffusion_dpo.family import scaled_latents
 from diffusion_dpo.run import first_line, format_bytes, removed_on_failure, save_atomically, stop_together
 
 
@@ -274,8 +275,8 @@ class LatentCache:
 class VaeEncoder:
     """VAE latents as the pipeline decodes them; on CUDA out-of-memory the batch halves, and stays halved."""
 
-    def __init__(self, vae, batch_size, device, dtype, memory_format):
-        self.vae, self.batch_size = vae, batch_size
+    def __init__(self, vae, batch_size, device, dtype, memory_format, vae_latents=scaled_latents):
+        self.vae, self.batch_size, self.vae_latents = vae, batch_size, vae_latents
         self.device, self.dtype, self.memory_format = device, dtype, memory_format
         self.backed_off = False
 
@@ -302,8 +303,7 @@ class VaeEncoder:
                     main_process_only=False,
                 )
                 self.backed_off = True
-        config = self.vae.config
-        return (torch.cat(latents).float() - (config.get("shift_factor") or 0.0)) * config.scaling_factor
+        return self.vae_latents(self.vae, torch.cat(latents).float())
 
 
 def encode_latents(args, family, planned_caches, device, weight_dtype, part=0, parts=1):
@@ -323,7 +323,7 @@ def encode_latents(args, family, planned_caches, device, weight_dtype, part=0, p
         return
     vae_dtype = family.vae_dtype(args, weight_dtype)
     vae = family.load_vae(args, vae_dtype).to(device).eval().requires_grad_(False).to(memory_format=memory_format)
-    encoder = VaeEncoder(vae, args.vae_encode_batch_size, device, vae_dtype, memory_format)
+    encoder = VaeEncoder(vae, args.vae_encode_batch_size, device, vae_dtype, memory_format, family.vae_latents)
     decoders = args.dataloader_num_workers or max(1, min(4, (os.cpu_count() or 1) // parts))  # overlap the VAE
     loader = torch.utils.data.DataLoader(
         pixels, batch_size=max(1, args.vae_encode_batch_size // 2), num_workers=min(len(pixels.tasks), decoders)

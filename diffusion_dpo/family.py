@@ -10,7 +10,7 @@ import torch
 import transformers
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, BitsAndBytesConfig
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
@@ -40,9 +40,21 @@ def weight_dtype_vae(args, weight_dtype):
     return weight_dtype
 
 
+def scaled_latents(vae, means):
+    """The VAE's mean latents as its pipeline denoises them: (mean - shift_factor) * scaling_factor."""
+    return (means - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
+
+
 def vae_dtype_from_config(args, weight_dtype):
     """fp32 unless the VAE's config says it is safe in half precision (force_upcast false): SD3's and Flux's VAEs."""
     return torch.float32 if model_vae_config(args).get("force_upcast", True) else weight_dtype
+
+
+def prompt_conditioning(batch, device, stacked=True):
+    """A denoiser's one text input (SD 1.x/2.x's UNet, FLUX.2's transformer) from the cached prompt embeddings, for
+    the stacked (winners; losers) batch or the winners alone: one caption a pair."""
+    prompt_embeds = batch["prompt_embeds"].to(device, torch.float32, non_blocking=True)
+    return {"encoder_hidden_states": prompt_embeds.repeat(2, 1, 1) if stacked else prompt_embeds}
 
 
 def transformer_text_conditioning(batch, device, stacked=True):
@@ -87,6 +99,7 @@ class ModelFamily(NamedTuple):
     vae_config: Callable = model_vae_config  # (args) -> the VAE's config, read without loading it
     load_vae: Callable = load_model_vae  # (args, dtype) -> the VAE
     vae_dtype: Callable = weight_dtype_vae  # (args, weight_dtype) -> the dtype the VAE encodes in
+    vae_latents: Callable = scaled_latents  # (vae, its mean latents) -> the latents cached and trained on
     predict: Callable = unet_prediction  # (model, noisy_latents, timesteps, conditioning) -> eps, v or velocity
     lora_state_dict: Callable = diffusers_lora_layers  # (model) -> the LoRA weights as the pipelines save them
     kohya_lora: Callable | None = None  # (diffusers-format LoRA, denoiser config) -> kohya format; None: refused
@@ -151,9 +164,13 @@ def build_models(args, family, model_class, lora_targets, accelerator, **load_op
     reference both in fp32, the reference run under the trained copy's autocast (reference_model), so that the two
     compute identically and the first step's loss is ln 2 in every precision (in half-precision weights, norms and
     modulations that use the weights outside matmuls would compute differently; with beta in the thousands that is
-    a visible bias). `load_options` go to from_pretrained."""
+    a visible bias). `load_options` go to from_pretrained; --quantize_base nf4 (the Flux scripts) loads the base in
+    4 bits, computed in the weight dtype."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
+    if getattr(args, "quantize_base", None) == "nf4":
+        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=weight_dtype)
+        load_options = {"quantization_config": nf4, "device_map": {"": str(device)}, **load_options}
     set_seed(args.seed)  # the precompute draws random numbers: the LoRA's init must not depend on a cache hit
 
     def load_denoiser(dtype=None):

@@ -62,9 +62,10 @@ class FlowMatchNoise:
     velocity along it (the target). sigma is the scheduler's sigma at an index drawn from `weighting_scheme`'s
     density, shifted as the family's pipeline shifts it: by the scheduler's static shift (SD3), or, where the
     scheduler shifts dynamically (Flux), by the shift its pipeline computes from the image's sequence length
-    (`image_seq_len` tokens). Errors are weighted as the scheme says (diffusers' compute_loss_weighting_for_sd3)."""
+    (`image_seq_len` tokens; FLUX.2's pipelines compute their own exponent, passed as `mu`). Errors are weighted as
+    the scheme says (diffusers' compute_loss_weighting_for_sd3)."""
 
-    def __init__(self, scheduler, weighting_scheme, logit_mean, logit_std, mode_scale, image_seq_len=None):
+    def __init__(self, scheduler, weighting_scheme, logit_mean, logit_std, mode_scale, image_seq_len=None, mu=None):
         self.density = dict(
             weighting_scheme=weighting_scheme, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale
         )
@@ -73,13 +74,14 @@ class FlowMatchNoise:
         self.sigmas = scheduler.sigmas[: self.num_train_timesteps]
         if scheduler.config.get("use_dynamic_shifting"):  # its sigmas are unshifted until a pipeline shifts them
             config = scheduler.config
-            mu = calculate_shift(
-                image_seq_len,
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.15),
-            )
+            if mu is None:  # FluxPipeline's, from the image's token count
+                mu = calculate_shift(
+                    image_seq_len,
+                    config.get("base_image_seq_len", 256),
+                    config.get("max_image_seq_len", 4096),
+                    config.get("base_shift", 0.5),
+                    config.get("max_shift", 1.15),
+                )
             self.sigmas = scheduler.time_shift(mu, 1.0, self.sigmas)
         self.timesteps = self.sigmas * self.num_train_timesteps
 

@@ -81,7 +81,7 @@ def decode_outside_autocast(pipeline, latents, size):
         mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
         std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
         latents = latents * std / config.scaling_factor + mean
-    else:
+    elif "scaling_factor" in config:  # FLUX.2's VAE has none: its pipeline hands back latents as the VAE made them
         latents = latents / config.scaling_factor + (config.get("shift_factor") or 0.0)
     with torch.autocast(latents.device.type, enabled=False):
         image = vae.decode(latents, return_dict=False)[0]
@@ -108,7 +108,7 @@ def render_validation(args, accelerator, family, model, reference, weight_dtype,
             generator = torch.Generator(accelerator.device).manual_seed(args.seed + number)
             with accelerator.autocast():
                 output = pipeline(
-                    prompt,
+                    prompt=prompt,  # by name: Flux2KleinPipeline's first argument is a conditioning image
                     num_inference_steps=args.num_validation_inference_steps,
                     guidance_scale=args.validation_guidance_scale,
                     generator=generator,

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 import train_diffusion_dpo
 import train_diffusion_dpo_flux
+import train_diffusion_dpo_flux2
 import train_diffusion_dpo_sd3
 import train_diffusion_dpo_sdxl
 from diffusion_dpo import InputError
@@ -50,7 +51,13 @@ from diffusion_dpo.outputs import LORA_WEIGHT_NAME, load_lora_into
 
 
 # one per model family
-TRAINERS = (train_diffusion_dpo, train_diffusion_dpo_sdxl, train_diffusion_dpo_sd3, train_diffusion_dpo_flux)
+TRAINERS = (
+    train_diffusion_dpo,
+    train_diffusion_dpo_sdxl,
+    train_diffusion_dpo_sd3,
+    train_diffusion_dpo_flux,
+    train_diffusion_dpo_flux2,
+)
 Z_95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
 GRID_CELL = 384  # side of one image in the wins/losses grids, in pixels
 
@@ -127,7 +134,8 @@ def parse_args(input_args=None):
         "--beta_dpo",
         type=float,
         default=None,
-        help="Only changes the reported loss and margin (default: the trainer's: 2000, SDXL 5000, SD3 and Flux 500).",
+        help="Only changes the reported loss and margin (default: the trainer's: 2000, SDXL 5000, SD3 and Flux 500, "
+        "FLUX.2 [klein] 200).",
     )
     pairs.add_argument("--precompute_cache_dir", default=None, help="Where the trainer caches latents of the pairs.")
 

@@ -616,6 +616,118 @@ def build_tiny_flux_pipeline(output_dir, *, seed=0, preset="tiny", schnell=False
     return output_dir
 
 
+# FLUX.2 [klein] sizes: "tiny" for tests (one double-stream and one single-stream block; a 28-layer, 16-wide Qwen3 so
+# that the hidden states of layers 9, 18 and 27, which Flux2KleinPipeline stacks, exist).
+FLUX2_KLEIN_PRESETS = {
+    "tiny": {
+        "transformer": dict(
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            axes_dims_rope=(2, 2, 2, 2),
+            timestep_guidance_channels=32,
+        ),
+        "vae": dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, latent_channels=8),
+        "qwen3": dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=2
+        ),
+    },
+}
+# Qwen3's chat template, for one user message as Flux2KleinPipeline formats a prompt (thinking switched off)
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+
+
+def build_qwen_tokenizer(tokenizer_dir):
+    """A Qwen2TokenizerFast over a tiny byte-level BPE vocabulary (the 256 byte symbols, Qwen's special tokens, and
+    the caption words, each merged from its first letter on), with Qwen3's chat template, saved to `tokenizer_dir`."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    vocab = {token: index for index, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = []
+    # each word grows from its start ("\u0120s" -> "\u0120sh" -> ...): a merge joins a word's piece to its next
+    # letter only, so one word's merges cannot split another apart
+    for word in [f"\u0120{word}" for word in WHOLE_WORDS] + ["user", "assistant"]:
+        piece = word[0]
+        for char in word[1:]:
+            if piece + char not in vocab:
+                merges.append((piece, char))
+                vocab[piece + char] = len(vocab)
+            piece += char
+    tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=merges, model_max_length=32768)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    tokenizer.save_pretrained(tokenizer_dir)
+    return Qwen2TokenizerFast.from_pretrained(tokenizer_dir)
+
+
+def build_tiny_flux2_klein_pipeline(output_dir, *, seed=0, preset="tiny"):
+    """Save a random-weight FLUX.2 [klein]-style pipeline (a Flux2 transformer without a guidance input on 2x2-patched
+    latents, a VAE whose patched latents are normalised by its batch-norm statistics, random here, and a Qwen3 causal
+    LM whose hidden states of layers 9, 18 and 27 are the text input) of the given FLUX2_KLEIN_PRESETS size to
+    `output_dir`, loadable with Flux2KleinPipeline.from_pretrained."""
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    sizes = FLUX2_KLEIN_PRESETS[preset]
+    tokenizer = build_qwen_tokenizer(os.path.join(output_dir, "tokenizer"))
+    torch.manual_seed(seed)
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            head_dim=8,
+            max_position_embeddings=1024,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            **sizes["qwen3"],
+        )
+    )
+    latent_channels = sizes["vae"]["latent_channels"]
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,  # the VAE's channels, patched 2 x 2 into each token
+        joint_attention_dim=3 * sizes["qwen3"]["hidden_size"],  # three Qwen3 layers' states side by side
+        guidance_embeds=False,  # klein is not guidance-distilled
+        **sizes["transformer"],
+    )
+    n_blocks = len(sizes["vae"]["block_out_channels"])
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
+        norm_num_groups=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        **sizes["vae"],
+    )
+    # statistics of a trained VAE's latents are not 0 and 1: the normalisation must show in what is cached
+    vae.bn.running_mean.copy_(0.5 * torch.randn(vae.bn.num_features))
+    vae.bn.running_var.copy_(torch.rand(vae.bn.num_features) + 0.5)
+    scheduler = FlowMatchEulerDiscreteScheduler(  # klein's: shifted at run time by the pipeline's empirical mu
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    Flux2KleinPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    ).save_pretrained(output_dir)
+    return output_dir
+
+
 def make_shape_image(warm, rng, size):
     """Draw a filled circle or square in a warm or cool colour on the gray background.
 

@@ -37,6 +37,11 @@ def tiny_flux_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux2_model(tmp_path_factory):
+    return tiny_assets.build_tiny_flux2_klein_pipeline(str(tmp_path_factory.mktemp("tiny-flux2-klein")))
+
+
+@pytest.fixture(scope="session")
 def tiny_vpred_model(tmp_path_factory):
     return tiny_assets.build_tiny_sd_pipeline(
         str(tmp_path_factory.mktemp("tiny-sd-v")), prediction_type="v_prediction"
@@ -117,8 +122,13 @@ def dpo(request):
 @pytest.fixture
 def tiny_pipeline(dpo, request):
     """The tiny model folder that fits the trainer under test."""
-    fixture = {"sd15": "tiny_model", "sdxl": "tiny_sdxl_model", "sd3": "tiny_sd3_model", "flux": "tiny_flux_model"}
-    fixture = fixture[script_name(dpo)]
+    fixture = {
+        "sd15": "tiny_model",
+        "sdxl": "tiny_sdxl_model",
+        "sd3": "tiny_sd3_model",
+        "flux": "tiny_flux_model",
+        "flux2": "tiny_flux2_model",
+    }[script_name(dpo)]
     return request.getfixturevalue(fixture)
 
 
@@ -142,7 +152,7 @@ def cli_args(tiny_pipeline, pickapic_data, tmp_path):
             "report_to": "none",
             "seed": 0,
         }
-        if os.path.isdir(os.path.join(tiny_pipeline, "transformer")):  # SD3, Flux: a short T5 sequence
+        if os.path.isdir(os.path.join(tiny_pipeline, "transformer")):  # SD3, Flux: a short T5 (klein: Qwen3) sequence
             flags["max_sequence_length"] = SD3_SEQUENCE_LENGTH
         flags.update(overrides)
         return command_line(flags)

@@ -12,7 +12,7 @@ import torch
 import transformers
 from accelerate.state import PartialState
 from demo_scoring import classify_warm
-from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
+from diffusers import Flux2KleinPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 from PIL import Image
 from testing_utils import (
     N_PAIRS,
@@ -214,8 +214,11 @@ def test_sampler_is_a_function_of_seed_and_epoch(dpo, cli_args, tmp_path):
 
 
 def unconditional_input(pipeline):
-    """{caption array: the pipeline's own unconditional input for classifier-free guidance}: SD 1.5, SD3 and Flux
-    (its true CFG's negative prompt) encode the empty caption; SDXL's base model forces zeros."""
+    """{caption array: the pipeline's own unconditional input for classifier-free guidance}: SD 1.5, SD3, Flux (its
+    true CFG's negative prompt) and FLUX.2 [klein] encode the empty caption; SDXL's base model forces zeros."""
+    if isinstance(pipeline, Flux2KleinPipeline):
+        negative, _ = pipeline.encode_prompt("", max_sequence_length=SD3_SEQUENCE_LENGTH)
+        return {"prompt_embeds": negative[0]}
     if isinstance(pipeline, FluxPipeline):
         negative, negative_pooled, _ = pipeline.encode_prompt("", max_sequence_length=SD3_SEQUENCE_LENGTH)
     elif isinstance(pipeline, StableDiffusion3Pipeline):

@@ -369,6 +369,7 @@ OTHER_FAMILY = {
     "train_diffusion_dpo_sdxl": ("tiny_model", "train_diffusion_dpo.py"),
     "train_diffusion_dpo_sd3": ("tiny_model", "train_diffusion_dpo.py"),
     "train_diffusion_dpo_flux": ("tiny_sd3_model", "train_diffusion_dpo_sd3.py"),
+    "train_diffusion_dpo_flux2": ("tiny_flux_model", "train_diffusion_dpo_flux.py"),
 }
 
 

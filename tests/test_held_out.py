@@ -143,10 +143,16 @@ def test_the_first_step_is_ln2_in_bf16_with_an_avx2_only_cpus_kernels(cli_args, 
     started at 0.7259, then 0.558, on such kernels before the trained model and its reference computed alike). Every
     script, LoRA and full, in one process (its imports are most of the time)."""
     runs = []
-    families = {"sd15": "tiny_model", "sdxl": "tiny_sdxl_model", "sd3": "tiny_sd3_model", "flux": "tiny_flux_model"}
+    families = {
+        "sd15": "tiny_model",
+        "sdxl": "tiny_sdxl_model",
+        "sd3": "tiny_sd3_model",
+        "flux": "tiny_flux_model",
+        "flux2": "tiny_flux2_model",
+    }
     for name, fixture in families.items():
         model = request.getfixturevalue(fixture)
-        extra = {"max_sequence_length": SD3_SEQUENCE_LENGTH} if name in ("sd3", "flux") else {}
+        extra = {"max_sequence_length": SD3_SEQUENCE_LENGTH} if name in ("sd3", "flux", "flux2") else {}
         for train_mode in ("lora", "full"):
             out = tmp_path / f"{name}-{train_mode}"
             argv = cli_args(

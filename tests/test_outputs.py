@@ -30,7 +30,7 @@ def test_full_fine_tuning_saves_a_pipeline_that_from_pretrained_loads(dpo, cli_a
     tuned = pipeline_class(dpo).from_pretrained(str(tmp_path / "out"))
     base = pipeline_class(dpo).from_pretrained(tiny_pipeline)
     assert (denoiser_output(denoiser(tuned)) - denoiser_output(denoiser(base))).abs().max() > 1e-4
-    image = tuned("a shape", num_inference_steps=2, height=RESOLUTION, width=RESOLUTION).images[0]
+    image = tuned(prompt="a shape", num_inference_steps=2, height=RESOLUTION, width=RESOLUTION).images[0]
     assert image.size == (RESOLUTION, RESOLUTION)
 
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import train_diffusion_dpo
 import train_diffusion_dpo_flux
+import train_diffusion_dpo_flux2
 import train_diffusion_dpo_sd3
 import train_diffusion_dpo_sdxl
 from diffusion_dpo.outputs import LORA_WEIGHT_NAME
@@ -24,6 +25,7 @@ TRAINERS = {
     "sdxl": train_diffusion_dpo_sdxl,
     "sd3": train_diffusion_dpo_sd3,
     "flux": train_diffusion_dpo_flux,
+    "flux2": train_diffusion_dpo_flux2,
 }
 SD3_SEQUENCE_LENGTH = 16  # T5 tokens per caption in the tiny SD3 and Flux runs: the tiny captions need a few
 
@@ -87,10 +89,16 @@ def denoiser(pipeline):
 
 
 def denoiser_output(model):
-    """A UNet's or an SD3 or Flux transformer's prediction on fixed random inputs (with SDXL's added conditioning
-    when the UNet has one)."""
+    """A UNet's or an SD3, Flux or FLUX.2 transformer's prediction on fixed random inputs (with SDXL's added
+    conditioning when the UNet has one)."""
     generator = torch.Generator().manual_seed(0)
     config = model.config
+    if "timestep_guidance_channels" in config:  # FLUX.2: 8 x 8 tokens, 4-axis positions, no pooled text
+        sample = torch.randn(1, 64, config.in_channels, generator=generator)
+        text = torch.randn(1, 8, config.joint_attention_dim, generator=generator)
+        positions = {"img_ids": torch.randn(1, 64, 4, generator=generator), "txt_ids": torch.zeros(1, 8, 4)}
+        with torch.no_grad():
+            return model(sample, text, torch.tensor([0.5]), **positions).sample
     if "guidance_embeds" in config:  # Flux: 8 x 8 tokens of packed latents
         sample = torch.randn(1, 64, config.in_channels, generator=generator)
         text = torch.randn(1, 8, config.joint_attention_dim, generator=generator)
