@@ -160,6 +160,15 @@ def cli_args(tiny_pipeline, pickapic_data, tmp_path):
     return build
 
 
+@pytest.fixture
+def bitsandbytes_on_cpu(monkeypatch):
+    """bitsandbytes (0.48 and later) runs 4-bit layers on the CPU; diffusers' quantizer still insists on a GPU."""
+    pytest.importorskip("bitsandbytes")
+    from diffusers.quantizers.bitsandbytes import BnB4BitDiffusersQuantizer
+
+    monkeypatch.setattr(BnB4BitDiffusersQuantizer, "validate_environment", lambda self, *args, **kwargs: None)
+
+
 @pytest.fixture(autouse=True)
 def accelerate_state():
     """The trainer logs through accelerate, which needs its state even when a test calls a function directly."""

@@ -105,15 +105,6 @@ def test_lora_targets_diffusers_flux_modules_in_names_comfyui_maps_and_the_card_
     assert f"max_sequence_length={SD3_SEQUENCE_LENGTH}" in card and "ComfyUI loads" in card
 
 
-@pytest.fixture
-def bitsandbytes_on_cpu(monkeypatch):
-    """bitsandbytes (0.48 and later) runs 4-bit layers on the CPU; diffusers' quantizer still insists on a GPU."""
-    pytest.importorskip("bitsandbytes")
-    from diffusers.quantizers.bitsandbytes import BnB4BitDiffusersQuantizer
-
-    monkeypatch.setattr(BnB4BitDiffusersQuantizer, "validate_environment", lambda self, *args, **kwargs: None)
-
-
 def test_a_lora_on_a_4bit_base_starts_at_ln2_trains_and_loads_on_the_full_precision_base(
     dpo, cli_args, tiny_flux_model, tmp_path, monkeypatch, bitsandbytes_on_cpu
 ):
