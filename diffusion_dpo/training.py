@@ -245,7 +245,7 @@ class TrainingRun:
             disable=not accelerator.is_local_main_process,
         )
         self.postfix, self.history, self.evaluations, self.reference_errors, self.finite = {}, [], [], None, True
-        self.collapse, self.last_healthy_step = None, None  # (step, held-out winner ratio) of the first collapse
+        self.collapse, self.last_healthy_step = None, -1  # (step, held-out winner ratio) of the first collapse
         self.skipped_steps, self.step_metrics = SkippedSteps(args.max_consecutive_skipped_steps), StepMetrics()
         if self.global_step == 0:
             self.evaluate()  # the starting point: implicit accuracy 0.5, loss ln 2
@@ -352,7 +352,7 @@ class TrainingRun:
 
     def healthy_checkpoint_note(self):
         last = self.last_healthy_step
-        healthy = [c for c in complete_checkpoints(self.args.output_dir) if int(c.rsplit("-", 1)[1]) <= (last or -1)]
+        healthy = [c for c in complete_checkpoints(self.args.output_dir) if int(c.rsplit("-", 1)[1]) <= last]
         if healthy:
             return f"the last healthy checkpoint is {healthy[-1]} (held-out pairs healthy at step {last})"
         return "no checkpoint was written while the held-out pairs were healthy"
