@@ -12,7 +12,7 @@ ratio: the gentlest setting that learns the preference as well (docs/sweep.md).
         --num_validation_pairs 256 --output_dir sweep -- --dataset_name yuvalkirstain/pickapic_v2 --rank 16
     python examples/sweep.py --demo --betas 250 1000 5000 --learning_rates 1e-3 1e-2   # offline, the demo's data
 
-Everything after `--` goes to the trainer (--trainer: train_diffusion_dpo.py, _sdxl, _sd3 or _flux). Each run's
+Everything after `--` goes to the trainer (--trainer: train_diffusion_dpo.py, _sdxl, _sd3, _flux or _flux2). Each run's
 folder (beta<b>-lr<lr>) and output (<folder>.log) go to --output_dir, with sweep_results.json; a setting already in
 sweep_results.json with the same command is not run again.
 """

@@ -55,9 +55,8 @@ def test_the_cache_encoder_gives_the_pipelines_patched_and_batch_normalised_late
     statistics (random in the tiny model): the precompute's encoder gives the same numbers, unpatched."""
     pipeline = Flux2KleinPipeline.from_pretrained(tiny_flux2_model)
     images = torch.rand(3, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    encoder = VaeEncoder(pipeline.vae, 2, torch.device("cpu"), torch.float32, torch.contiguous_format)
-    encoder.vae_latents = dpo_flux2.FAMILY.vae_latents
-    cached = encoder(images)
+    options = (torch.device("cpu"), torch.float32, torch.contiguous_format, dpo_flux2.FAMILY.vae_latents)
+    cached = VaeEncoder(pipeline.vae, 2, *options)(images)
     with torch.no_grad():
         expected = pipeline._encode_vae_image(images, generator=None)  # (n, 4 C, h / 2, w / 2)
     assert cached.shape == (3, pipeline.vae.config.latent_channels, RESOLUTION // 2, RESOLUTION // 2)
