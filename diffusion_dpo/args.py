@@ -91,6 +91,13 @@ def shared_parser(description, model, resolution, beta_dpo, output_dir, validati
     loss("--beta_dpo", beta_dpo, f"Diffusion-DPO's beta ({beta_dpo:g}; docs/loss-and-learning-rates.md).", type=float)
     loss("--loss_type", "sigmoid", "sigmoid is the paper's; mapo: MaPO.", choices=["sigmoid", "hinge", "ipo", "mapo"])
     loss("--label_smoothing", 0.0, "Conservative DPO: the probability a label is flipped, [0, 0.5).", type=float)
+    loss(
+        "--soft_labels",
+        help="Train on each pair's preference probability p, ties kept (p = 0.5): label_0; votes (v1 + 1) / (v1 + v2 "
+        "+ 2), a Laplace prior; --data_layout scores sigmoid((score_0 - score_1) / tau).",
+        action="store_true",
+    )
+    loss("--soft_label_temperature", 1.0, "tau of --soft_labels on scores (1: PickScore's probability).", type=float)
     loss("--beta_mapo", help="--loss_type mapo: the margin term's weight (0.1).", type=float)
     loss("--sft", help="Supervised fine-tuning on the preferred images (a baseline).", action="store_true")
     loss("--train_mode", "lora", "lora (reference: adapter off) or full (a frozen copy).", choices=["lora", "full"])
@@ -232,7 +239,7 @@ def check_args(args, family, resolution_multiple=8):
     for name in ("dataloader_num_workers", "lr_warmup_steps", "num_validation_pairs"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name} must not be negative")
-    for name in ("beta_dpo", "min_vote_margin", "adam_epsilon"):
+    for name in ("beta_dpo", "min_vote_margin", "adam_epsilon", "soft_label_temperature"):
         finite_number(args, name, 0, open_low=True)
     for name in ("adam_weight_decay", "max_grad_norm", "precompute_commit_seconds"):
         finite_number(args, name, 0)
@@ -265,6 +272,13 @@ def check_args(args, family, resolution_multiple=8):
         raise InputError(f"--label_smoothing must lie in [0, 0.5), got {args.label_smoothing}")
     if args.label_smoothing > 0 and (args.loss_type != "sigmoid" or args.sft):
         raise InputError("--label_smoothing is conservative DPO: it needs --loss_type sigmoid and no --sft")
+    if args.soft_labels and (
+        args.label_smoothing or args.sft or args.loss_type != "sigmoid" or args.min_vote_margin != 1
+    ):
+        raise InputError(
+            "--soft_labels weighs the sigmoid DPO loss by each pair's p: it needs --loss_type sigmoid, no --sft, no "
+            "--label_smoothing (one p for all pairs) and no --min_vote_margin (votes give p)"
+        )
     if args.beta_mapo is not None and args.loss_type != "mapo":
         raise InputError("--beta_mapo weighs MaPO's margin term: it needs --loss_type mapo")
     if args.loss_type == "mapo":

@@ -483,14 +483,15 @@ def load_or_precompute(args, family, requests, accelerator, weight_dtype):
     accelerator.wait_for_everyone()
     if machine is not None:
         torch.distributed.destroy_process_group(machine)
-    return [CachedPreferencePairs(planned.path, planned.needed) for planned in planned_caches]
+    return [CachedPreferencePairs(p.path, p.needed, p.source_pairs.preference) for p in planned_caches]
 
 
 class CachedPreferencePairs(torch.utils.data.Dataset):
-    """Pairs (with every latent in `needed` encoded; None: any) read by (pair index, orientation, drop caption)."""
+    """Pairs (with every latent in `needed` encoded; None: any) read by (pair index, orientation, drop caption);
+    with --soft_labels each pair's p (`preference`, from the source pairs: not cached, the latents stay shareable)."""
 
-    def __init__(self, cache_path, needed=None):
-        self.cache_path = Path(cache_path)
+    def __init__(self, cache_path, needed=None, preference=None):
+        self.cache_path, self.preference = Path(cache_path), preference
         self.caption_arrays = json.loads((self.cache_path / "cache_info.json").read_text())["caption_arrays"]
         self.encoded = np.load(self.cache_path / "encoded.npy")
         usable = ~np.load(self.cache_path / "undecodable.npy")
@@ -511,6 +512,8 @@ class CachedPreferencePairs(torch.utils.data.Dataset):
         caption_row = 0 if drop_caption else int(self.arrays["caption_index"][index])
         item = {name: np.array(self.arrays[name][index, orientation]) for name in ("pair_latents", "crops")}
         item.update({name: np.array(self.arrays[name][caption_row]) for name in self.caption_arrays})
+        if self.preference is not None:
+            item["preference"] = np.array(self.preference[index])
         return {name: torch.from_numpy(value) for name, value in item.items()}
 
 

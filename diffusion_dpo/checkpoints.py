@@ -95,6 +95,7 @@ def training_settings(args, num_processes, family_flags=(), source_pairs=None, t
     if train_pairs is not None:  # the pairs themselves (source files, rows, which decoded): a dataset changed in place
         usable = hashlib.sha256(source_pairs.fingerprint.encode())
         usable.update(np.asarray(train_pairs.valid_indices, dtype=np.int64).tobytes())
+        usable.update(b"" if train_pairs.preference is None else train_pairs.preference.tobytes())  # p
         settings["training pairs"] = f"{len(train_pairs)} usable, fingerprint {usable.hexdigest()[:16]}"
     return settings
 

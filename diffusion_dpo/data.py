@@ -39,8 +39,9 @@ DATASET_ALTERNATIVES = (
 MIN_SOURCE_SHARDS = 64  # fewer files, spread over processes and loader workers: their parquet row groups are shards
 # Each role's column names, the first a dataset has wins; a row becomes a label (1: the first image won) and a caption.
 CAPTION, PROMPT = ("caption", "prompt", "txt"), ("prompt", "caption", "txt")
+JPG = {"image_0": ("jpg_0",), "image_1": ("jpg_1",)}
 DATA_LAYOUTS = {
-    "pickapic": {"image_0": ("jpg_0",), "image_1": ("jpg_1",), "label": ("label_0",), "caption": CAPTION},
+    "pickapic": {**JPG, "label": ("label_0",), "caption": CAPTION},
     "chosen_rejected": {"image_0": ("chosen",), "image_1": ("rejected",), "caption": PROMPT},
     "votes": {
         "image_0": ("image1",),
@@ -49,6 +50,8 @@ DATA_LAYOUTS = {
         "vote_1": ("votes_image2",),
         "caption": PROMPT,
     },
+    # examples/label_pairs_with_reward_model.py's reward scores: a label from their difference; never chosen by auto
+    "scores": {**JPG, "score_0": ("score_0",), "score_1": ("score_1",), "caption": CAPTION},
 }
 ROLES = ("image_0", "image_1", "label", "vote_0", "vote_1", "caption")  # each read from --<role>_column if given
 IMAGE_FOLDER_METADATA = ("metadata.jsonl", "metadata.csv")  # its rows name image files relative to the folder
@@ -56,6 +59,7 @@ INVALID_ROWS = {  # what a NaN label means, per layout
     "pickapic": "pairs with labels outside {0, 0.5, 1}",
     "chosen_rejected": "invalid pairs",
     "votes": "pairs with missing, NaN or negative votes",
+    "scores": "pairs with missing or NaN scores",
 }
 
 
@@ -66,6 +70,7 @@ class DataLayout(NamedTuple):
     columns: dict
     image_folder: str | None = None
     min_vote_margin: float = 1
+    soft_labels: float | None = None  # --soft_labels: the label is p (the temperature of scores); None: 1/0/0.5
 
     @property
     def image_columns(self):
@@ -131,7 +136,8 @@ def data_layout(args, stream):
     readable, present = readable_columns(stream)
     named = {role: getattr(args, f"{role}_column") for role in ROLES if getattr(args, f"{role}_column") is not None}
     fits, partial = {}, {}
-    for name in DATA_LAYOUTS if args.data_layout == "auto" else [args.data_layout]:
+    automatic = [name for name in DATA_LAYOUTS if name != "scores"]  # scores' files are pickapic's too
+    for name in automatic if args.data_layout == "auto" else [args.data_layout]:
         unread = [f"--{role}_column" for role in named if role not in DATA_LAYOUTS[name]]
         if unread and args.data_layout != "auto":
             raise InputError(f"the {name} layout does not read {' and '.join(unread)}")
@@ -168,7 +174,8 @@ def data_layout(args, stream):
     if any(columns[role][1] is not None for role in ("image_0", "image_1")):
         raise InputError(f"dataset '{args.dataset_name}': the images must be columns, not fields of {columns}")
     folder = os.path.abspath(args.dataset_name) if image_folder_metadata(args.dataset_name) else None
-    return DataLayout(name, columns, folder, args.min_vote_margin)
+    soft_labels = args.soft_label_temperature if args.soft_labels else None
+    return DataLayout(name, columns, folder, args.min_vote_margin, soft_labels)
 
 
 def stream_split(args, split, columns=None):
@@ -264,8 +271,15 @@ def parse_labels_and_captions(batch, layout):
         votes_0, votes_1 = (np.asarray(numbers(layout_column(batch, layout.columns[r]))) for r in ("vote_0", "vote_1"))
         margin, min_margin = votes_0 - votes_1, layout.min_vote_margin
         labels = np.where(margin >= min_margin, 1.0, np.where(margin <= -min_margin, 0.0, 0.5))
+        if layout.soft_labels is not None:  # p with a Laplace prior (one more vote each): 2:0 gives 0.75, 0:0 0.5
+            labels = (votes_0 + 1) / (votes_0 + votes_1 + 2)
         valid = np.isfinite(votes_0) & np.isfinite(votes_1) & (votes_0 >= 0) & (votes_1 >= 0)
         labels = pa.array(np.where(valid, labels, np.nan), pa.float64())
+    elif layout.name == "scores":  # p = sigmoid((score_0 - score_1) / tau); hard: the higher score won, equal a tie
+        s_0, s_1 = (np.asarray(numbers(layout_column(batch, layout.columns[r]))) for r in ("score_0", "score_1"))
+        tau, difference = layout.soft_labels, s_0 - s_1
+        labels = np.sign(difference) / 2 + 0.5 if tau is None else np.exp(-np.logaddexp(0, -difference / tau))
+        labels = pa.array(labels, pa.float64())
     else:  # chosen_rejected: the first image, the chosen one, won
         labels = pa.array(np.ones(len(batch)), pa.float64())
     if pa.types.is_floating(captions.type):  # not "nan"
@@ -307,14 +321,16 @@ class PreferencePairs:
     second_is_winner: np.ndarray  # label 0: the second image won (pairs are stored winner first)
     shard_starts: np.ndarray  # the first row of each source shard (file), then the number of rows
     layout: DataLayout
+    preference: np.ndarray | None = None  # --soft_labels: p, the probability that the stored-first image is preferred
 
     def __len__(self):
         return len(self.rows)
 
     def subset(self, positions):
         positions = np.asarray(positions, dtype=np.int64)
-        winners, captions = self.second_is_winner[positions], [self.captions[i] for i in positions]
-        return dataclasses.replace(self, rows=self.rows[positions], captions=captions, second_is_winner=winners)
+        fields = {"rows": self.rows, "second_is_winner": self.second_is_winner, "preference": self.preference}
+        picked = {name: None if value is None else value[positions] for name, value in fields.items()}
+        return dataclasses.replace(self, captions=[self.captions[i] for i in positions], **picked)
 
     def sample(self, n, seed):
         """Positions of n random pairs from as few source shards as hold them: a subset streams a part of the files."""
@@ -337,7 +353,8 @@ def load_preference_pairs(args, split):
     layout = data_layout(args, stream)
     if layout.image_folder is not None:
         identity["images"] = image_folder_fingerprint(layout.image_folder)
-    key = hashlib.sha256(json.dumps([identity, layout.cache_fields], sort_keys=True).encode()).hexdigest()[:20]
+    soft = [] if layout.soft_labels is None else [layout.soft_labels]  # the votes' and scores' labels are p
+    key = hashlib.sha256(json.dumps([identity, layout.cache_fields, *soft], sort_keys=True).encode()).hexdigest()[:20]
     path = cache_root(args) / f"pairs-{key}.parquet"
     shard_starts = None
     if path.exists():
@@ -370,9 +387,12 @@ def load_preference_pairs(args, split):
             pq.write_table(table, partial)
             os.replace(partial, path)
     labels, captions = table.column("label").to_numpy(zero_copy_only=False), table.column("caption").to_pylist()
-    n_ties, rows = int((labels == 0.5).sum()), np.flatnonzero((labels == 0.0) | (labels == 1.0))
+    # --soft_labels keeps every pair with a p in [0, 1], ties (p = 0.5) too
+    n_ties = 0 if soft else int((labels == 0.5).sum())
+    rows = np.flatnonzero((labels >= 0) & (labels <= 1) if soft else (labels == 0.0) | (labels == 1.0))
     n_invalid = len(labels) - n_ties - len(rows)
-    dropped = f"{n_ties} tied pairs and {n_invalid} {INVALID_ROWS[layout.name]}"
+    invalid = "pairs with no preference probability in [0, 1]" if soft else INVALID_ROWS[layout.name]
+    dropped = f"{n_ties} tied pairs and {n_invalid} {invalid}"
     logger.info(f"Split '{split}' ({layout.name} layout): dropped {dropped}.")
     if len(rows) == 0:
         raise InputError(
@@ -381,7 +401,8 @@ def load_preference_pairs(args, split):
         )
     captions = ["" if captions[row] is None else captions[row] for row in rows]
     shard_starts = np.asarray(shard_starts, dtype=np.int64)
-    return PreferencePairs(identity, rows, captions, labels[rows] == 0.0, shard_starts, layout)
+    preference = np.maximum(labels[rows], 1 - labels[rows]).astype(np.float32) if soft else None  # p of the first
+    return PreferencePairs(identity, rows, captions, labels[rows] < 0.5, shard_starts, layout, preference)
 
 
 class PreferenceRow(NamedTuple):

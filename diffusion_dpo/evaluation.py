@@ -69,9 +69,13 @@ def evaluate_held_out(accelerator, model, reference, family, noise, held_out_pai
         with reference_model(model, reference) as ref:
             reference_errors = held_out_errors(ref, family, noise, held_out_pairs, indices, args, batch_size)
     model_err_w, model_err_l, levels, *ref_errors = gathered_errors(torch.cat([model_errors, reference_errors[:2]]))
+    smoothing = args.label_smoothing
+    if args.soft_labels:  # each pair's 1 - p, in the order gathered_errors gathers the pairs: rank by rank
+        n, valid = accelerator.num_processes, held_out_pairs.valid_indices
+        smoothing = 1 - torch.cat([torch.from_numpy(held_out_pairs.preference[valid[r::n]]) for r in range(n)])
     loss, metrics = dpo_loss(
         *(errors.mean(dim=-1) for errors in (model_err_w, model_err_l, *ref_errors)),
-        *(args.beta_dpo, args.loss_type, args.label_smoothing),
+        *(args.beta_dpo, args.loss_type, smoothing),
     )
     metrics.update(accuracy_by_noise_level(model_err_w, model_err_l, *ref_errors, args.beta_dpo, levels))
     return {f"eval/{name}": value.item() for name, value in {"loss": loss, **metrics}.items()}, reference_errors

@@ -44,7 +44,8 @@ def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, loss_type="si
     """Diffusion-DPO loss from four per-sample denoising errors (MSE averaged over latent dims): sigmoid (the paper's)
     -logsigmoid(inside), hinge relu(1 - inside), ipo (inside / beta - 1 / (2 beta))^2. label_smoothing eps (sigmoid
     only) is conservative DPO (Mitchell 2023; TRL's `label_smoothing`): each label flipped with probability eps, the
-    expected loss -(1 - eps) logsigmoid(inside) - eps logsigmoid(-inside); eps = 0 is the paper's loss exactly."""
+    expected loss -(1 - eps) logsigmoid(inside) - eps logsigmoid(-inside); eps = 0 is the paper's loss exactly. A
+    tensor eps = 1 - p per pair is --soft_labels: p the probability that the pair's winner is preferred (SmPO)."""
     inside = implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)
     if loss_type == "sigmoid":
         losses = -(1.0 - label_smoothing) * F.logsigmoid(inside) - label_smoothing * F.logsigmoid(-inside)
@@ -138,6 +139,5 @@ def compute_loss(batch, model, reference, noise, family, args, generator):
     with reference_model(model, reference, training=True) as ref:
         ref_err = denoising_errors(ref, family, noisy_latents, levels, conditioning, target)
     ref_err_w, ref_err_l = ref_err.detach().clone().chunk(2)  # clone: an ordinary tensor, usable next to the graph
-    return dpo_loss(
-        model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type, args.label_smoothing
-    )
+    smoothing = 1 - batch["preference"].to(device) if args.soft_labels else args.label_smoothing
+    return dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type, smoothing)

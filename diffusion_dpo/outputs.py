@@ -161,6 +161,7 @@ def training_objective(args):
     if args.loss_type == "mapo":
         return f"MaPO (β_mapo = {args.beta_mapo:g})"
     smoothing = f", label smoothing ε = {args.label_smoothing:g}" if args.label_smoothing else ""
+    smoothing = ", soft preference labels" if args.soft_labels else smoothing
     return f"Diffusion-DPO ({args.loss_type} loss, β = {args.beta_dpo:g}{smoothing})"
 
 

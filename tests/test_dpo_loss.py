@@ -152,3 +152,31 @@ def test_mapo_gradient_lowers_winner_error_and_raises_loser_error():
     assert (model_err_w.grad > 0).all() and (model_err_l.grad < 0).all()
     # the SFT term pulls the winner's error down on top of the margin term
     assert (model_err_w.grad.abs() > model_err_l.grad.abs()).all()
+
+
+# --soft_labels passes label_smoothing = 1 - p per pair: loss = -[p logsigmoid(inside) + (1 - p) logsigmoid(-inside)]
+def test_soft_labels_p_one_is_the_sigmoid_loss_and_one_p_for_all_is_label_smoothing():
+    plain, _ = dpo_loss(**ERRORS, beta=2000.0)
+    certain, _ = dpo_loss(**ERRORS, beta=2000.0, label_smoothing=1 - torch.ones(3))
+    torch.testing.assert_close(certain, plain)
+    smoothed, _ = dpo_loss(**ERRORS, beta=2000.0, label_smoothing=0.2)
+    constant, _ = dpo_loss(**ERRORS, beta=2000.0, label_smoothing=1 - torch.full((3,), 0.8))
+    torch.testing.assert_close(constant, smoothed)
+    p = torch.tensor([0.9, 0.5, 0.7])
+    soft, _ = dpo_loss(**ERRORS, beta=BY_HAND_BETA, label_smoothing=1 - p)
+    inside = torch.tensor([0.1, -0.1, -0.2])  # ERRORS at beta 2 (see above)
+    torch.testing.assert_close(soft, -(p * F.logsigmoid(inside) + (1 - p) * F.logsigmoid(-inside)).mean())
+
+
+def test_a_tie_has_no_margin_gradient_at_the_reference_and_pulls_towards_it():
+    """p = 0.5: d loss / d inside = sigmoid(inside) - 1/2, zero while the model is its reference (where a decided
+    pair's is not), elsewhere towards the reference's margin from either side."""
+    ref_w, ref_l = torch.full((3,), 0.2), torch.full((3,), 0.3)
+    model_w = torch.tensor([0.2, 0.15, 0.25], requires_grad=True)  # inside 0, above 0, below 0
+    for p, margin_gradient_at_reference in ((1.0, 0.5 * 100 / 2 / 3), (0.5, 0.0)):
+        model_w.grad = None
+        loss, _ = dpo_loss(model_w, ref_l, ref_w, ref_l, beta=100.0, label_smoothing=1 - torch.full((3,), p))
+        loss.backward()
+        assert model_w.grad[0].item() == pytest.approx(margin_gradient_at_reference, abs=1e-6)
+    step = -model_w.grad[1:]  # gradient descent on the tied pairs that left the reference
+    assert (torch.sign(step) == torch.sign(ref_w[1:] - model_w[1:].detach())).all()
