@@ -23,6 +23,12 @@ COLLAPSING = dict(train_mode="full", learning_rate=1.0, num_validation_pairs=2, 
 COLLAPSE_WARNING = "collapse: the held-out error on winners is"
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One latent cache for this module's runs: each family's pairs are encoded once."""
+    return tmp_path_factory.mktemp("health-cache")
+
+
 def test_health_metrics_are_neutral_at_the_reference_and_follow_the_errors():
     ref_w, ref_l = torch.tensor([1.0, 2.0]), torch.tensor([1.5, 0.5])
     _, same = dpo_loss(ref_w, ref_l, ref_w, ref_l, beta=1000)
@@ -57,9 +63,10 @@ def test_collapse_flag_errors(dpo, cli_args, capsys, flags, message):
 
 
 @pytest.mark.every_script
-def test_a_collapsing_run_warns_and_stops_with_a_checkpoint_and_no_result(dpo, cli_args, tmp_path, caplog):
+def test_a_collapsing_run_stops_with_a_checkpoint_and_no_result(dpo, cli_args, shared_cache, tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    argv = cli_args(**COLLAPSING, validation_steps=1, max_train_steps=3, stop_on_collapse=True)
+    flags = dict(validation_steps=1, max_train_steps=3, stop_on_collapse=True, precompute_cache_dir=shared_cache)
+    argv = cli_args(**COLLAPSING, **flags)
     result = run_trainer(dpo, argv)
     step, ratio = result["collapse"]
     assert step == 1 and ratio > 1.5 and result["global_step"] == 1  # stopped after the first collapsed evaluation
@@ -69,10 +76,13 @@ def test_a_collapsing_run_warns_and_stops_with_a_checkpoint_and_no_result(dpo, c
     assert "Stopped at step 1 of 3 on collapse" in last and "checkpoint-1 and no final result" in last
 
 
-def test_the_warning_comes_once_names_the_last_healthy_checkpoint_and_the_run_goes_on(dpo, cli_args, tmp_path, caplog):
+def test_the_warning_comes_once_names_the_last_healthy_checkpoint_and_the_run_goes_on(
+    dpo, cli_args, shared_cache, tmp_path, caplog
+):
     caplog.set_level(logging.INFO)
     # warm-up: step 1 runs at learning rate 0 (still healthy, checkpoint-1), step 2 at 0.5 collapses
     flags = dict(validation_steps=1, max_train_steps=3, checkpointing_steps=1, lr_warmup_steps=2)
+    flags["precompute_cache_dir"] = shared_cache
     result = run_trainer(dpo, cli_args(**COLLAPSING, **flags))
     assert [e["eval/winner_ratio"] > 1.5 for e in result["evaluations"]] == [False, False, True, True]
     (warning,) = [r.getMessage() for r in caplog.records if COLLAPSE_WARNING in r.getMessage()]
@@ -81,11 +91,11 @@ def test_the_warning_comes_once_names_the_last_healthy_checkpoint_and_the_run_go
     assert result["collapse"][0] == 2 and (tmp_path / "out" / "model_index.json").exists()  # without the flag: saved
 
 
-def test_a_tiny_sweep_prints_its_table_and_picks_the_healthy_run(tiny_model, pickapic_data, tmp_path):
+def test_a_tiny_sweep_prints_its_table_and_picks_the_healthy_run(tiny_model, pickapic_data, shared_cache, tmp_path):
     trainer_flags = dict(
         pretrained_model_name_or_path=tiny_model,
         dataset_name=pickapic_data,
-        precompute_cache_dir=tmp_path / "cache",
+        precompute_cache_dir=shared_cache,
         resolution=32,
         train_batch_size=2,
         train_mode="full",
