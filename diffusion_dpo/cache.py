@@ -1,5 +1,6 @@
 """The latent and caption-embedding cache (docs/cache.md): each caption and image the run reads, encoded once."""
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -209,13 +210,23 @@ def create_missing_caches(args, family, planned_caches, device, weight_dtype):
             row_of = {"": 0, **{caption: row for row, caption in enumerate(captioned, start=1)}}
             np.save(partial / "caption_index.npy", np.array([row_of[c] for c in captions], dtype=np.int32))
             texts = ["", *captioned]
-            with torch.inference_mode():
-                batches = [encode(texts[start : start + 64]) for start in range(0, len(texts), 64)]
-                arrays = {name: torch.cat([b[name].cpu() for b in batches]).half().numpy() for name in batches[0]}
-            for name, array in arrays.items():
-                if zeros:
-                    array[0] = 0
-                np.save(partial / f"{name}.npy", array)
+            files = {}  # written batch by batch (a T5 caption takes MiBs): memory holds one batch, not the set
+            with torch.inference_mode(), contextlib.ExitStack() as open_files:
+                for start in range(0, len(texts), 64):
+                    for name, rows in encode(texts[start : start + 64]).items():
+                        rows = rows.cpu().half().numpy()
+                        if start == 0 and zeros:
+                            rows[0] = 0
+                        if name not in files:
+                            files[name] = open_files.enter_context(open(partial / f"{name}.npy", "wb"))
+                            header = {
+                                "descr": rows.dtype.str,
+                                "fortran_order": False,
+                                "shape": (len(texts), *rows.shape[1:]),
+                            }
+                            np.lib.format.write_array_header_1_0(files[name], header)
+                        files[name].write(rows.tobytes())
+            arrays = {name: np.load(partial / f"{name}.npy", mmap_mode="r") for name in files}
             n_pairs, n_orientations = planned.needed.shape
             latent_shapes = (np.float16, (2, *image_latent_shape(args, family))), (np.int32, (2, 6)), (np.uint32, ())
             for name, (dtype, shape) in zip(LATENT_ARRAYS, latent_shapes):
