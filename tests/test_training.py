@@ -107,8 +107,8 @@ def test_lora_weights_move_under_every_objective_and_optimizer(dpo, cli_args, tm
     assert lora_up and any(w.abs().max() > 0 for w in lora_up)  # LoRA B starts at zero: non-zero means it trained
 
 
-@pytest.mark.every_script
 def test_accelerate_launch_runs_the_script(dpo, cli_args, tmp_path):
+    """One process under accelerate launch (every script runs under it with two processes in test_faults.py)."""
     completed = run_cli(dpo, cli_args(max_train_steps=2, report_to="tensorboard"), launcher=ACCELERATE_LAUNCH)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert (tmp_path / "out" / LORA_WEIGHT_NAME).exists()
