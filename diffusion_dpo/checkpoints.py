@@ -49,30 +49,28 @@ def holds_earlier_run(output_dir, denoiser):
     return bool(complete_checkpoints(output_dir)) or any(os.path.exists(Path(output_dir, name)) for name in saved)
 
 
-def check_output_dir(args, denoiser):
-    """Refuses to train over an earlier run's results unless resuming it (reads the disk: called under the lock)."""
-    if args.resume_from_checkpoint not in (None, "latest"):
-        checkpoint = named_checkpoint(args)
-        if checkpoint is None:
-            raise InputError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
-        if not CHECKPOINT_PATTERN.match(Path(checkpoint).name):
-            raise InputError(f"--resume_from_checkpoint {checkpoint}: expected a folder named checkpoint-<step>")
-    earlier = holds_earlier_run(args.output_dir, denoiser)
-    if args.resume_from_checkpoint == "latest" and named_checkpoint(args) is None and earlier:
-        raise InputError(
-            f"--output_dir {args.output_dir} holds a finished model but no checkpoint to resume from; "
-            "choose a new --output_dir"
-        )
-    if args.resume_from_checkpoint is None and earlier:
-        raise InputError(
-            f"--output_dir {args.output_dir} already holds a trained model or checkpoints; pass "
-            "--resume_from_checkpoint latest to continue that run, or choose a new --output_dir"
-        )
+def check_output_dir(args, family, num_processes):
+    """Refuses to train over an earlier run's results unless resuming it, and a resume with a changed flag before the
+    precompute (hours on a large dataset), not after it. Reads the disk: called under the lock."""
+    resuming = args.resume_from_checkpoint
+    checkpoint = named_checkpoint(args) if resuming else None
+    if resuming not in (None, "latest") and checkpoint is None:
+        raise InputError(f"--resume_from_checkpoint {resuming}: no such checkpoint folder")
+    if resuming not in (None, "latest") and not CHECKPOINT_PATTERN.match(Path(checkpoint).name):
+        raise InputError(f"--resume_from_checkpoint {checkpoint}: expected a folder named checkpoint-<step>")
+    if checkpoint is None and holds_earlier_run(args.output_dir, family.denoiser):
+        found, hint = "holds a finished model but no checkpoint to resume from", ""
+        if not resuming:
+            found = "already holds a trained model or checkpoints"
+            hint = "pass --resume_from_checkpoint latest to continue that run, or "
+        raise InputError(f"--output_dir {args.output_dir} {found}; {hint}choose a new --output_dir")
+    if checkpoint is not None:  # the newest intact one, for `latest`
+        check_settings(checkpoint_to_resume(args), training_settings(args, num_processes, family.resume_flags))
 
 
-def training_settings(args, num_processes, family_flags=(), source_pairs=None, train_pairs=None):
+def training_settings(args, num_processes, family_flags, data=None):
     """What a resumed run must share with its checkpoint: what decides which batches step N reads, and what the model
-    is trained on (`family_flags`: the script's own such flags); the pairs themselves once they are known."""
+    is trained on (`family_flags`: the script's own such flags); the pairs themselves (TrainingData) once known."""
     dataset = os.path.abspath(args.dataset_name) if os.path.exists(args.dataset_name) else args.dataset_name
     settings = {
         "--train_batch_size": args.train_batch_size,
@@ -92,28 +90,18 @@ def training_settings(args, num_processes, family_flags=(), source_pairs=None, t
         "--num_validation_pairs": args.num_validation_pairs,
         **{f"--{name}": getattr(args, name) for name in family_flags},
     }
-    if train_pairs is not None:  # the pairs themselves (source files, rows, which decoded): a dataset changed in place
-        usable = hashlib.sha256(source_pairs.fingerprint.encode())
-        usable.update(np.asarray(train_pairs.valid_indices, dtype=np.int64).tobytes())
-        usable.update(b"" if train_pairs.preference is None else train_pairs.preference.tobytes())  # p
-        settings["training pairs"] = f"{len(train_pairs)} usable, fingerprint {usable.hexdigest()[:16]}"
+    if data is not None:  # the pairs themselves (source files, rows, which decoded): a dataset changed in place
+        usable = hashlib.sha256(data.train_source.fingerprint.encode())
+        usable.update(np.asarray(data.train_pairs.valid_indices, dtype=np.int64).tobytes())
+        usable.update(b"" if data.train_pairs.preference is None else data.train_pairs.preference.tobytes())  # p
+        settings["training pairs"] = f"{len(data.train_pairs)} usable, fingerprint {usable.hexdigest()[:16]}"
     return settings
-
-
-def write_checkpoint_record(folder, args, global_step):
-    record = dict(format=CHECKPOINT_RECORD_FORMAT, step=global_step, train_mode=args.train_mode)
-    record.update(settings=args.training_settings, files=folder_files(folder))
-    Path(folder, CHECKPOINT_RECORD_NAME).write_text(json.dumps(record, indent=2))
-
-
-def checkpoint_record(checkpoint):
-    return json.loads(Path(checkpoint, CHECKPOINT_RECORD_NAME).read_text())
 
 
 def checkpoint_damage(checkpoint, args):
     """What is wrong with a checkpoint folder (no record, a missing or truncated file), or None; reads sizes only."""
     try:
-        record = checkpoint_record(checkpoint)
+        record = json.loads(Path(checkpoint, CHECKPOINT_RECORD_NAME).read_text())
         files = dict(record["files"])
         if record.get("format") != CHECKPOINT_RECORD_FORMAT:
             return f"its {CHECKPOINT_RECORD_NAME} is of another format (written by another version of this code)"
@@ -158,7 +146,7 @@ def checkpoint_to_resume(args):
 
 def check_settings(checkpoint, settings):
     """Refuses to resume with any of `settings` (training_settings) changed since the checkpoint was written."""
-    recorded = checkpoint_record(checkpoint).get("settings") or {}
+    recorded = json.loads(Path(checkpoint, CHECKPOINT_RECORD_NAME).read_text()).get("settings") or {}
     for name, value in settings.items():
         if name in recorded and recorded[name] != value:
             raise InputError(
@@ -168,20 +156,11 @@ def check_settings(checkpoint, settings):
             )
 
 
-def check_resume_flags(args, num_processes, family_flags=()):
-    """Refuses a resume with a changed flag before the precompute (hours on a large dataset), not after it."""
-    if args.resume_from_checkpoint is not None and (checkpoint := checkpoint_to_resume(args)) is not None:
-        check_settings(checkpoint, training_settings(args, num_processes, family_flags))
-
-
-def trained_parameters(accelerator):
-    return [p for model in accelerator._models for p in model.parameters() if p.requires_grad]
-
-
-def weights_finite(params):
-    """Whether every trained weight is finite (every process holds the same weights: all decide alike)."""
+def check_weights_finite(params, args, weights, unsaved):
+    """Refuses to save non-finite weights (every process holds the same weights: all decide alike)."""
     with torch.no_grad():
-        return all(bool(torch.isfinite(p).all()) for p in params)
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise TrainingStopped(f"{weights} are not finite, so {unsaved}; {last_checkpoint_note(args)}")
 
 
 def last_checkpoint_note(args):
@@ -206,16 +185,15 @@ def register_checkpoint_hooks(accelerator, model, args, family):
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            for saved in models:
-                if isinstance(saved, model_class) and args.train_mode == "lora":
+            for saved in (m for m in models if isinstance(m, model_class)):  # not DeepSpeed's engine: it saves itself
+                if args.train_mode == "lora":
                     save_lora(saved, family, output_dir, kohya=args.output_kohya_format)
-                elif isinstance(saved, model_class):
+                else:
                     saved.save_pretrained(os.path.join(output_dir, family.denoiser))
-        while weights:  # saved above; keep accelerate from writing the whole model again
-            weights.pop()
+        weights.clear()  # saved above; keep accelerate from writing the whole model again
 
     def load_hook(models, input_dir):
-        while models:
+        while models:  # emptied: accelerate loads nothing more itself
             loaded = models.pop()
             if args.train_mode == "lora":
                 load_lora_into(loaded, family, input_dir)
@@ -230,12 +208,8 @@ def save_checkpoint(accelerator, args, global_step):
     """Writes checkpoint-N atomically (a partial write never looks complete), then rotates old ones."""
     final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     partial = os.path.join(args.output_dir, f".checkpoint-{global_step}.partial")
-    params = trained_parameters(accelerator)
-    if not weights_finite(params):
-        raise TrainingStopped(
-            f"the weights of step {global_step} are not finite, so {final} was not written; "
-            f"{last_checkpoint_note(args)}"
-        )
+    params = [p for model in accelerator._models for p in model.parameters() if p.requires_grad]
+    check_weights_finite(params, args, f"the weights of step {global_step}", f"{final} was not written")
     if accelerator.is_main_process and os.path.exists(partial):
         shutil.rmtree(partial)
     needed, free = checkpoint_bytes_needed(args, params), shutil.disk_usage(args.output_dir).free
@@ -249,7 +223,10 @@ def save_checkpoint(accelerator, args, global_step):
         accelerator.save_state(partial)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_checkpoint_record(partial, args, global_step)  # last: it lists every file the others wrote
+            # last: it lists every file the others wrote
+            record = dict(format=CHECKPOINT_RECORD_FORMAT, step=global_step, train_mode=args.train_mode)
+            record.update(settings=args.training_settings, files=folder_files(partial))
+            Path(partial, CHECKPOINT_RECORD_NAME).write_text(json.dumps(record, indent=2))
             give_usual_file_modes(partial)
     except WRITE_ERRORS as error:  # a full disk: torch's writer says "enforce fail ... unexpected pos"
         if accelerator.is_main_process:

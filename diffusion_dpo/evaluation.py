@@ -1,10 +1,7 @@
-"""Held-out preference metrics during training: the loss, implicit accuracy and reward margin (MaPO: the policy's own
-margin and accuracy) on pairs the run does not train on, each pair's errors averaged over fixed (noise level, noise)
-draws so that the same weights always give the same numbers; and run health: the policy/reference error ratios and
-the accuracy per noise-level bucket."""
+"""Held-out preference metrics and run health during training, on pairs the run does not train on: each pair's
+errors averaged over fixed (noise level, noise) draws, so that the same weights always give the same numbers."""
 
 import torch
-from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 
 from diffusion_dpo.family import reference_model
@@ -12,15 +9,10 @@ from diffusion_dpo.losses import accuracy_by_noise_level, denoising_errors, dpo_
 from diffusion_dpo.noise import NoiseLevels
 
 
-logger = get_logger(__name__)
-
-
 @torch.no_grad()
 def held_out_errors(model, family, noise, cached, indices, args, batch_size):
-    """Errors of `model` on the winners and losers of the given held-out pairs (indices into `cached`) at each of
-    --validation_timesteps (timestep, noise) draws fixed by (seed, pair, k): the same weights give the same numbers.
-    Returns a (3, pairs, draws) tensor: winners' errors, losers' errors, and the draws' noise levels in [0, 1]
-    (timestep / num_train_timesteps: DDPM's t / T, rectified flow's sigma)."""
+    """(3, pairs, draws): winners' errors, losers' errors and noise levels in [0, 1] (DDPM's t / T, flow's sigma) at
+    --validation_timesteps draws per pair fixed by (seed, pair, k)."""
     errors = []
     for start in range(0, len(indices), batch_size):
         chunk = [int(i) for i in indices[start : start + batch_size]]
@@ -44,19 +36,14 @@ def held_out_errors(model, family, noise, cached, indices, args, batch_size):
 
 
 def gathered_errors(errors):
-    """Every process's (k, pairs, draws) errors, gathered in rank order (a few floats per pair): (k, all pairs, draws)
-    on each."""
+    """Every process's (k, pairs, draws) errors on each, in rank order (a few floats per pair)."""
     rows = [row for rank_rows in gather_object([errors.transpose(0, 1).tolist()]) for row in rank_rows]
     return torch.tensor(rows).reshape(-1, len(errors), errors.shape[-1]).transpose(0, 1)
 
 
 def evaluate_held_out(accelerator, model, reference, family, noise, held_out_pairs, args, reference_errors=None):
-    """The run's loss and what it means on the held-out pairs (CachedPreferencePairs), split across processes: for
-    DPO (and SFT) dpo_loss's metrics, implicit accuracy and reward margin against the reference; for MaPO, which has no
-    reference, mapo_loss's: the policy's own policy_margin and policy_acc, and no reference errors are computed.
-
-    The reference's errors never change, so they are returned and passed back in on the next call (None for MaPO).
-    """
+    """({"eval/...": value}, reference errors) on the held-out pairs, split across processes: dpo_loss's metrics (DPO,
+    SFT) or mapo_loss's (MaPO: no reference). The reference's errors never change: pass them back in next time."""
     indices = held_out_pairs.valid_indices[accelerator.process_index :: accelerator.num_processes]
     batch_size = 2 * args.train_batch_size  # no activations are kept for backward
     model = accelerator.unwrap_model(model)
@@ -69,13 +56,11 @@ def evaluate_held_out(accelerator, model, reference, family, noise, held_out_pai
         with reference_model(model, reference) as ref:
             reference_errors = held_out_errors(ref, family, noise, held_out_pairs, indices, args, batch_size)
     model_err_w, model_err_l, levels, *ref_errors = gathered_errors(torch.cat([model_errors, reference_errors[:2]]))
+    mean_errors = (errors.mean(dim=-1) for errors in (model_err_w, model_err_l, *ref_errors))
     smoothing = args.label_smoothing
     if args.soft_labels:  # each pair's 1 - p, in the order gathered_errors gathers the pairs: rank by rank
         n, valid = accelerator.num_processes, held_out_pairs.valid_indices
         smoothing = 1 - torch.cat([torch.from_numpy(held_out_pairs.preference[valid[r::n]]) for r in range(n)])
-    loss, metrics = dpo_loss(
-        *(errors.mean(dim=-1) for errors in (model_err_w, model_err_l, *ref_errors)),
-        *(args.beta_dpo, args.loss_type, smoothing),
-    )
+    loss, metrics = dpo_loss(*mean_errors, args.beta_dpo, args.loss_type, smoothing)
     metrics.update(accuracy_by_noise_level(model_err_w, model_err_l, *ref_errors, args.beta_dpo, levels))
     return {f"eval/{name}": value.item() for name, value in {"loss": loss, **metrics}.items()}, reference_errors

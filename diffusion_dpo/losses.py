@@ -15,14 +15,9 @@ import torch.nn.functional as F
 from diffusion_dpo.family import reference_model
 
 
-MAPO_SNR_VALUE = 0.5  # the constant `snr_value` of MaPO's log-odds in its reference code (mapo-t2i/mapo)
-
-
 def implicit_reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, beta):
     """inside = -0.5 * beta * ((err_theta(w) - err_theta(l)) - (err_ref(w) - err_ref(l))), per pair."""
-    model_diff = model_err_w - model_err_l
-    ref_diff = ref_err_w - ref_err_l
-    return -0.5 * beta * (model_diff - ref_diff)
+    return -0.5 * beta * ((model_err_w - model_err_l) - (ref_err_w - ref_err_l))
 
 
 def implicit_accuracy(inside):
@@ -71,18 +66,14 @@ def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, loss_type="si
     return losses.mean(), {name: value.detach() for name, value in metrics.items()}
 
 
-def mapo_loss(model_err_w, model_err_l, beta_mapo, num_train_timesteps, snr_value=MAPO_SNR_VALUE):
-    """MaPO loss (Hong et al. 2024, arXiv 2406.06424) from the trained model's per-sample errors alone (no reference).
-    As the reference code computes it (mapo-t2i/mapo, utils.py `compute_loss`), with s = snr_value = 0.5 and
-    T = num_train_timesteps (1000):
+def mapo_loss(model_err_w, model_err_l, beta_mapo, num_train_timesteps, snr_value=0.5):
+    """MaPO loss (Hong et al. 2024, arXiv 2406.06424) from the trained model's errors alone (no reference), as its
+    reference code computes it (mapo-t2i/mapo, utils.py `compute_loss`; s = snr_value = 0.5), T = num_train_timesteps:
         log_odds = s * err(w) / (exp(s * err(w)) - 1) - s * err(l) / (exp(s * err(l)) - 1)   (> 0 when err(w) < err(l))
-        margin_loss = -logsigmoid(T * log_odds)   (T scales the margin up over the whole denoising process)
-        loss = mean(err(w)) + beta_mapo * mean(margin_loss)
-    i.e. the SFT loss on the preferred images plus the margin term; beta_mapo (the code's `beta_mapo`, default 0.1)
-    weighs the margin term and sits outside the sigmoid, unlike DPO's beta. Metrics: the policy's own preference,
-    policy_margin = mean(err(l) - err(w)) and policy_acc (fraction with err(w) < err(l), ties half); no implicit
-    accuracy, which needs a reference. For rectified flow the errors are (weighted) velocity errors: the formula
-    carried over unchanged, 0.1 a start, not tuned (docs/sd3.md).
+        loss = mean(err(w)) + beta_mapo * mean(-logsigmoid(T * log_odds))
+    i.e. SFT on the winners plus a margin term weighed by beta_mapo (outside the sigmoid, unlike DPO's beta). Metrics:
+    the policy's own policy_margin = mean(err(l) - err(w)) and policy_acc (ties half). For rectified flow the formula
+    is carried over to velocity errors unchanged; 0.1 is a start, not tuned (docs/sd3.md).
     """
 
     def score(err):  # s * err / (exp(s * err) - 1): 1 at err = 0, falling with the error
@@ -115,9 +106,7 @@ def step_seed(*parts):
 
 
 def compute_loss(batch, model, reference, noise, family, args, generator):
-    """The loss of a batch of pairs: the trained model and the reference (None for LoRA: the adapter off) on the
-    stacked (winners; losers), one noise and noise level per pair, then dpo_loss (--sft: winners only; MaPO: no
-    reference)."""
+    """The loss of a batch of pairs (the reference: None for LoRA, the adapter off); --sft: winners only."""
     device = model.device
     pair_latents = batch["pair_latents"].to(device, torch.float32, non_blocking=True)
     winners, losers = pair_latents[:, 0], pair_latents[:, 1]
@@ -138,6 +127,6 @@ def compute_loss(batch, model, reference, noise, family, args, generator):
 
     with reference_model(model, reference, training=True) as ref:
         ref_err = denoising_errors(ref, family, noisy_latents, levels, conditioning, target)
-    ref_err_w, ref_err_l = ref_err.detach().clone().chunk(2)  # clone: an ordinary tensor, usable next to the graph
+    ref_err = ref_err.detach().clone()  # clone: an ordinary tensor, usable next to the graph
     smoothing = 1 - batch["preference"].to(device) if args.soft_labels else args.label_smoothing
-    return dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type, smoothing)
+    return dpo_loss(model_err_w, model_err_l, *ref_err.chunk(2), args.beta_dpo, args.loss_type, smoothing)

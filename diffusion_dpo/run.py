@@ -19,7 +19,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import AutocastKwargs, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import AutocastKwargs, ProjectConfiguration, set_seed
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 
@@ -95,18 +95,16 @@ def folder_files(folder):
 
 
 class StopSignals:
-    """SIGTERM and SIGINT for the run's lifetime. Before training a signal raises Interrupted at once (the precompute
-    commits its progress); during training the first only sets `requested`, which the step's metric all-reduce
-    carries to every process, so all checkpoint the same step and stop; a second ends the run at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    """SIGTERM and SIGINT for the run's lifetime: before training, Interrupted at once (the precompute commits its
+    progress); during training the first sets `requested`, which the step's metric all-reduce carries to every process
+    (all checkpoint the same step and stop); a second ends the run at once."""
 
     def __init__(self):
         self.phase, self.requested, self.previous_handlers, self.pid = "before training", None, {}, os.getpid()
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            for signum in self.SIGNALS:
+            for signum in (signal.SIGTERM, signal.SIGINT):
                 self.previous_handlers[signum] = signal.signal(signum, self.handle)
         return self
 
@@ -179,25 +177,22 @@ def output_dir_problem(output_dir, error):
 def locked_output_dir(args, accelerator):
     """Creates --output_dir and holds a lock file in it for the run's lifetime: a second run on the same folder
     stops instead of overwriting this one's checkpoints and weights."""
-    lock, problem = None, None
-    if accelerator.is_main_process:
-        try:
-            os.makedirs(args.output_dir, exist_ok=True)
-            lock = FileLock(os.path.join(args.output_dir, OUTPUT_DIR_LOCK_NAME))
-            lock.acquire(timeout=0)
-        except Timeout:
-            lock = None
-            problem = f"--output_dir {args.output_dir} is in use by another run; wait for it to end or choose another"
-        except OSError as error:
-            lock, problem = None, output_dir_problem(args.output_dir, error)
-    if accelerator.num_processes > 1:  # every process stops, not only the main one
-        problem = broadcast_object_list([problem])[0]
-    if problem is not None:
-        raise InputError(problem)
+    lock = FileLock(os.path.join(args.output_dir, OUTPUT_DIR_LOCK_NAME))
+    with stop_together():  # every process stops, not only the main one
+        if accelerator.is_main_process:
+            try:
+                os.makedirs(args.output_dir, exist_ok=True)
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise InputError(
+                    f"--output_dir {args.output_dir} is in use by another run; wait for it to end or choose another"
+                )
+            except OSError as error:
+                raise InputError(output_dir_problem(args.output_dir, error))
     try:
         yield
     finally:
-        if lock is not None:
+        if lock.is_locked:
             lock.release()
 
 
@@ -221,10 +216,8 @@ def stop_together(group=None):
 @contextlib.contextmanager
 def one_line_errors():
     """Bad input, a stopped run or an interrupt end the process with one line, said by rank 0 alone."""
-    say = os.environ.get("RANK", "0") == "0"
     try:
         yield
-    except (InputError, TrainingStopped) as error:
-        sys.exit(f"error: {error}" if say else 1)
-    except KeyboardInterrupt as interrupted:  # Ctrl-C or SIGTERM (an Interrupted says when and what is kept)
-        sys.exit(f"error: {interrupted or 'interrupted'}" if say else 1)
+    # KeyboardInterrupt: Ctrl-C, or SIGTERM as an Interrupted that says when and what is kept
+    except (InputError, TrainingStopped, KeyboardInterrupt) as error:
+        sys.exit(f"error: {str(error) or 'interrupted'}" if os.environ.get("RANK", "0") == "0" else 1)

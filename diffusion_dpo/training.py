@@ -1,14 +1,5 @@
-"""The bookkeeping around a trainer script's loop (optimizer, schedule, resume, batches, skipped steps, logs,
-checkpoints, signals, held-out evaluation, validation images, the final save). A script's loop reads:
-
-    run = TrainingRun(args, session, FAMILY, model, reference, noise, data)
-    for batch, generator in run.batches():
-        with session.accelerator.accumulate(run.model):
-            loss, metrics = compute_loss(batch, run.model, reference, noise, FAMILY, args, generator)
-            run.backward_and_step(loss, metrics)
-        run.end_step()
-    return run.finish()
-"""
+"""The bookkeeping around a trainer script's visible loop (run.batches(), run.backward_and_step, run.end_step,
+run.finish): optimizer, schedule, resume, skipped steps, logs, checkpoints, signals, held-out metrics, final save."""
 
 import contextlib
 import math
@@ -29,14 +20,13 @@ from diffusion_dpo import InputError, TrainingStopped
 from diffusion_dpo.cache import precompute_pairs, steps_per_epoch, training_dataloader
 from diffusion_dpo.checkpoints import (
     check_output_dir,
-    check_resume_flags,
+    check_weights_finite,
     complete_checkpoints,
     last_checkpoint_note,
     register_checkpoint_hooks,
     resume,
     save_checkpoint,
     training_settings,
-    weights_finite,
 )
 from diffusion_dpo.data import training_and_validation_pairs
 from diffusion_dpo.evaluation import evaluate_held_out
@@ -58,11 +48,11 @@ logger = get_logger(__name__)
 
 
 class TrainingData(NamedTuple):
-    """What a run trains and evaluates on: the source pairs and their cached forms (held-out ones may be None)."""
+    """What a run trains and evaluates on: the source pairs and their cached forms (no held-out pairs: None)."""
 
     train_source: object
     train_pairs: object
-    held_out_pairs: object = None
+    held_out_pairs: object
 
 
 class Session(NamedTuple):
@@ -73,35 +63,30 @@ class Session(NamedTuple):
 
 @contextlib.contextmanager
 def training_session(args, family):
-    """A Session for a run's lifetime: SIGTERM and SIGINT handled, --output_dir locked and checked (under the lock: no
-    other run can write an earlier run's results meanwhile), a resume's flags checked against its checkpoint, and
-    with --push_to_hub the Hub repository created (a bad token fails now, not after hours of training). The handlers
-    and the lock are released when the block ends or raises (tests run trainers in-process)."""
-    with contextlib.ExitStack() as lifetime:
-        stop_signals = lifetime.enter_context(StopSignals())
+    """A Session for a run's lifetime: signals handled, --output_dir locked and checked, a resume's flags checked, the
+    Hub repository created (a bad token fails now, not after hours); all released at the end."""
+    with StopSignals() as stop_signals:
         accelerator = setup_accelerator(args)
-        lifetime.enter_context(locked_output_dir(args, accelerator))
-        check_output_dir(args, family.denoiser)
-        check_resume_flags(args, accelerator.num_processes, family.resume_flags)
-        repo_id = None
-        with stop_together():  # created by the main process; its failure stops every process with its one line
-            if args.push_to_hub and accelerator.is_main_process:
-                repo_name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-                try:
-                    repo_id = create_repo(repo_id=repo_name, exist_ok=True, token=args.hub_token).repo_id
-                except Exception as error:  # offline, a bad token, no rights: huggingface_hub raises many types
-                    raise InputError(f"--push_to_hub: cannot create {repo_name} on the Hub: {first_line(error)}")
-        yield Session(accelerator, stop_signals, repo_id)
+        with locked_output_dir(args, accelerator):
+            check_output_dir(args, family, accelerator.num_processes)
+            repo_id = None
+            with stop_together():  # created by the main process; its failure stops every process with its one line
+                if args.push_to_hub and accelerator.is_main_process:
+                    repo_name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+                    try:
+                        repo_id = create_repo(repo_id=repo_name, exist_ok=True, token=args.hub_token).repo_id
+                    except Exception as error:  # offline, a bad token, no rights: huggingface_hub raises many types
+                        raise InputError(f"--push_to_hub: cannot create {repo_name} on the Hub: {first_line(error)}")
+            yield Session(accelerator, stop_signals, repo_id)
 
 
 def cached_pairs(args, accelerator, family):
     """The run's pairs, read and the held-out ones set aside (data.py), then encoded into the cache (cache.py)."""
     train_source, held_out_source = training_and_validation_pairs(args, accelerator)
-    weight_dtype = mixed_precision_dtype(accelerator)
-    train_pairs, held_out_pairs = precompute_pairs(
-        args, family, accelerator, train_source, held_out_source, weight_dtype
+    dtype = mixed_precision_dtype(accelerator)
+    return TrainingData(
+        train_source, *precompute_pairs(args, family, accelerator, train_source, held_out_source, dtype)
     )
-    return TrainingData(train_source, train_pairs, held_out_pairs)
 
 
 def mixed_precision_dtype(accelerator):
@@ -119,54 +104,16 @@ def learning_rate(args, pairs_per_step, epsilon_beta_factor=1.0):
 
 
 def build_optimizer(args, params, device):
+    options = dict(lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     if args.use_adafactor:
-        options = dict(scale_parameter=False, relative_step=False)
-        return transformers.Adafactor(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, **options)
-    optimizer_class, options = torch.optim.AdamW, {}
+        return transformers.Adafactor(params, scale_parameter=False, relative_step=False, **options)
+    options.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     if args.use_8bit_adam:
         import bitsandbytes
 
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    else:  # one fused kernel for the whole update instead of a few per parameter tensor
-        options["fused"] = device.type in ("cuda", "cpu")
-    options.update(
-        betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
-    )
-    return optimizer_class(params, lr=args.learning_rate, **options)
-
-
-class SkippedSteps:
-    """Counts the optimizer steps skipped for a non-finite loss or gradient (the weights keep their last finite
-    values; the step still consumed its data) and stops the run after --max_consecutive_skipped_steps in a row."""
-
-    def __init__(self, max_consecutive):
-        self.max_consecutive, self.total, self.consecutive, self.succeeded = max_consecutive, 0, 0, 0
-
-    def record(self, global_step, skipped):
-        if not skipped:
-            self.consecutive = 0
-            self.succeeded += 1
-            return
-        self.total += 1
-        self.consecutive += 1
-        logger.warning(
-            f"Step {global_step}: non-finite loss or gradient, optimizer step skipped "
-            f"({self.total} so far, {self.consecutive} in a row)."
-        )
-        if self.consecutive >= self.max_consecutive:
-            raise TrainingStopped(
-                f"stopped at step {global_step}: {self.consecutive} steps in a row had a non-finite loss or "
-                f"gradient (the weights are those of step {global_step - self.consecutive}; checkpoints are "
-                "intact); lower --learning_rate, prefer bf16 to fp16, or check the data"
-            )
-
-    def check_something_trained(self, global_step):  # a run that trained nothing must not end as a success
-        if self.total and not self.succeeded:
-            raise TrainingStopped(
-                f"no optimizer step of this run had a finite loss and gradient ({self.total} skipped, up to step "
-                f"{global_step}), so nothing was saved as trained; lower --learning_rate, prefer bf16 to fp16, or "
-                "check the data"
-            )
+        return bitsandbytes.optim.AdamW8bit(params, **options)
+    # one fused kernel for the whole update instead of a few per parameter tensor
+    return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **options)
 
 
 class StepMetrics:
@@ -195,13 +142,10 @@ class TrainingRun:
     resumed ones included), `history` (each step's logs) and `evaluations` (held-out metrics)."""
 
     def __init__(self, args, session, family, model, reference, noise, data):
-        self.args, self.accelerator, self.family = args, session.accelerator, family
+        self.args, self.accelerator, self.family, self.repo_id = args, session.accelerator, family, session.repo_id
         self.reference, self.noise, self.data, self.stop_signals = reference, noise, data, session.stop_signals
-        self.repo_id, self.weight_dtype = session.repo_id, mixed_precision_dtype(session.accelerator)
-        accelerator, stop_signals = self.accelerator, self.stop_signals
+        accelerator, n_processes = session.accelerator, session.accelerator.num_processes
         register_checkpoint_hooks(accelerator, model, args, family)
-
-        n_processes = accelerator.num_processes
         pairs_per_step = args.train_batch_size * args.gradient_accumulation_steps * n_processes
         args.learning_rate = learning_rate(args, pairs_per_step, family.epsilon_beta_factor)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -234,22 +178,16 @@ class TrainingRun:
         )
 
         # resume: weights, optimizer and schedule from the checkpoint; the data position from the step count
-        args.training_settings = training_settings(
-            args, n_processes, family.resume_flags, data.train_source, data.train_pairs
-        )
+        args.training_settings = training_settings(args, n_processes, family.resume_flags, data)
         self.global_step = self.start_step = resume(accelerator, args)
-        self.progress = tqdm(
-            range(args.max_train_steps),
-            initial=self.global_step,
-            desc="Steps",
-            disable=not accelerator.is_local_main_process,
-        )
+        hidden = not accelerator.is_local_main_process
+        self.progress = tqdm(total=args.max_train_steps, initial=self.global_step, desc="Steps", disable=hidden)
         self.postfix, self.history, self.evaluations, self.reference_errors, self.finite = {}, [], [], None, True
         self.collapse, self.last_healthy_step = None, -1  # (step, held-out winner ratio) of the first collapse
-        self.skipped_steps, self.step_metrics = SkippedSteps(args.max_consecutive_skipped_steps), StepMetrics()
+        self.skipped_steps, self.skipped_in_a_row, self.step_metrics = 0, 0, StepMetrics()
         if self.global_step == 0:
             self.evaluate()  # the starting point: implicit accuracy 0.5, loss ln 2
-        stop_signals.phase = "training"  # from here a first signal stops after the current step, with a checkpoint
+        self.stop_signals.phase = "training"  # a first signal now stops after the current step, with a checkpoint
         self.model.train()
 
     def batches(self):
@@ -291,19 +229,38 @@ class TrainingRun:
             return
         self.global_step += 1
         step = self.global_step
-        self.skipped_steps.record(step, skipped=not self.finite or accelerator.optimizer_step_was_skipped)
+        if self.finite and not accelerator.optimizer_step_was_skipped:
+            self.skipped_in_a_row = 0
+        else:  # the weights keep their last finite values; the step still consumed its data
+            self.skipped_steps += 1
+            self.skipped_in_a_row += 1
+            logger.warning(
+                f"Step {step}: non-finite loss or gradient, optimizer step skipped "
+                f"({self.skipped_steps} so far, {self.skipped_in_a_row} in a row)."
+            )
+            if self.skipped_in_a_row >= args.max_consecutive_skipped_steps:
+                raise TrainingStopped(
+                    f"stopped at step {step}: {self.skipped_in_a_row} steps in a row had a non-finite loss or "
+                    f"gradient (the weights are those of step {step - self.skipped_in_a_row}; checkpoints are "
+                    "intact); lower --learning_rate, prefer bf16 to fp16, or check the data"
+                )
         means, stop_requested = self.step_metrics.reduce(accelerator, self.stop_signals.requested)
-        logs = {**means, "lr": self.lr_scheduler.get_last_lr()[0], "skipped_steps": self.skipped_steps.total}
+        logs = {**means, "lr": self.lr_scheduler.get_last_lr()[0], "skipped_steps": self.skipped_steps}
         self.history.append({"step": step, **logs})
         accelerator.log(logs, step=step)
         self.progress.update(1)
-        self.show(
-            **{name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc", "policy_acc", "lr") if name in logs}
-        )
-        if step % args.checkpointing_steps == 0:
+        shown = ("loss", "implicit_acc", "policy_acc", "lr")
+        self.show(**{name: f"{logs[name]:.4g}" for name in shown if name in logs})
+        if step % args.checkpointing_steps == 0 or stop_requested:  # every process got the request at this step
             save_checkpoint(accelerator, args, step)
         if stop_requested:
-            self.stop()
+            self.progress.close()  # the one-line message that follows gets a line of its own
+            accelerator.end_training()
+            raise TrainingStopped(
+                f"stopped by {self.stop_signals.requested or 'a signal to another process'} after step {step} of "
+                f"{args.max_train_steps}; saved {os.path.join(args.output_dir, f'checkpoint-{step}')}; "
+                "--resume_from_checkpoint latest continues the run"
+            )
         if step % args.validation_steps == 0:
             self.evaluate()
             if args.run_validation and accelerator.is_main_process:
@@ -323,9 +280,8 @@ class TrainingRun:
         )
         self.evaluations.append({"step": self.global_step, **metrics})
         self.accelerator.log(metrics, step=self.global_step)
-        logger.info(
-            f"Held-out pairs at step {self.global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        )
+        summary = ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
+        logger.info(f"Held-out pairs at step {self.global_step}: {summary}")
         self.show(eval_acc=f"{metrics.get('eval/implicit_acc', metrics.get('eval/policy_acc')):.3f}")
         if "eval/winner_ratio" in metrics:  # MaPO has no reference to compare with: no health check
             self.show(winner_ratio=f"{metrics['eval/winner_ratio']:.3f}")
@@ -337,18 +293,16 @@ class TrainingRun:
         args, step = self.args, self.global_step
         if winner_ratio <= args.collapse_threshold:
             self.last_healthy_step = step
-            return
-        if self.collapse is not None:
-            return
-        self.collapse = (step, winner_ratio)
-        logger.warning(
-            f"Step {step}: collapse: the held-out error on winners is {winner_ratio:.3f}x the reference's (above "
-            f"--collapse_threshold {args.collapse_threshold:g}); lower --learning_rate ({args.learning_rate:g}) or "
-            f"raise --beta_dpo ({args.beta_dpo:g}); {self.healthy_checkpoint_note()}"
-            + ("" if args.stop_on_collapse else "; --stop_on_collapse stops such a run")
-        )
-        if args.stop_on_collapse and step % args.checkpointing_steps != 0:
-            save_checkpoint(self.accelerator, args, step)
+        elif self.collapse is None:
+            self.collapse = (step, winner_ratio)
+            logger.warning(
+                f"Step {step}: collapse: the held-out error on winners is {winner_ratio:.3f}x the reference's (above "
+                f"--collapse_threshold {args.collapse_threshold:g}); lower --learning_rate ({args.learning_rate:g}) "
+                f"or raise --beta_dpo ({args.beta_dpo:g}); {self.healthy_checkpoint_note()}"
+                + ("" if args.stop_on_collapse else "; --stop_on_collapse stops such a run")
+            )
+            if args.stop_on_collapse and step % args.checkpointing_steps != 0:
+                save_checkpoint(self.accelerator, args, step)
 
     def healthy_checkpoint_note(self):
         last = self.last_healthy_step
@@ -359,20 +313,8 @@ class TrainingRun:
 
     def render(self):
         model, reference, step = self.model, self.reference, self.global_step
-        render_validation(self.args, self.accelerator, self.family, model, reference, self.weight_dtype, step)
-
-    def stop(self):
-        """Checkpoints this step (unless just done) and raises TrainingStopped; every process calls it at one step."""
-        args, step = self.args, self.global_step
-        self.progress.close()  # the one-line message that follows gets a line of its own
-        if step % args.checkpointing_steps != 0:
-            save_checkpoint(self.accelerator, args, step)
-        self.accelerator.end_training()
-        raise TrainingStopped(
-            f"stopped by {self.stop_signals.requested or 'a signal to another process'} after step {step} of "
-            f"{args.max_train_steps}; saved {os.path.join(args.output_dir, f'checkpoint-{step}')}; "
-            "--resume_from_checkpoint latest continues the run"
-        )
+        dtype = mixed_precision_dtype(self.accelerator)
+        render_validation(self.args, self.accelerator, self.family, model, reference, dtype, step)
 
     def finish(self):
         """The final evaluation, images and save (no save after --stop_on_collapse stopped a collapse); returns
@@ -380,7 +322,12 @@ class TrainingRun:
         args = self.args
         self.stop_signals.phase = "final save"
         self.progress.close()
-        self.skipped_steps.check_something_trained(self.global_step)
+        if self.skipped_steps and self.skipped_steps == self.global_step - self.start_step:  # nothing trained
+            raise TrainingStopped(
+                f"no optimizer step of this run had a finite loss and gradient ({self.skipped_steps} skipped, up to "
+                f"step {self.global_step}), so nothing was saved as trained; lower --learning_rate, prefer bf16 to "
+                "fp16, or check the data"
+            )
         if self.global_step % args.validation_steps != 0:
             self.evaluate()
         if self.collapse and args.stop_on_collapse:  # the last line; exit code 0, so that a sweep moves on
@@ -413,9 +360,8 @@ class TrainingRun:
             else:
                 family.load_pipeline(args, trained).save_pretrained(folder)
 
-        saved = family.lora_state_dict(trained) if args.train_mode == "lora" else trained.state_dict()
-        saved_bytes = sum(t.numel() * t.element_size() for t in saved.values())
-        write_into_output_dir(args, write, saved_bytes * (2 if args.output_kohya_format else 1), step)
+        trained_bytes = sum(p.numel() * p.element_size() for p in self.params)
+        write_into_output_dir(args, write, trained_bytes * (2 if args.output_kohya_format else 1), step)
         save_model_card(args, family, self.repo_id or os.path.abspath(args.output_dir), step)
         if args.push_to_hub:
             try:
@@ -430,34 +376,25 @@ class TrainingRun:
         """The result and its model card, written by the main process once the weights are known to be finite."""
         args, accelerator, step = self.args, self.accelerator, self.global_step
         accelerator.wait_for_everyone()
-        if accelerator.num_processes > 1:
-            check_weights_identical(accelerator, self.params)
-        if not weights_finite(self.params):
-            raise TrainingStopped(
-                f"the trained weights of step {step} are not finite, so nothing was saved; "
-                f"{last_checkpoint_note(args)}"
-            )
+        if accelerator.num_processes > 1:  # only the main process saves: make sure it holds what every process trained
+            with torch.no_grad():
+                checksums = gather_object([[sum(p.double().pow(k).sum().item() for p in self.params) for k in (1, 2)]])
+            if any(checksum != checksums[0] for checksum in checksums):
+                logger.warning(
+                    f"Trained weights differ between processes (checksums {checksums}); saving the main one's."
+                )
+            else:
+                logger.info(f"Trained weights identical on all {accelerator.num_processes} processes.")
+        check_weights_finite(self.params, args, f"the trained weights of step {step}", "nothing was saved")
         with stop_together():  # a failure on the main process stops the others with its line
             if accelerator.is_main_process:
                 self.write_result()
         accelerator.wait_for_everyone()  # the others wait for the main process to finish saving before the group ends
 
 
-def check_weights_identical(accelerator, params):
-    """Only the main process saves: makes sure it holds what every process trained (warns if not)."""
-    with torch.no_grad():
-        checksum = [sum(p.double().pow(k).sum().item() for p in params) for k in (1, 2)]
-    checksums = gather_object([checksum])
-    if all(c == checksums[0] for c in checksums):
-        logger.info(f"Trained weights identical on all {accelerator.num_processes} processes.")
-    else:
-        logger.warning(f"Trained weights differ between processes (checksums {checksums}); saving the main one's.")
-
-
 def write_into_output_dir(args, write, bytes_needed, global_step):
-    """Runs write(folder) on a hidden folder inside --output_dir, then moves what it wrote in (model_index.json
-    last), so that a failed save never leaves a half-written weights file that looks finished. A full disk is one
-    line naming the space needed and the checkpoint that still holds the weights."""
+    """Runs write(folder) on a hidden folder, then moves what it wrote into --output_dir (model_index.json last): a
+    failed save never leaves a half-written result that looks finished; it names the checkpoint holding the weights."""
     partial = os.path.join(args.output_dir, ".result.partial")
     free = shutil.disk_usage(args.output_dir).free
     then = "(free space, then resume with --resume_from_checkpoint latest)"
@@ -467,8 +404,7 @@ def write_into_output_dir(args, write, bytes_needed, global_step):
             f"{format_bytes(bytes_needed)} needed, {format_bytes(free)} free; {last_checkpoint_note(args)} {then}"
         )
     try:
-        if os.path.exists(partial):
-            shutil.rmtree(partial)
+        shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
         write(partial)
         give_usual_file_modes(partial)
