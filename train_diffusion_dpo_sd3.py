@@ -105,10 +105,6 @@ def check_flags(args):
     missing_t5 = not args.no_t5 and os.path.isdir(model) and not all(os.path.isdir(f"{model}/{p}") for p in T5_PARTS)
     parts = MODEL_PARTS + (() if args.no_t5 else T5_PARTS)
     check_model_folder(args, parts, "; pass --no_t5 to train without T5" if missing_t5 else "")
-    if not 1 <= args.max_sequence_length <= 512:
-        raise InputError(f"--max_sequence_length must lie in [1, 512], got {args.max_sequence_length}")
-    if not lora_target_modules(args):
-        raise InputError("--lora_target_modules names no module")
     check_args(args, FAMILY, resolution_multiple=16)  # the VAE's 8 x the transformer's 2 x 2 patches
 
 

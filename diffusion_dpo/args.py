@@ -254,6 +254,10 @@ def check_args(args, family, resolution_multiple=8):
             "--stop_on_collapse compares held-out errors with the reference's: it needs --num_validation_pairs or "
             "--validation_split_name, and a reference (not --loss_type mapo)"
         )
+    if getattr(args, "max_sequence_length", 1) not in range(1, 513):  # the transformer families' text length
+        raise InputError(f"--max_sequence_length must lie in [1, 512], got {args.max_sequence_length}")
+    if hasattr(args, "lora_target_modules") and not lora_target_modules(args):
+        raise InputError("--lora_target_modules names no module")
     if hasattr(args, "weighting_scheme"):
         if args.weighting_scheme in ("sigma_sqrt", "cosmap") and not args.sft:  # sigma_sqrt: up to 1e5 at small sigma
             raise InputError(
