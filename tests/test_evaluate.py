@@ -262,9 +262,9 @@ def test_implicit_accuracy_mode_reproduces_the_trainers_held_out_numbers(
 def test_a_model_no_trainer_script_trains_is_refused_in_one_line(pickapic_data, tmp_path):
     other = tmp_path / "other-model"
     other.mkdir()
-    (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "pytorch_lora_weights.safetensors").touch()  # not a loadable LoRA: nothing may load it
-    with pytest.raises(InputError, match="is a FluxPipeline; the trainer scripts train StableDiffusionPipeline, "):
+    with pytest.raises(InputError, match="is a PixArtAlphaPipeline; the trainer scripts train "):
         evaluate(implicit_accuracy_args(other, tmp_path / "lora", pickapic_data, tmp_path / "eval"))
     assert not (tmp_path / "eval").exists()
