@@ -442,6 +442,25 @@ def build_t5_tokenizer(tokenizer_dir):
     return T5TokenizerFast.from_pretrained(tokenizer_dir)
 
 
+def tiny_16_channel_vae(vae_sizes, seed, scaling_factor, shift_factor):
+    """A random 16-channel AutoencoderKL as SD3's and FLUX.1's: latents = (mean - shift_factor) * scaling_factor."""
+    n_blocks = len(vae_sizes["block_out_channels"])
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
+        latent_channels=16,
+        norm_num_groups=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        **vae_sizes,
+    )
+
+
 def build_tiny_sd3_pipeline(output_dir, *, seed=0, preset="tiny"):
     """Save a random-weight Stable Diffusion 3-style pipeline (an MMDiT transformer, a 16-channel VAE with a shift
     factor, CLIP-L/CLIP-G with projections and T5) of the given SD3_PRESETS size to `output_dir`, loadable with
@@ -493,22 +512,7 @@ def build_tiny_sd3_pipeline(output_dir, *, seed=0, preset="tiny"):
         pooled_projection_dim=sizes["text"]["projection_dim"] + sizes["text_2"]["projection_dim"],
         **sizes["transformer"],
     )
-    n_blocks = len(sizes["vae"]["block_out_channels"])
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n_blocks,
-        up_block_types=("UpDecoderBlock2D",) * n_blocks,
-        latent_channels=16,
-        norm_num_groups=32,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        # SD3's VAE values: latents = (mean - shift_factor) * scaling_factor
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        **sizes["vae"],
-    )
+    vae = tiny_16_channel_vae(sizes["vae"], seed, scaling_factor=1.5305, shift_factor=0.0609)  # SD3's values
     StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
@@ -578,22 +582,7 @@ def build_tiny_flux_pipeline(output_dir, *, seed=0, preset="tiny", schnell=False
         guidance_embeds=not schnell,
         **sizes["transformer"],
     )
-    n_blocks = len(sizes["vae"]["block_out_channels"])
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n_blocks,
-        up_block_types=("UpDecoderBlock2D",) * n_blocks,
-        latent_channels=16,
-        norm_num_groups=32,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        # FLUX.1's VAE values: latents = (mean - shift_factor) * scaling_factor
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        **sizes["vae"],
-    )
+    vae = tiny_16_channel_vae(sizes["vae"], seed, scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's values
     # FLUX.1 [dev]'s scheduler shifts its sigmas at run time by the image's sequence length, [schnell]'s does not
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
